@@ -1,0 +1,30 @@
+"""paged-rewrite: rewrite QEfficient contiguous-KV ONNX exports into paged-KV models."""
+
+from paged_rewrite.api import rewrite
+from paged_rewrite.errors import (
+    NoCacheError,
+    NotAModelError,
+    OutputError,
+    PagedRewriteError,
+    UnsupportedPatternError,
+    UsageError,
+    VerificationError,
+)
+from paged_rewrite.report import CacheReport, RewriteReport, TensorSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheReport",
+    "NoCacheError",
+    "NotAModelError",
+    "OutputError",
+    "PagedRewriteError",
+    "RewriteReport",
+    "TensorSpec",
+    "UnsupportedPatternError",
+    "UsageError",
+    "VerificationError",
+    "__version__",
+    "rewrite",
+]

@@ -1,0 +1,176 @@
+"""The paged KV-cache ops, as onnxscript functions.
+
+Each op is emitted into the rewritten model as a model-local function in the domain
+``com.qualcomm.cloud``; its body uses only standard opset-17 ops, so any ONNX runtime can run
+it and the QAIC compiler can inline it. The docstring of each function is its specification.
+
+Shared vocabulary
+-----------------
+``pool``         float ``[total_num_kv_blocks, kv_heads, kv_block_size, head_dim]``: one layer's
+                 K or V block pool. All sizes are read from its shape at run time.
+``block_table``  int64 ``[batch, num_kv_blocks]``: ``block_table[b, j]`` is the physical block that
+                 holds logical positions ``[j*kv_block_size, (j+1)*kv_block_size)`` of row ``b``;
+                 ``-1`` means unallocated.
+Null block       physical block 0. A runtime never hands it to a sequence. Every write that must
+                 not land goes there, and every read of an unallocated entry reads it.
+Address          logical position ``p`` of row ``b`` lives at
+                 ``pool[block_table[b, p // kv_block_size], :, p % kv_block_size, :]``.
+"""
+
+from __future__ import annotations
+
+from onnxscript import opset17 as op
+from onnxscript import script
+from onnxscript.values import Opset
+
+PAGED_DOMAIN = "com.qualcomm.cloud"
+paged = Opset(PAGED_DOMAIN, 1)
+
+
+@script(paged, default_opset=op)
+def PagedBlockAddress(pool, block_table, positions):
+    """Physical address of logical cache positions.
+
+    Inputs:
+      pool         ``[N, H, kv_block_size, D]`` (only its shape is read).
+      block_table  int64 ``[B, num_kv_blocks]``.
+      positions    int64 ``[B, K]`` logical positions (any values).
+    Outputs:
+      block   int64 ``[B, K]``: ``block_table[b, p // kv_block_size]``.
+      offset  int64 ``[B, K]``: ``p % kv_block_size``.
+    Invalid addresses map to ``(0, 0)``, the null block: a position outside
+    ``[0, num_kv_blocks * kv_block_size)`` (padding ``-1``, INT32_MAX sentinels, garbage), or a
+    table entry outside ``[0, N)`` (``-1`` = unallocated, or a block the pool does not have).
+    """
+    pool_shape = op.Shape(pool)
+    num_pool_blocks = op.Gather(pool_shape, 0)
+    block_size = op.Gather(pool_shape, 2)
+    num_columns = op.Gather(op.Shape(block_table), 1)
+    zero = op.Constant(value_int=0)
+    in_range = op.And(
+        op.GreaterOrEqual(positions, zero), op.Less(positions, op.Mul(num_columns, block_size))
+    )
+    safe_position = op.Where(in_range, positions, zero)
+    entry = op.GatherElements(block_table, op.Div(safe_position, block_size), axis=1)
+    valid = op.And(
+        in_range, op.And(op.GreaterOrEqual(entry, zero), op.Less(entry, num_pool_blocks))
+    )
+    block = op.Where(valid, entry, zero)
+    offset = op.Where(valid, op.Mod(safe_position, block_size), zero)
+    return block, offset
+
+
+@script(paged, default_opset=op)
+def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates):
+    """Write new K or V rows into the block pool; the paged form of ``CtxScatter``.
+
+    Inputs:
+      pool          ``[N, H, kv_block_size, D]``.
+      block_table   int64 ``[B, num_kv_blocks]``.
+      slot_id       int64 ``[B]``: entries of row ``b``'s active block already filled before
+                    this call; a caller passes ``position_ids[b, 0] % kv_block_size``.
+      position_ids  int64 ``[B, S]``: logical position of each token; ``-1`` is padding.
+      updates       ``[B, H, S, D]``.
+    Output:
+      the pool with ``pool[block, :, offset, :] = updates[b, :, s, :]`` at the address of
+      ``position_ids[b, s]`` (see ``PagedBlockAddress``), same shape as ``pool``.
+
+    Invalid writes go to the null block: padding and out-of-range positions, ``-1`` or
+    out-of-pool table entries, and every token of a row whose ``slot_id`` disagrees with its
+    first position (``slot_id[b] != position_ids[b, 0] % kv_block_size`` while
+    ``position_ids[b, 0] >= 0``): such a row's runtime bookkeeping is broken, and writing
+    nothing is the only safe choice. Hence no write ever lands outside block 0 and the blocks
+    listed in the writer's own ``block_table`` row. A chunk may cross block boundaries.
+    """
+    block, offset = PagedBlockAddress(pool, block_table, position_ids)
+    pool_shape = op.Shape(pool)
+    block_size = op.Gather(pool_shape, 2)
+    zero = op.Constant(value_int=0)
+    first = op.Slice(position_ids, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[1]))
+    expected_slot = op.Mod(first, block_size)
+    slot_ok = op.Or(op.Less(first, zero), op.Equal(op.Unsqueeze(slot_id, op.Constant(value_ints=[1])), expected_slot))
+    block = op.Where(slot_ok, block, zero)
+    offset = op.Where(slot_ok, offset, zero)
+
+    position_shape = op.Shape(position_ids)
+    heads = op.Slice(pool_shape, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+    one = op.Constant(value_ints=[1])
+    index_shape = op.Concat(
+        op.Slice(position_shape, op.Constant(value_ints=[0]), one), heads,
+        op.Slice(position_shape, one, op.Constant(value_ints=[2])), one, axis=0,
+    )
+    head_index = op.Range(op.Constant(value_int=0), op.Gather(pool_shape, 1), op.Constant(value_int=1))
+    indices = op.Concat(
+        op.Expand(op.Unsqueeze(block, op.Constant(value_ints=[1, 3])), index_shape),
+        op.Expand(op.Unsqueeze(head_index, op.Constant(value_ints=[0, 2, 3])), index_shape),
+        op.Expand(op.Unsqueeze(offset, op.Constant(value_ints=[1, 3])), index_shape),
+        axis=3,
+    )
+    return op.ScatterND(pool, indices, updates)
+
+
+@script(paged, default_opset=op)
+def PagedCtxGather(pool, block_table, ctx_indices, comp_ctx_len):
+    """Read logical cache positions from the block pool; the paged form of ``CtxGather``.
+
+    Inputs:
+      pool          ``[N, H, kv_block_size, D]``.
+      block_table   int64 ``[B, num_kv_blocks]``.
+      ctx_indices   int64 ``[B, 1 or H, C]``: logical positions to read (as in ``CtxGather``).
+      comp_ctx_len  int64 scalar: number of positions to read; ``ctx_indices`` is broadcast to
+                    ``[B, H, comp_ctx_len]`` first.
+    Output:
+      ``[B, H, comp_ctx_len, D]`` with ``out[b, h, k, :] = pool[block, h, offset, :]`` at the
+      address of ``ctx_indices[b, h, k]`` (see ``PagedBlockAddress``).
+
+    An invalid index (padding, the INT32_MAX "don't care" sentinel of QEfficient exports, an
+    unallocated entry) reads the null block, so no index is ever out of range for the runtime.
+    The model masks those positions with a select, so their values never reach the output.
+    """
+    pool_shape = op.Shape(pool)
+    index_shape = op.Shape(ctx_indices)
+    batch_2d = op.Concat(op.Slice(index_shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[1])),
+                         op.Constant(value_ints=[-1]), axis=0)
+    block, offset = PagedBlockAddress(pool, block_table, op.Reshape(ctx_indices, batch_2d))
+    block = op.Reshape(block, index_shape)
+    offset = op.Reshape(offset, index_shape)
+
+    one = op.Constant(value_ints=[1])
+    read_shape = op.Concat(
+        op.Slice(index_shape, op.Constant(value_ints=[0]), one),
+        op.Slice(pool_shape, one, op.Constant(value_ints=[2])),
+        op.Reshape(comp_ctx_len, one), one, axis=0,
+    )
+    head_index = op.Range(op.Constant(value_int=0), op.Gather(pool_shape, 1), op.Constant(value_int=1))
+    indices = op.Concat(
+        op.Expand(op.Unsqueeze(block, op.Constant(value_ints=[3])), read_shape),
+        op.Expand(op.Unsqueeze(head_index, op.Constant(value_ints=[0, 2, 3])), read_shape),
+        op.Expand(op.Unsqueeze(offset, op.Constant(value_ints=[3])), read_shape),
+        axis=3,
+    )
+    return op.GatherND(pool, indices)
+
+
+@script(paged, default_opset=op)
+def PagedLogicalShape(pool, block_table):
+    """The shape the contiguous cache had: ``[B, H, num_kv_blocks * kv_block_size, D]``.
+
+    Inputs:
+      pool         ``[N, H, kv_block_size, D]`` (only its shape is read).
+      block_table  int64 ``[B, num_kv_blocks]`` (only its shape is read).
+    Output:
+      int64 ``[4]``. Every node that derived a batch size, a context length or a mask from the
+      old cache shape reads this instead, so it sees the logical view of the paged cache.
+    """
+    pool_shape = op.Shape(pool)
+    table_shape = op.Shape(block_table)
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    two = op.Constant(value_ints=[2])
+    three = op.Constant(value_ints=[3])
+    four = op.Constant(value_ints=[4])
+    logical_length = op.Mul(op.Slice(table_shape, one, two), op.Slice(pool_shape, two, three))
+    return op.Concat(
+        op.Slice(table_shape, zero, one), op.Slice(pool_shape, one, two), logical_length,
+        op.Slice(pool_shape, three, four), axis=0,
+    )

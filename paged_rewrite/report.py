@@ -1,0 +1,91 @@
+"""What a rewrite found, changed and produced: the object ``rewrite()`` returns and ``--json`` prints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from paged_rewrite.passes.find_cache_sites import CacheTensor, Dim, dim_value
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, element type and shape (ints static, strings symbolic)."""
+
+    name: str
+    dtype: str
+    shape: list[Dim]
+
+    @classmethod
+    def of(cls, value: ir.Value) -> TensorSpec:
+        dtype = str(value.dtype.numpy()) if value.dtype is not None else "unknown"
+        shape = [dim_value(d) for d in value.shape] if value.shape is not None else []
+        return cls(name=str(value.name), dtype=dtype, shape=shape)
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """One paged cache tensor (a layer's K or V)."""
+
+    input: str
+    output: str
+    layer: int
+    kind: str
+    kv_heads: int
+    head_dim: int
+    write_op: str
+    read_ops: list[str]
+    original_shape: list[Dim]
+
+    @classmethod
+    def of(cls, tensor: CacheTensor) -> CacheReport:
+        return cls(
+            input=tensor.name,
+            output=str(tensor.output.name),
+            layer=tensor.layer,
+            kind=tensor.kind,
+            kv_heads=tensor.kv_heads,
+            head_dim=tensor.head_dim,
+            write_op=tensor.write.op_type,
+            read_ops=[read.op_type for read in tensor.reads],
+            original_shape=list(tensor.shape),
+        )
+
+
+@dataclass
+class RewriteReport:
+    """The result of a rewrite: the caches found, the ops rewritten and the new interface."""
+
+    input_path: str
+    output_path: str | None
+    kv_block_size: int
+    num_kv_blocks: int | str
+    total_num_kv_blocks: int | str
+    null_block: int = 0
+    caches: list[CacheReport] = field(default_factory=list)
+    rewritten: dict[str, int] = field(default_factory=dict)
+    added_inputs: list[str] = field(default_factory=list)
+    removed_inputs: list[str] = field(default_factory=list)
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A few lines for humans."""
+        layers = sorted({c.layer for c in self.caches})
+        ops = ", ".join(f"{k} x{v}" for k, v in self.rewritten.items())
+        lines = [
+            f"paged {len(self.caches)} cache tensors over {len(layers)} layers: {ops}",
+            f"kv_block_size={self.kv_block_size} num_kv_blocks={self.num_kv_blocks} "
+            f"total_num_kv_blocks={self.total_num_kv_blocks} (block {self.null_block} is the null block)",
+            f"added inputs: {', '.join(self.added_inputs)}",
+        ]
+        if self.removed_inputs:
+            lines.append(f"removed inputs (no longer used): {', '.join(self.removed_inputs)}")
+        if self.output_path:
+            lines.append(f"wrote {self.output_path}")
+        return "\n".join(lines)
