@@ -58,6 +58,9 @@ class ExportSpec:
     rms_eps: float = 1e-6
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         """Raise ``ValueError`` if any field is out of range or inconsistent."""
         for f in fields(self):

@@ -1,0 +1,156 @@
+"""The ``paged-rewrite`` command line.
+
+    paged-rewrite model.onnx -o paged.onnx --kv-block-size 128     (rewrite is the default command)
+    paged-rewrite verify model.onnx paged.onnx
+    paged-rewrite demo
+
+Errors print one line, ``paged-rewrite: <kind>: <message>``, and exit with the code of their
+class (see ``paged_rewrite.errors`` and the README).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from paged_rewrite.api import rewrite
+from paged_rewrite.errors import PagedRewriteError, VerificationError
+
+F = TypeVar("F", bound=Callable[..., Any])
+INTERNAL_ERROR_EXIT = 1
+
+
+class _DefaultToRewrite(click.Group):
+    """A group whose first argument, when not a subcommand, is the model of a ``rewrite``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["rewrite", *args]
+        return super().parse_args(ctx, args)
+
+
+def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
+    click.echo(json.dumps(payload, indent=2, sort_keys=True) if as_json else text)
+
+
+def _guarded(fn: F) -> F:
+    """Turn our errors into one line + exit code; never show a traceback."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PagedRewriteError as exc:
+            click.echo(f"paged-rewrite: {exc.kind}: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as exc:  # a bug of ours: still one line, distinct exit code
+            click.echo(f"paged-rewrite: internal error: {type(exc).__name__}: {exc}", err=True)
+            sys.exit(INTERNAL_ERROR_EXIT)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(cls=_DefaultToRewrite, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="paged-rewrite")
+def main() -> None:
+    """Rewrite QEfficient contiguous-KV ONNX exports into paged-KV models.
+
+    \b
+    Example:
+      paged-rewrite demo
+      paged-rewrite model.onnx -o paged.onnx --kv-block-size 128 --ctx-len 4096
+      paged-rewrite verify model.onnx paged.onnx
+    """
+
+
+@main.command("rewrite")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the paged model.")
+@click.option("--kv-block-size", type=click.IntRange(min=1), required=True, help="Tokens per KV block (static).")
+@click.option("--ctx-len", type=click.IntRange(min=1), default=None,
+              help="Context length; makes num_kv_blocks = ceil(ctx_len / kv_block_size) static.")
+@click.option("--num-blocks", type=click.IntRange(min=2), default=None,
+              help="Pool size incl. the null block; makes total_num_kv_blocks static.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_guarded
+def rewrite_command(model: Path, output: Path, kv_block_size: int, ctx_len: int | None,
+                    num_blocks: int | None, as_json: bool) -> None:
+    """Rewrite MODEL into a paged-KV model.
+
+    \b
+    Example:
+      paged-rewrite model.onnx -o paged.onnx --kv-block-size 128 --ctx-len 4096
+    """
+    report = rewrite(model, output, kv_block_size, ctx_len=ctx_len, num_blocks=num_blocks)
+    _emit(as_json, report.to_dict(), report.summary())
+
+
+@main.command("verify")
+@click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("paged", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--block-order", type=click.Choice(["identity", "shuffled"]), default="shuffled",
+              show_default=True, help="Physical order in which pool blocks are handed out.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompts and block order.")
+@click.option("--ctx-len", type=click.IntRange(min=1), default=None,
+              help="Context of the original (default: num_kv_blocks*kv_block_size of the paged model).")
+@click.option("--decode-steps", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the per-step report as JSON.")
+@_guarded
+def verify_command(original: Path, paged: Path, block_order: str, seed: int, ctx_len: int | None,
+                   decode_steps: int, as_json: bool) -> None:
+    """Drive ORIGINAL and PAGED through the same scenario and compare logits and isolation.
+
+    \b
+    Example:
+      paged-rewrite verify model.onnx paged.onnx --block-order shuffled --seed 3
+    """
+    from paged_rewrite.runtime.verify import verify
+
+    for path in (original, paged):
+        if not path.is_file():
+            from paged_rewrite.errors import NotAModelError
+
+            raise NotAModelError(f"{path}: no such file")
+    report = verify(original, paged, block_order=block_order, seed=seed, ctx_len=ctx_len,
+                    num_decode=decode_steps)
+    _emit(as_json, report.to_dict(), report.summary())
+    if not report.ok:
+        raise VerificationError(f"{paged} does not match {original} (max abs diff {report.max_abs_diff:.3g})")
+
+
+@main.command("demo")
+@click.option("--kv-block-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the built and rewritten models here (default: a temporary folder).")
+@click.option("--json", "as_json", is_flag=True)
+@_guarded
+def demo_command(kv_block_size: int, workdir: Path | None, as_json: bool) -> None:
+    """Build a small QEfficient-style export, rewrite it, verify it, print the reports.
+
+    \b
+    Example:
+      paged-rewrite demo --kv-block-size 16
+    """
+    from paged_rewrite.builder import ExportSpec, write_qeff_export
+    from paged_rewrite.runtime.verify import verify
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = workdir or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        original = write_qeff_export(folder / "model.onnx", ExportSpec())
+        report = rewrite(original, folder / "paged.onnx", kv_block_size, ctx_len=128)
+        checked = verify(original, folder / "paged.onnx")
+        _emit(as_json, {"rewrite": report.to_dict(), "verify": checked.to_dict()},
+              f"{report.summary()}\n\nverify:\n{checked.summary()}")
+    if not checked.ok:
+        raise VerificationError("the demo's paged model does not match its original")

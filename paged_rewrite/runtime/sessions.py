@@ -1,0 +1,70 @@
+"""onnxruntime sessions for original QEfficient exports and for paged models.
+
+Original exports use the int64 constant INT32_MAX as an "invalid index" that AI 100 treats as
+"don't care" (reads) or "skip" (writes); onnxruntime rejects it. ``sentinel_overrides`` finds
+those constants by structure (a Constant holding INT32_MAX whose value flows, through a few
+elementwise ops, into a ``Ctx*`` op) and maps them to what onnxruntime can run: 0 on the read
+side (the slot is masked anyway) and -1 on the write side (the last slot, as non-CB graphs do).
+Paged models need no override: their ops never index out of range.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+INT32_MAX = 2**31 - 1
+_SEARCH_DEPTH = 4
+
+
+def sentinel_overrides(model_path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Constant outputs of ``model_path``'s main graph to override for onnxruntime, by name."""
+    graph = onnx.load(os.fspath(model_path), load_external_data=False).graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    overrides: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        if node.op_type != "Constant" or not node.attribute or node.attribute[0].name != "value":
+            continue
+        value = numpy_helper.to_array(node.attribute[0].t)
+        if value.dtype != np.int64 or value.size != 1 or int(value.reshape(())) != INT32_MAX:
+            continue
+        target = _first_cache_op(node.output[0], consumers)
+        if target is not None:
+            replacement = -1 if "Scatter" in target else 0
+            overrides[node.output[0]] = np.array(replacement, dtype=np.int64).reshape(value.shape)
+    return overrides
+
+
+def _first_cache_op(name: str, consumers: dict[str, list[onnx.NodeProto]]) -> str | None:
+    queue = deque([(name, 0)])
+    while queue:
+        current, depth = queue.popleft()
+        for user in consumers.get(current, []):
+            if user.op_type.startswith("Ctx"):
+                return user.op_type
+            if depth < _SEARCH_DEPTH:
+                queue.extend((out, depth + 1) for out in user.output)
+    return None
+
+
+def open_session(model_path: str | os.PathLike[str], patch_sentinels: bool = False) -> ort.InferenceSession:
+    """A CPU session; with ``patch_sentinels`` the INT32_MAX constants are overridden first."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    keep_alive = []
+    if patch_sentinels:
+        for name, value in sentinel_overrides(model_path).items():
+            ort_value = ort.OrtValue.ortvalue_from_numpy(value)
+            keep_alive.append(ort_value)
+            options.add_initializer(name, ort_value)
+    session = ort.InferenceSession(os.fspath(model_path), options, providers=["CPUExecutionProvider"])
+    session._paged_rewrite_keep_alive = keep_alive  # type: ignore[attr-defined]  # must outlive the session
+    return session
