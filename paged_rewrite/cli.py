@@ -74,17 +74,33 @@ def main() -> None:
 
 @main.command("rewrite")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Where to write the paged model.")
-@click.option("--kv-block-size", type=click.IntRange(min=1), required=True, help="Tokens per KV block (static).")
-@click.option("--ctx-len", type=click.IntRange(min=1), default=None,
-              help="Context length; makes num_kv_blocks = ceil(ctx_len / kv_block_size) static.")
-@click.option("--num-blocks", type=click.IntRange(min=2), default=None,
-              help="Pool size incl. the null block; makes total_num_kv_blocks static.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the paged model.",
+)
+@click.option(
+    "--kv-block-size", type=click.IntRange(min=1), required=True, help="Tokens per KV block (static)."
+)
+@click.option(
+    "--ctx-len",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Context length; makes num_kv_blocks = ceil(ctx_len / kv_block_size) static.",
+)
+@click.option(
+    "--num-blocks",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Pool size incl. the null block; makes total_num_kv_blocks static.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_guarded
-def rewrite_command(model: Path, output: Path, kv_block_size: int, ctx_len: int | None,
-                    num_blocks: int | None, as_json: bool) -> None:
+def rewrite_command(
+    model: Path, output: Path, kv_block_size: int, ctx_len: int | None, num_blocks: int | None, as_json: bool
+) -> None:
     """Rewrite MODEL into a paged-KV model.
 
     \b
@@ -98,16 +114,32 @@ def rewrite_command(model: Path, output: Path, kv_block_size: int, ctx_len: int 
 @main.command("verify")
 @click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("paged", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--block-order", type=click.Choice(["identity", "shuffled"]), default="shuffled",
-              show_default=True, help="Physical order in which pool blocks are handed out.")
+@click.option(
+    "--block-order",
+    type=click.Choice(["identity", "shuffled"]),
+    default="shuffled",
+    show_default=True,
+    help="Physical order in which pool blocks are handed out.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompts and block order.")
-@click.option("--ctx-len", type=click.IntRange(min=1), default=None,
-              help="Context of the original (default: num_kv_blocks*kv_block_size of the paged model).")
+@click.option(
+    "--ctx-len",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Context of the original (default: num_kv_blocks*kv_block_size of the paged model).",
+)
 @click.option("--decode-steps", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the per-step report as JSON.")
 @_guarded
-def verify_command(original: Path, paged: Path, block_order: str, seed: int, ctx_len: int | None,
-                   decode_steps: int, as_json: bool) -> None:
+def verify_command(
+    original: Path,
+    paged: Path,
+    block_order: str,
+    seed: int,
+    ctx_len: int | None,
+    decode_steps: int,
+    as_json: bool,
+) -> None:
     """Drive ORIGINAL and PAGED through the same scenario and compare logits and isolation.
 
     \b
@@ -121,8 +153,9 @@ def verify_command(original: Path, paged: Path, block_order: str, seed: int, ctx
             from paged_rewrite.errors import NotAModelError
 
             raise NotAModelError(f"{path}: no such file")
-    report = verify(original, paged, block_order=block_order, seed=seed, ctx_len=ctx_len,
-                    num_decode=decode_steps)
+    report = verify(
+        original, paged, block_order=block_order, seed=seed, ctx_len=ctx_len, num_decode=decode_steps
+    )
     _emit(as_json, report.to_dict(), report.summary())
     if not report.ok:
         raise VerificationError(f"{paged} does not match {original} (max abs diff {report.max_abs_diff:.3g})")
@@ -130,8 +163,12 @@ def verify_command(original: Path, paged: Path, block_order: str, seed: int, ctx
 
 @main.command("demo")
 @click.option("--kv-block-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep the built and rewritten models here (default: a temporary folder).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the built and rewritten models here (default: a temporary folder).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @_guarded
 def demo_command(kv_block_size: int, workdir: Path | None, as_json: bool) -> None:
@@ -150,7 +187,10 @@ def demo_command(kv_block_size: int, workdir: Path | None, as_json: bool) -> Non
         original = write_qeff_export(folder / "model.onnx", ExportSpec())
         report = rewrite(original, folder / "paged.onnx", kv_block_size, ctx_len=128)
         checked = verify(original, folder / "paged.onnx")
-        _emit(as_json, {"rewrite": report.to_dict(), "verify": checked.to_dict()},
-              f"{report.summary()}\n\nverify:\n{checked.summary()}")
+        _emit(
+            as_json,
+            {"rewrite": report.to_dict(), "verify": checked.to_dict()},
+            f"{report.summary()}\n\nverify:\n{checked.summary()}",
+        )
     if not checked.ok:
         raise VerificationError("the demo's paged model does not match its original")

@@ -44,7 +44,9 @@ def save_model(model: ir.Model, path: str | os.PathLike[str], source: str | os.P
         onnx.checker.check_model(tmp_name, full_check=True)
         os.replace(tmp_name, target)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise OutputError(f"{target}: the rewritten model fails the ONNX checker: {_first_line(exc)}") from None
+        raise OutputError(
+            f"{target}: the rewritten model fails the ONNX checker: {_first_line(exc)}"
+        ) from None
     except OSError as exc:
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
     finally:

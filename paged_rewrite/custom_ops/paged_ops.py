@@ -1,3 +1,6 @@
+# mypy: ignore-errors
+# (onnxscript DSL: these bodies are translated to ONNX, not run as Python; their values are ONNX
+# tensors whose types mypy cannot model. The typed entry point is custom_ops/__init__.py.)
 """The paged KV-cache ops, as onnxscript functions.
 
 Each op is emitted into the rewritten model as a model-local function in the domain
@@ -47,14 +50,10 @@ def PagedBlockAddress(pool, block_table, positions):
     block_size = op.Gather(pool_shape, 2)
     num_columns = op.Gather(op.Shape(block_table), 1)
     zero = op.Constant(value_int=0)
-    in_range = op.And(
-        op.GreaterOrEqual(positions, zero), op.Less(positions, op.Mul(num_columns, block_size))
-    )
+    in_range = op.And(op.GreaterOrEqual(positions, zero), op.Less(positions, op.Mul(num_columns, block_size)))
     safe_position = op.Where(in_range, positions, zero)
     entry = op.GatherElements(block_table, op.Div(safe_position, block_size), axis=1)
-    valid = op.And(
-        in_range, op.And(op.GreaterOrEqual(entry, zero), op.Less(entry, num_pool_blocks))
-    )
+    valid = op.And(in_range, op.And(op.GreaterOrEqual(entry, zero), op.Less(entry, num_pool_blocks)))
     block = op.Where(valid, entry, zero)
     offset = op.Where(valid, op.Mod(safe_position, block_size), zero)
     return block, offset
@@ -86,9 +85,13 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates):
     pool_shape = op.Shape(pool)
     block_size = op.Gather(pool_shape, 2)
     zero = op.Constant(value_int=0)
-    first = op.Slice(position_ids, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[1]))
+    first = op.Slice(
+        position_ids, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[1])
+    )
     expected_slot = op.Mod(first, block_size)
-    slot_ok = op.Or(op.Less(first, zero), op.Equal(op.Unsqueeze(slot_id, op.Constant(value_ints=[1])), expected_slot))
+    slot_ok = op.Or(
+        op.Less(first, zero), op.Equal(op.Unsqueeze(slot_id, op.Constant(value_ints=[1])), expected_slot)
+    )
     block = op.Where(slot_ok, block, zero)
     offset = op.Where(slot_ok, offset, zero)
 
@@ -96,8 +99,11 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates):
     heads = op.Slice(pool_shape, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
     one = op.Constant(value_ints=[1])
     index_shape = op.Concat(
-        op.Slice(position_shape, op.Constant(value_ints=[0]), one), heads,
-        op.Slice(position_shape, one, op.Constant(value_ints=[2])), one, axis=0,
+        op.Slice(position_shape, op.Constant(value_ints=[0]), one),
+        heads,
+        op.Slice(position_shape, one, op.Constant(value_ints=[2])),
+        one,
+        axis=0,
     )
     head_index = op.Range(op.Constant(value_int=0), op.Gather(pool_shape, 1), op.Constant(value_int=1))
     indices = op.Concat(
@@ -129,8 +135,11 @@ def PagedCtxGather(pool, block_table, ctx_indices, comp_ctx_len):
     """
     pool_shape = op.Shape(pool)
     index_shape = op.Shape(ctx_indices)
-    batch_2d = op.Concat(op.Slice(index_shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[1])),
-                         op.Constant(value_ints=[-1]), axis=0)
+    batch_2d = op.Concat(
+        op.Slice(index_shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[1])),
+        op.Constant(value_ints=[-1]),
+        axis=0,
+    )
     block, offset = PagedBlockAddress(pool, block_table, op.Reshape(ctx_indices, batch_2d))
     block = op.Reshape(block, index_shape)
     offset = op.Reshape(offset, index_shape)
@@ -139,7 +148,9 @@ def PagedCtxGather(pool, block_table, ctx_indices, comp_ctx_len):
     read_shape = op.Concat(
         op.Slice(index_shape, op.Constant(value_ints=[0]), one),
         op.Slice(pool_shape, one, op.Constant(value_ints=[2])),
-        op.Reshape(comp_ctx_len, one), one, axis=0,
+        op.Reshape(comp_ctx_len, one),
+        one,
+        axis=0,
     )
     head_index = op.Range(op.Constant(value_int=0), op.Gather(pool_shape, 1), op.Constant(value_int=1))
     indices = op.Concat(
@@ -171,6 +182,9 @@ def PagedLogicalShape(pool, block_table):
     four = op.Constant(value_ints=[4])
     logical_length = op.Mul(op.Slice(table_shape, one, two), op.Slice(pool_shape, two, three))
     return op.Concat(
-        op.Slice(table_shape, zero, one), op.Slice(pool_shape, one, two), logical_length,
-        op.Slice(pool_shape, three, four), axis=0,
+        op.Slice(table_shape, zero, one),
+        op.Slice(pool_shape, one, two),
+        logical_length,
+        op.Slice(pool_shape, three, four),
+        axis=0,
     )

@@ -19,7 +19,7 @@ def replace_with_paged_op(old: ir.Node, op_type: str, inputs: Sequence[ir.Value 
     assert graph is not None, f"node {old.name!r} is not in a graph"
     new = ir.Node(PAGED_DOMAIN, op_type, inputs, num_outputs=len(old.outputs), name=old.name)
     graph.insert_before(old, new)
-    for before, after in zip(old.outputs, new.outputs):
+    for before, after in zip(old.outputs, new.outputs, strict=True):
         name = before.name
         after.type, after.shape = before.type, before.shape
         before.replace_all_uses_with(after, replace_graph_outputs=True)

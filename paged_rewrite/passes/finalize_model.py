@@ -21,12 +21,10 @@ def finalize_model(model: ir.Model, keep_inputs: set[str]) -> list[str]:
     model.opset_imports.setdefault(PAGED_DOMAIN, 1)
     RemoveUnusedNodesPass()(model)
     removed = [
-        str(value.name)
-        for value in model.graph.inputs
-        if not value.uses() and value.name not in keep_inputs
+        str(value.name) for value in model.graph.inputs if not value.uses() and value.name not in keep_inputs
     ]
     for name in removed:
         model.graph.inputs.remove(next(v for v in model.graph.inputs if v.name == name))
-    RemoveUnusedFunctionsPass()(model)
+    RemoveUnusedFunctionsPass()(model)  # type: ignore[no-untyped-call]
     RemoveUnusedOpsetsPass()(model)
     return removed

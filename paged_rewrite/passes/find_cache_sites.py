@@ -102,8 +102,10 @@ def find_cache_sites(model: ir.Model) -> CacheSites:
             raise UnsupportedPatternError(f"{_where(node)}: the model is already paged")
         if node.domain == QEFF_DOMAIN and node.op_type in KNOWN_UNSUPPORTED:
             raise UnsupportedPatternError(f"{_where(node)}: this cache op variant is not supported yet")
-        if node.domain == QEFF_DOMAIN and node.op_type.startswith("Ctx") and not (
-            node.op_type in WRITE_OPS or node.op_type in READ_OPS
+        if (
+            node.domain == QEFF_DOMAIN
+            and node.op_type.startswith("Ctx")
+            and not (node.op_type in WRITE_OPS or node.op_type in READ_OPS)
         ):
             raise UnsupportedPatternError(f"{_where(node)}: unknown cache op")
         if _is_call_to_function_with_cache_ops(model, node):
@@ -154,7 +156,9 @@ def _shared_dims(tensors: list[CacheTensor]) -> dict[str, Dim]:
                 f"{_where(tensor.write)}: cache {tensor.name!r} must be rank 4 [batch, heads, len, head_dim]"
             )
         if dtype is None or not dtype.is_floating_point():
-            raise UnsupportedPatternError(f"{_where(tensor.write)}: cache {tensor.name!r} is not a float tensor")
+            raise UnsupportedPatternError(
+                f"{_where(tensor.write)}: cache {tensor.name!r} is not a float tensor"
+            )
         if not isinstance(tensor.shape[1], int) or not isinstance(tensor.shape[3], int):
             raise UnsupportedPatternError(
                 f"{_where(tensor.write)}: cache {tensor.name!r} needs static heads and head_dim, "

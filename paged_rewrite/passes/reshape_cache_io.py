@@ -27,4 +27,3 @@ def reshape_cache_io(sites: CacheSites, layout: PagedLayout) -> None:
             dims = [dim_value(d) for d in value.shape]
             if old in dims:
                 value.shape = ir.Shape([layout.logical_length if d == old else d for d in dims])
-

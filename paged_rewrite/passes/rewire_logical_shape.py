@@ -34,8 +34,10 @@ def _replace_shape(shape: ir.Node, layout: PagedLayout) -> None:
     assert graph is not None
     logical = ir.Node("com.qualcomm.cloud", "PagedLogicalShape", [shape.inputs[0], layout.block_table])
     starts = ir.Value(name=f"{shape.name}/start", const_value=ir.tensor([start], dtype=ir.DataType.INT64))
-    ends = ir.Value(name=f"{shape.name}/end", const_value=ir.tensor([end if end is not None else 4],
-                                                                     dtype=ir.DataType.INT64))
+    ends = ir.Value(
+        name=f"{shape.name}/end",
+        const_value=ir.tensor([end if end is not None else 4], dtype=ir.DataType.INT64),
+    )
     graph.register_initializer(starts)
     graph.register_initializer(ends)
     sliced = ir.Node("", "Slice", [logical.outputs[0], starts, ends], name=shape.name)

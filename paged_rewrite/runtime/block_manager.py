@@ -36,12 +36,16 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, kv_block_size: int, block_order: Sequence[int] | None = None) -> None:
         if num_blocks < 2:
-            raise ValueError(f"num_blocks must be at least 2 (block {NULL_BLOCK} is reserved), got {num_blocks}")
+            raise ValueError(
+                f"num_blocks must be at least 2 (block {NULL_BLOCK} is reserved), got {num_blocks}"
+            )
         if kv_block_size < 1:
             raise ValueError(f"kv_block_size must be positive, got {kv_block_size}")
         order = list(block_order) if block_order is not None else list(range(1, num_blocks))
         if sorted(order) != list(range(1, num_blocks)):
-            raise ValueError("block_order must be a permutation of 1..num_blocks-1 (block 0 is the null block)")
+            raise ValueError(
+                "block_order must be a permutation of 1..num_blocks-1 (block 0 is the null block)"
+            )
         self.num_blocks = num_blocks
         self.kv_block_size = kv_block_size
         self._free = list(reversed(order))  # pop() hands out order[0] first
@@ -90,7 +94,9 @@ class BlockManager:
                 continue
             blocks = self._sequences[seq].blocks
             if len(blocks) > num_columns:
-                raise ValueError(f"sequence {seq!r} holds {len(blocks)} blocks, the table has {num_columns} columns")
+                raise ValueError(
+                    f"sequence {seq!r} holds {len(blocks)} blocks, the table has {num_columns} columns"
+                )
             table[row, : len(blocks)] = blocks
         return table
 

@@ -106,7 +106,7 @@ def random_scenario(
     return Scenario(
         [
             SequenceScript(name, rng.integers(0, vocab_size, size=n).astype(np.int64), num_decode)
-            for name, n in zip(names, prompt_lengths)
+            for name, n in zip(names, prompt_lengths, strict=True)
         ],
         chunk_len=chunk_len,
     )

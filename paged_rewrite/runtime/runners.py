@@ -50,7 +50,9 @@ def cache_io(session: object) -> list[CacheIO]:
     for value in session.get_inputs():  # type: ignore[attr-defined]
         if value.name + RETAINED in outputs:
             dtype = np.float16 if "float16" in value.type else np.float32
-            caches.append(CacheIO(value.name, value.name + RETAINED, int(value.shape[1]), int(value.shape[3]), dtype))
+            caches.append(
+                CacheIO(value.name, value.name + RETAINED, int(value.shape[1]), int(value.shape[3]), dtype)
+            )
     return caches
 
 
@@ -63,7 +65,7 @@ class _Runner:
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
 
     @staticmethod
     def _tokens(rows: Sequence[Row]) -> dict[str, np.ndarray]:

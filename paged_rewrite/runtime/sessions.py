@@ -66,5 +66,5 @@ def open_session(model_path: str | os.PathLike[str], patch_sentinels: bool = Fal
             keep_alive.append(ort_value)
             options.add_initializer(name, ort_value)
     session = ort.InferenceSession(os.fspath(model_path), options, providers=["CPUExecutionProvider"])
-    session._paged_rewrite_keep_alive = keep_alive  # type: ignore[attr-defined]  # must outlive the session
+    session._paged_rewrite_keep_alive = keep_alive  # must outlive the session
     return session

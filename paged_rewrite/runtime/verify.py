@@ -31,8 +31,10 @@ class PagedGeometry:
     @classmethod
     def of(cls, paged_path: str | os.PathLike[str]) -> PagedGeometry:
         graph = onnx.load(os.fspath(paged_path), load_external_data=False).graph
-        dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-                for v in [*graph.input, *graph.output]}
+        dims = {
+            v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.input, *graph.output]
+        }
         if "block_table" not in dims:
             raise UnsupportedPatternError(f"{paged_path}: not a paged model (no block_table input)")
         pools = [shape for name, shape in dims.items() if len(shape) == 4 and f"{name}_RetainedState" in dims]
@@ -71,7 +73,8 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return all(
-            s.max_abs_diff <= self.tolerance and s.greedy_agree and not s.foreign_blocks_changed for s in self.steps
+            s.max_abs_diff <= self.tolerance and s.greedy_agree and not s.foreign_blocks_changed
+            for s in self.steps
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,7 +90,9 @@ class VerifyReport:
             f"greedy tokens agree on {sum(s.greedy_agree for s in self.steps)}/{len(self.steps)} steps; "
             f"isolation breaches: {len(breaches)}",
         ]
-        lines += [f"  step {s.step} ({s.kind}, {','.join(s.sequences)}): diff {s.max_abs_diff:.3g}" for s in bad[:5]]
+        lines += [
+            f"  step {s.step} ({s.kind}, {','.join(s.sequences)}): diff {s.max_abs_diff:.3g}" for s in bad[:5]
+        ]
         lines += [f"  step {s.step}: foreign blocks changed {s.foreign_blocks_changed}" for s in breaches[:5]]
         lines.append("OK" if self.ok else "MISMATCH")
         return "\n".join(lines)
@@ -110,7 +115,8 @@ def compare(
     num_kv_blocks = geometry.num_kv_blocks or math.ceil(ctx_len / bs)
     if num_kv_blocks * bs != ctx_len:
         raise UnsupportedPatternError(
-            f"ctx_len {ctx_len} must equal num_kv_blocks*kv_block_size = {num_kv_blocks}*{bs} for a like-for-like run"
+            f"ctx_len {ctx_len} must equal num_kv_blocks*kv_block_size = {num_kv_blocks}*{bs} "
+            "for a like-for-like run"
         )
     needed = sum(math.ceil((len(s.prompt) + s.num_decode) / bs) for s in scenario.sequences)
     num_blocks = 1 + needed + spare_blocks
@@ -118,7 +124,7 @@ def compare(
     paged_runner = PagedRunner(paged, BlockManager(num_blocks, bs, order), num_kv_blocks)
     steps = drive([ContiguousRunner(original, ctx_len), paged_runner], scenario)
     report = VerifyReport(bs, ctx_len, num_blocks, block_order, tolerance)
-    for step, isolation in zip(steps, paged_runner.isolation):
+    for step, isolation in zip(steps, paged_runner.isolation, strict=True):
         want, got = step.logits
         diff = np.abs(want.astype(np.float64) - got.astype(np.float64))
         report.steps.append(
@@ -154,5 +160,7 @@ def verify(
     short_prompt = max(1, min(long_prompt - 1, 7))
     scenario = random_scenario(geometry.vocab_size, [long_prompt, short_prompt], num_decode, chunk_len, seed)
     if scenario.max_length > ctx_len:
-        raise UnsupportedPatternError(f"ctx_len {ctx_len} is too short for a {scenario.max_length}-token scenario")
+        raise UnsupportedPatternError(
+            f"ctx_len {ctx_len} is too short for a {scenario.max_length}-token scenario"
+        )
     return compare(original, paged, scenario, ctx_len, block_order, seed, tolerance)

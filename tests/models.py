@@ -1,0 +1,36 @@
+"""The one place tests build models: QEfficient-style exports through the project's builder,
+and the malformed variants the refusal tests need, each derived from a real export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+from paged_rewrite.builder import ExportSpec, build_qeff_export
+
+
+def qeff_export(path: Path, **spec: int) -> Path:
+    """A QEfficient-style contiguous export with the given ``ExportSpec`` fields."""
+    onnx.save(build_qeff_export(ExportSpec(**spec)), path)
+    return path
+
+
+def no_cache_model(path: Path) -> Path:
+    """A valid ONNX model with no KV cache at all."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "no_cache", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def with_renamed_op(source: Path, path: Path, old: str, new: str) -> Path:
+    """``source`` with every node of op ``old`` renamed to op ``new`` (e.g. an unknown Ctx variant)."""
+    model = onnx.load(source)
+    for node in model.graph.node:
+        if node.op_type == old:
+            node.op_type = new
+    onnx.save(model, path)
+    return path

@@ -1,0 +1,105 @@
+"""Before/after structure of the rewrite on the five contiguous QEfficient fixtures."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import onnx
+import pytest
+from conftest import CONTIGUOUS_FIXTURES, CTX_LEN
+
+BLOCK_SIZES = [16, 32, 128]
+QEFF = "com.qualcomm.cloud"
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+
+
+def _ops(model: onnx.ModelProto) -> Counter[str]:
+    return Counter(f"{n.domain}::{n.op_type}" for n in model.graph.node)
+
+
+@pytest.mark.parametrize("name", CONTIGUOUS_FIXTURES)
+@pytest.mark.parametrize("kv_block_size", BLOCK_SIZES)
+def test_every_cache_op_is_paged(paged_fixture, name: str, kv_block_size: int) -> None:
+    original_path, paged_path, _ = paged_fixture(name, kv_block_size)
+    before, after = _ops(onnx.load(original_path)), _ops(onnx.load(paged_path))
+    assert before[f"{QEFF}::CtxScatter"] > 0 and before[f"{QEFF}::CtxGather"] > 0
+    assert after[f"{QEFF}::PagedCtxScatter"] == before[f"{QEFF}::CtxScatter"]
+    assert after[f"{QEFF}::PagedCtxGather"] == before[f"{QEFF}::CtxGather"]
+    assert not [op for op in after if op.startswith(f"{QEFF}::Ctx")]
+    onnx.checker.check_model(str(paged_path), full_check=True)
+
+
+@pytest.mark.parametrize("name", CONTIGUOUS_FIXTURES)
+@pytest.mark.parametrize("kv_block_size", BLOCK_SIZES)
+def test_interface_follows_the_contract(paged_fixture, name: str, kv_block_size: int) -> None:
+    original_path, paged_path, report = paged_fixture(name, kv_block_size)
+    original, paged = onnx.load(original_path), onnx.load(paged_path)
+    inputs = {v.name: v for v in paged.graph.input}
+    outputs = {v.name: v for v in paged.graph.output}
+    num_kv_blocks = -(-CTX_LEN // kv_block_size)
+
+    assert [v.name for v in paged.graph.input] == [v.name for v in original.graph.input] + ["block_table", "slot_id"]
+    assert [v.name for v in paged.graph.output] == [v.name for v in original.graph.output]
+    assert inputs["block_table"].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert _dims(inputs["block_table"]) == ["batch_size", num_kv_blocks]
+    assert _dims(inputs["slot_id"]) == ["batch_size"]
+    for value in original.graph.input:
+        if value.name.startswith("past_"):
+            _, heads, _, head_dim = _dims(value)
+            pool = ["total_num_kv_blocks", heads, kv_block_size, head_dim]
+            assert _dims(inputs[value.name]) == pool
+            assert _dims(outputs[f"{value.name}_RetainedState"]) == pool
+    assert report.removed_inputs == []
+    assert report.num_kv_blocks == num_kv_blocks
+
+
+def test_shape_of_cache_is_rewired_to_the_logical_view(paged_fixture) -> None:
+    """No node reads the pool's physical shape: every former Shape(cache) is PagedLogicalShape."""
+    _, paged_path, _ = paged_fixture("llama_default", 16)
+    paged = onnx.load(paged_path)
+    caches = {v.name for v in paged.graph.input if v.name.startswith("past_")}
+    caches |= {f"{c}_RetainedState" for c in caches}
+    shape_readers = [n for n in paged.graph.node if set(n.input) & caches and n.op_type == "Shape"]
+    logical = [n for n in paged.graph.node if n.op_type == "PagedLogicalShape"]
+    assert shape_readers == []
+    assert len(logical) == 3  # the mask's ctx_len (from past_key.0) + one per layer's comp_ctx_len
+
+
+def test_static_sizes_from_flags(tmp_path) -> None:
+    from conftest import fixture_model
+
+    from paged_rewrite import rewrite
+
+    report = rewrite(fixture_model("qwen2_default"), tmp_path / "p.onnx", 32, ctx_len=100, num_blocks=17)
+    pool = next(t for t in report.inputs if t.name == "past_key.0")
+    table = next(t for t in report.inputs if t.name == "block_table")
+    assert pool.shape == [17, 2, 32, 16]
+    assert table.shape == ["batch_size", 4]  # ceil(100 / 32)
+
+
+def test_symbolic_sizes_without_flags(tmp_path) -> None:
+    from conftest import fixture_model
+
+    from paged_rewrite import rewrite
+
+    report = rewrite(fixture_model("llama_default"), tmp_path / "p.onnx", 16)
+    table = next(t for t in report.inputs if t.name == "block_table")
+    assert table.shape == ["batch_size", "num_kv_blocks"]
+    onnx.checker.check_model(str(tmp_path / "p.onnx"), full_check=True)
+
+
+def test_input_is_not_modified_and_output_is_deterministic(tmp_path) -> None:
+    from conftest import fixture_model
+
+    from paged_rewrite import rewrite
+
+    source = fixture_model("mistral_default")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    rewrite(source, tmp_path / "a.onnx", 16, ctx_len=128)
+    rewrite(source, tmp_path / "b.onnx", 16, ctx_len=128)
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
