@@ -194,3 +194,7 @@ def demo_command(kv_block_size: int, workdir: Path | None, as_json: bool) -> Non
         )
     if not checked.ok:
         raise VerificationError("the demo's paged model does not match its original")
+
+
+if __name__ == "__main__":
+    main()

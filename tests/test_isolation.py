@@ -27,21 +27,39 @@ def _ops_session() -> ort.InferenceSession:
 
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
     nodes = [
-        helper.make_node("PagedCtxScatter", ["pool", "block_table", "slot_id", "position_ids", "updates"],
-                         ["new_pool"], domain=PAGED_DOMAIN),
-        helper.make_node("PagedCtxGather", ["new_pool", "block_table", "ctx_indices", "comp_ctx_len"], ["read"],
-                         domain=PAGED_DOMAIN),
+        helper.make_node(
+            "PagedCtxScatter",
+            ["pool", "block_table", "slot_id", "position_ids", "updates"],
+            ["new_pool"],
+            domain=PAGED_DOMAIN,
+        ),
+        helper.make_node(
+            "PagedCtxGather",
+            ["new_pool", "block_table", "ctx_indices", "comp_ctx_len"],
+            ["read"],
+            domain=PAGED_DOMAIN,
+        ),
     ]
     graph = helper.make_graph(
-        nodes, "paged_ops",
-        [tensor("pool", f, ["N", HEADS, "bs", HEAD_DIM]), tensor("block_table", i64, ["B", "nb"]),
-         tensor("slot_id", i64, ["B"]), tensor("position_ids", i64, ["B", "S"]),
-         tensor("updates", f, ["B", HEADS, "S", HEAD_DIM]), tensor("ctx_indices", i64, ["B", 1, "C"]),
-         tensor("comp_ctx_len", i64, [])],
+        nodes,
+        "paged_ops",
+        [
+            tensor("pool", f, ["N", HEADS, "bs", HEAD_DIM]),
+            tensor("block_table", i64, ["B", "nb"]),
+            tensor("slot_id", i64, ["B"]),
+            tensor("position_ids", i64, ["B", "S"]),
+            tensor("updates", f, ["B", HEADS, "S", HEAD_DIM]),
+            tensor("ctx_indices", i64, ["B", 1, "C"]),
+            tensor("comp_ctx_len", i64, []),
+        ],
         [tensor("new_pool", f, ["N", HEADS, "bs", HEAD_DIM]), tensor("read", f, ["B", HEADS, "C", HEAD_DIM])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(PAGED_DOMAIN, 1)],
-                              functions=paged_function_protos(), ir_version=8)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(PAGED_DOMAIN, 1)],
+        functions=paged_function_protos(),
+        ir_version=8,
+    )
     onnx.checker.check_model(model, full_check=True)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
@@ -59,12 +77,19 @@ def _address(table: np.ndarray, b: int, p: int, num_pool: int, bs: int) -> tuple
 @st.composite
 def paged_inputs(draw: st.DrawFn) -> dict[str, np.ndarray]:
     bs = draw(st.sampled_from([1, 2, 4]))
-    num_pool, batch, nb, seq = draw(st.integers(2, 9)), draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 6))
+    num_pool, batch, nb, seq = (
+        draw(st.integers(2, 9)),
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 6)),
+    )
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     entries = [-1, *range(num_pool), num_pool, num_pool + 5, 2**31 - 1]
     positions = [-1, -7, nb * bs, 2**31 - 1, *range(nb * bs)]
     position_ids = rng.choice(positions, size=(batch, seq))
-    slot_id = np.where(rng.random(batch) < 0.6, np.mod(position_ids[:, 0], bs), rng.integers(-2, bs + 2, batch))
+    slot_id = np.where(
+        rng.random(batch) < 0.6, np.mod(position_ids[:, 0], bs), rng.integers(-2, bs + 2, batch)
+    )
     return {
         "pool": rng.standard_normal((num_pool, HEADS, bs, HEAD_DIM)).astype(np.float32),
         "block_table": rng.choice(entries, size=(batch, nb)).astype(np.int64),
@@ -123,8 +148,11 @@ def test_rewritten_model_keeps_rows_apart(paged_fixture) -> None:
     num_pool, nb, bs = 12, 8, 16
     for _ in range(40):
         batch, seq = int(rng.integers(1, 4)), int(rng.choice([1, 5, 32]))
-        pools = {f"past_{kind}.{layer}": rng.standard_normal((num_pool, 2, bs, 16)).astype(np.float32)
-                 for kind in ("key", "value") for layer in range(2)}
+        pools = {
+            f"past_{kind}.{layer}": rng.standard_normal((num_pool, 2, bs, 16)).astype(np.float32)
+            for kind in ("key", "value")
+            for layer in range(2)
+        }
         table = rng.choice([-1, *range(num_pool), num_pool + 3], size=(batch, nb)).astype(np.int64)
         feeds = {
             "input_ids": rng.integers(0, 256, (batch, seq)).astype(np.int64),
@@ -143,10 +171,16 @@ def test_rewritten_model_keeps_rows_apart(paged_fixture) -> None:
 def test_unallocated_or_missing_block_reads_the_null_block(bad_block: int) -> None:
     pool = np.arange(4 * HEADS * 2 * HEAD_DIM, dtype=np.float32).reshape(4, HEADS, 2, HEAD_DIM)
     feeds = {
-        "pool": pool, "block_table": np.array([[2, bad_block]], np.int64), "slot_id": np.array([0], np.int64),
-        "position_ids": np.array([[-1]], np.int64), "updates": np.zeros((1, HEADS, 1, HEAD_DIM), np.float32),
-        "ctx_indices": np.array([[[0, 1, 2, 3]]], np.int64), "comp_ctx_len": np.array(4, np.int64),
+        "pool": pool,
+        "block_table": np.array([[2, bad_block]], np.int64),
+        "slot_id": np.array([0], np.int64),
+        "position_ids": np.array([[-1]], np.int64),
+        "updates": np.zeros((1, HEADS, 1, HEAD_DIM), np.float32),
+        "ctx_indices": np.array([[[0, 1, 2, 3]]], np.int64),
+        "comp_ctx_len": np.array(4, np.int64),
     }
     new_pool, read = SESSION.run(None, feeds)
     assert np.array_equal(read[0, :, 0], pool[2, :, 0]) and np.array_equal(read[0, :, 1], pool[2, :, 1])
-    assert np.array_equal(read[0, :, 2], new_pool[0, :, 0]) and np.array_equal(read[0, :, 3], new_pool[0, :, 0])
+    assert np.array_equal(read[0, :, 2], new_pool[0, :, 0]) and np.array_equal(
+        read[0, :, 3], new_pool[0, :, 0]
+    )

@@ -22,8 +22,12 @@ from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
 def reference_scenario(ref: np.lib.npyio.NpzFile, names: list[str]) -> Scenario:
     return Scenario(
         [
-            SequenceScript(s, ref[f"{s}_prompt"], len(ref[f"{s}_decode_input_ids"]),
-                           ref[f"{s}_decode_input_ids"].reshape(-1))
+            SequenceScript(
+                s,
+                ref[f"{s}_prompt"],
+                len(ref[f"{s}_decode_input_ids"]),
+                ref[f"{s}_decode_input_ids"].reshape(-1),
+            )
             for s in names
         ],
         chunk_len=ref[f"{names[0]}_prefill_input_ids"].shape[-1],
@@ -40,8 +44,12 @@ def test_paged_matches_original_and_reference(paged_fixture, name: str, kv_block
     scenario = reference_scenario(ref, names)
     for script in scenario.sequences:  # our chunking reproduces the fixture's inputs exactly
         rows = prefill_rows(script, scenario.chunk_len)
-        assert np.array_equal(np.stack([r.position_ids for r in rows]), ref[f"{script.name}_prefill_position_ids"][:, 0])
-        assert np.array_equal(np.stack([r.input_ids for r in rows]), ref[f"{script.name}_prefill_input_ids"][:, 0])
+        assert np.array_equal(
+            np.stack([r.position_ids for r in rows]), ref[f"{script.name}_prefill_position_ids"][:, 0]
+        )
+        assert np.array_equal(
+            np.stack([r.input_ids for r in rows]), ref[f"{script.name}_prefill_input_ids"][:, 0]
+        )
 
     num_blocks = 1 + 2 * (CTX_LEN // kv_block_size) + 2
     manager = BlockManager(num_blocks, kv_block_size, shuffled_order(num_blocks, seed=kv_block_size))

@@ -42,7 +42,10 @@ def test_interface_follows_the_contract(paged_fixture, name: str, kv_block_size:
     outputs = {v.name: v for v in paged.graph.output}
     num_kv_blocks = -(-CTX_LEN // kv_block_size)
 
-    assert [v.name for v in paged.graph.input] == [v.name for v in original.graph.input] + ["block_table", "slot_id"]
+    assert [v.name for v in paged.graph.input] == [v.name for v in original.graph.input] + [
+        "block_table",
+        "slot_id",
+    ]
     assert [v.name for v in paged.graph.output] == [v.name for v in original.graph.output]
     assert inputs["block_table"].type.tensor_type.elem_type == onnx.TensorProto.INT64
     assert _dims(inputs["block_table"]) == ["batch_size", num_kv_blocks]
