@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from paged_rewrite.model_io import load_model, save_model
@@ -16,14 +17,16 @@ def rewrite(
     kv_block_size: int,
     ctx_len: int | None = None,
     num_blocks: int | None = None,
+    dims: Mapping[str, int] | None = None,
 ) -> RewriteReport:
     """Rewrite the QEfficient export at ``input_path`` into a paged-KV model at ``output_path``.
 
-    The input file is only read. With ``output_path=None`` nothing is written (a dry run).
+    ``dims`` binds symbolic dims of the input (``{"sliding_window": 32}``); ``ctx_len`` is
+    shorthand for ``dims={"ctx_len": ...}``. The input file is only read. With ``output_path=None`` nothing is written (a dry run).
     Raises a ``PagedRewriteError`` subclass (with its exit code) on bad input.
     """
     model = load_model(input_path)
-    report = rewrite_model(model, RewriteOptions(kv_block_size, ctx_len, num_blocks))
+    report = rewrite_model(model, RewriteOptions(kv_block_size, ctx_len, num_blocks, dict(dims or {})))
     report.input_path = str(input_path)
     if output_path is not None:
         report.output_path = str(save_model(model, output_path, source=Path(input_path)))

@@ -3,13 +3,18 @@ looked at its shape, reshape its I/O, and finish the model. Each step is one fil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from paged_rewrite.passes.add_paged_inputs import add_paged_inputs
+from paged_rewrite.errors import UsageError
+from paged_rewrite.passes.add_paged_inputs import PagedLayout, add_paged_inputs
+from paged_rewrite.passes.cache_op_rules import rule_for
 from paged_rewrite.passes.finalize_model import finalize_model
-from paged_rewrite.passes.find_cache_sites import find_cache_sites
+from paged_rewrite.passes.find_cache_sites import CacheSites, find_cache_sites
 from paged_rewrite.passes.page_reads import page_reads
 from paged_rewrite.passes.page_writes import page_writes
 from paged_rewrite.passes.reshape_cache_io import reshape_cache_io
@@ -24,21 +29,30 @@ class RewriteOptions:
     kv_block_size: int
     ctx_len: int | None = None
     num_blocks: int | None = None
+    dims: Mapping[str, int] = field(default_factory=dict)
+
+    def bound_dims(self) -> dict[str, int]:
+        """``--dim`` values, with ``--ctx-len`` as shorthand for ``--dim ctx_len=...``."""
+        dims = dict(self.dims)
+        if self.ctx_len is not None and dims.setdefault("ctx_len", self.ctx_len) != self.ctx_len:
+            raise UsageError(f"--ctx-len {self.ctx_len} contradicts --dim ctx_len={dims['ctx_len']}")
+        return dims
 
 
 def rewrite_model(model: ir.Model, options: RewriteOptions) -> RewriteReport:
     """Rewrite ``model`` in place into a paged-KV model and report what was done."""
     sites = find_cache_sites(model)
     caches = [CacheReport.of(tensor) for tensor in sites.tensors]
-    write_ops = {t.write.op_type for t in sites.tensors}
-    read_ops = {r.op_type for t in sites.tensors for r in t.reads}
+    rewritten = _rewrite_plan(sites)
 
-    layout = add_paged_inputs(model, sites, options.kv_block_size, options.ctx_len, options.num_blocks)
-    writes = page_writes(sites, layout)
-    reads = page_reads(sites, layout)
-    shapes = rewire_logical_shape(sites, layout)
+    layout = add_paged_inputs(model, sites, options.kv_block_size, options.bound_dims(), options.num_blocks)
+    page_writes(sites, layout)
+    page_reads(sites, layout)
+    rewire_logical_shape(sites, layout)
     reshape_cache_io(sites, layout)
-    removed = finalize_model(model, keep_inputs={t.name for t in sites.tensors})
+    removed = finalize_model(
+        model, keep_inputs={t.name for t in sites.tensors}, layout=_layout_metadata(layout)
+    )
 
     return RewriteReport(
         input_path="",
@@ -47,13 +61,33 @@ def rewrite_model(model: ir.Model, options: RewriteOptions) -> RewriteReport:
         num_kv_blocks=layout.num_kv_blocks,
         total_num_kv_blocks=layout.total_num_kv_blocks,
         caches=caches,
-        rewritten={
-            f"{'/'.join(sorted(write_ops))} -> PagedCtxScatter": writes,
-            f"{'/'.join(sorted(read_ops))} -> PagedCtxGather": reads,
-            "Shape(cache) -> PagedLogicalShape": shapes,
-        },
+        rewritten=rewritten,
+        functions=[f.name for f in sites.functions],
+        windows=dict(layout.windows),
         added_inputs=[str(layout.block_table.name), str(layout.slot_id.name)],
         removed_inputs=removed,
         inputs=[TensorSpec.of(v) for v in model.graph.inputs],
         outputs=[TensorSpec.of(v) for v in model.graph.outputs],
     )
+
+
+def _rewrite_plan(sites: CacheSites) -> dict[str, int]:
+    """``"CtxScatter -> PagedCtxScatter": n`` per op pair, counting nodes (a shared function body once)."""
+    plan: Counter[str] = Counter()
+    for node in [*sites.writes, *sites.reads]:
+        rule = rule_for(node.domain, node.op_type)
+        assert rule is not None
+        plan[f"{node.op_type} -> {rule.emits}"] += 1
+    plan["Shape(cache) -> logical shape"] += len(sites.shape_reads)
+    return dict(sorted(plan.items()))
+
+
+def _layout_metadata(layout: PagedLayout) -> dict[str, str]:
+    """What a runtime needs to drive the paged model, stored in its metadata_props."""
+    return {
+        "paged_rewrite.kv_block_size": str(layout.kv_block_size),
+        "paged_rewrite.num_kv_blocks": str(layout.num_kv_blocks),
+        "paged_rewrite.null_block": "0",
+        "paged_rewrite.dims": json.dumps(layout.bound_dims, sort_keys=True),
+        "paged_rewrite.windows": json.dumps(layout.windows, sort_keys=True),
+    }

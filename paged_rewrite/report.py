@@ -36,7 +36,7 @@ class CacheReport:
     kv_heads: int
     head_dim: int
     write_op: str
-    read_ops: list[str]
+    function: str | None
     original_shape: list[Dim]
 
     @classmethod
@@ -49,7 +49,7 @@ class CacheReport:
             kv_heads=tensor.kv_heads,
             head_dim=tensor.head_dim,
             write_op=tensor.write.op_type,
-            read_ops=[read.op_type for read in tensor.reads],
+            function=tensor.call.op_type if tensor.call is not None else None,
             original_shape=list(tensor.shape),
         )
 
@@ -68,6 +68,8 @@ class RewriteReport:
     rewritten: dict[str, int] = field(default_factory=dict)
     added_inputs: list[str] = field(default_factory=list)
     removed_inputs: list[str] = field(default_factory=list)
+    functions: list[str] = field(default_factory=list)
+    windows: dict[str, int] = field(default_factory=dict)
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
 
@@ -84,6 +86,12 @@ class RewriteReport:
             f"total_num_kv_blocks={self.total_num_kv_blocks} (block {self.null_block} is the null block)",
             f"added inputs: {', '.join(self.added_inputs)}",
         ]
+        if self.functions:
+            lines.append(
+                f"rewrote inside local functions (one shared body each): {', '.join(self.functions)}"
+            )
+        if self.windows:
+            lines.append(f"ring-buffer caches paged onto the first table columns: {self.windows}")
         if self.removed_inputs:
             lines.append(f"removed inputs (no longer used): {', '.join(self.removed_inputs)}")
         if self.output_path:

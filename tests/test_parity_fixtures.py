@@ -54,7 +54,7 @@ def test_paged_matches_original_and_reference(paged_fixture, name: str, kv_block
     num_blocks = 1 + 2 * (CTX_LEN // kv_block_size) + 2
     manager = BlockManager(num_blocks, kv_block_size, shuffled_order(num_blocks, seed=kv_block_size))
     paged_runner = PagedRunner(paged, manager, CTX_LEN // kv_block_size)
-    steps = drive([ContiguousRunner(original, CTX_LEN), paged_runner], scenario)
+    steps = drive([ContiguousRunner(original, {"ctx_len": CTX_LEN}), paged_runner], scenario)
 
     per_sequence: dict[str, list[np.ndarray]] = defaultdict(list)
     for step in steps:

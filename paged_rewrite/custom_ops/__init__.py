@@ -8,11 +8,20 @@ from paged_rewrite.custom_ops.paged_ops import (
     PAGED_DOMAIN,
     PagedBlockAddress,
     PagedCtxGather,
+    PagedCtxGatherPositions,
     PagedCtxScatter,
     PagedLogicalShape,
+    PagedWindowShape,
 )
 
-PAGED_OPS = (PagedBlockAddress, PagedCtxScatter, PagedCtxGather, PagedLogicalShape)
+PAGED_OPS = (
+    PagedBlockAddress,
+    PagedCtxScatter,
+    PagedCtxGatherPositions,
+    PagedCtxGather,
+    PagedLogicalShape,
+    PagedWindowShape,
+)
 
 
 def paged_function_protos() -> list[onnx.FunctionProto]:

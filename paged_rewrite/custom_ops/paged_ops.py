@@ -116,18 +116,18 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates):
 
 
 @script(paged, default_opset=op)
-def PagedCtxGather(pool, block_table, ctx_indices, comp_ctx_len):
-    """Read logical cache positions from the block pool; the paged form of ``CtxGather``.
+def PagedCtxGatherPositions(pool, block_table, ctx_indices):
+    """Read the given logical positions from the block pool; the paged form of
+    ``CtxGatherBlockedKV`` and the core of ``PagedCtxGather``.
 
     Inputs:
       pool          ``[N, H, kv_block_size, D]``.
       block_table   int64 ``[B, num_kv_blocks]``.
-      ctx_indices   int64 ``[B, 1 or H, C]``: logical positions to read (as in ``CtxGather``).
-      comp_ctx_len  int64 scalar: number of positions to read; ``ctx_indices`` is broadcast to
-                    ``[B, H, comp_ctx_len]`` first.
+      ctx_indices   int64 ``[B, 1 or H, C]``: logical positions to read, per head or shared.
     Output:
-      ``[B, H, comp_ctx_len, D]`` with ``out[b, h, k, :] = pool[block, h, offset, :]`` at the
-      address of ``ctx_indices[b, h, k]`` (see ``PagedBlockAddress``).
+      ``[B, H, C, D]`` with ``out[b, h, k, :] = pool[block, h, offset, :]`` at the address of
+      ``ctx_indices[b, h (or 0), k]`` (see ``PagedBlockAddress``). One GatherND: it moves exactly
+      the bytes it returns.
 
     An invalid index (padding, the INT32_MAX "don't care" sentinel of QEfficient exports, an
     unallocated entry) reads the null block, so no index is ever out of range for the runtime.
@@ -135,20 +135,17 @@ def PagedCtxGather(pool, block_table, ctx_indices, comp_ctx_len):
     """
     pool_shape = op.Shape(pool)
     index_shape = op.Shape(ctx_indices)
-    batch_2d = op.Concat(
-        op.Slice(index_shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[1])),
-        op.Constant(value_ints=[-1]),
-        axis=0,
-    )
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    batch_2d = op.Concat(op.Slice(index_shape, zero, one), op.Constant(value_ints=[-1]), axis=0)
     block, offset = PagedBlockAddress(pool, block_table, op.Reshape(ctx_indices, batch_2d))
     block = op.Reshape(block, index_shape)
     offset = op.Reshape(offset, index_shape)
 
-    one = op.Constant(value_ints=[1])
     read_shape = op.Concat(
-        op.Slice(index_shape, op.Constant(value_ints=[0]), one),
+        op.Slice(index_shape, zero, one),
         op.Slice(pool_shape, one, op.Constant(value_ints=[2])),
-        op.Reshape(comp_ctx_len, one),
+        op.Slice(index_shape, op.Constant(value_ints=[2]), op.Constant(value_ints=[3])),
         one,
         axis=0,
     )
@@ -160,6 +157,25 @@ def PagedCtxGather(pool, block_table, ctx_indices, comp_ctx_len):
         axis=3,
     )
     return op.GatherND(pool, indices)
+
+
+@script(paged, default_opset=op)
+def PagedCtxGather(pool, block_table, ctx_indices, comp_ctx_len):
+    """Read logical cache positions from the block pool; the paged form of ``CtxGather``.
+
+    Inputs:
+      pool          ``[N, H, kv_block_size, D]``.
+      block_table   int64 ``[B, num_kv_blocks]``.
+      ctx_indices   int64 ``[B, 1 or H, C]``: logical positions to read (as in ``CtxGather``).
+      comp_ctx_len  int64 scalar: number of positions to read; ``ctx_indices`` is broadcast to
+                    ``[B, ., comp_ctx_len]`` first (``C`` is 1 or ``comp_ctx_len``).
+    Output:
+      ``[B, H, comp_ctx_len, D]``, read as ``PagedCtxGatherPositions`` reads; invalid indices
+      read the null block.
+    """
+    length = op.Reshape(comp_ctx_len, op.Constant(value_ints=[1]))
+    broadcast = op.Concat(op.Constant(value_ints=[1, 1]), length, axis=0)
+    return PagedCtxGatherPositions(pool, block_table, op.Expand(ctx_indices, broadcast))
 
 
 @script(paged, default_opset=op)
@@ -186,5 +202,31 @@ def PagedLogicalShape(pool, block_table):
         op.Slice(pool_shape, one, two),
         logical_length,
         op.Slice(pool_shape, three, four),
+        axis=0,
+    )
+
+
+@script(paged, default_opset=op)
+def PagedWindowShape(pool, block_table, window):
+    """The shape a ring-buffer (sliding-window) cache had: ``[B, H, window, D]``.
+
+    Inputs:
+      pool         ``[N, H, kv_block_size, D]`` (only its shape is read).
+      block_table  int64 ``[B, num_kv_blocks]`` (only its shape is read).
+      window       int64 ``[1]``: the ring length. The ring lives in the first
+                   ``ceil(window / kv_block_size)`` columns of each row's ``block_table``, so one
+                   table serves full-context and sliding-window layers alike.
+    Output:
+      int64 ``[4]``, read by every node that derived the ring length or the batch size from the
+      old cache shape.
+    """
+    pool_shape = op.Shape(pool)
+    table_shape = op.Shape(block_table)
+    one = op.Constant(value_ints=[1])
+    return op.Concat(
+        op.Slice(table_shape, op.Constant(value_ints=[0]), one),
+        op.Slice(pool_shape, one, op.Constant(value_ints=[2])),
+        window,
+        op.Slice(pool_shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[4])),
         axis=0,
     )

@@ -1,19 +1,24 @@
-"""The one graph edit every pass uses: swap a node for a paged op, keeping its outputs' names."""
+"""The graph edits the passes share: swap a node for a paged op, keeping its outputs' names."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
 from paged_rewrite.custom_ops import PAGED_DOMAIN
+from paged_rewrite.passes.cache_op_rules import rule_for
+
+if TYPE_CHECKING:
+    from paged_rewrite.passes.add_paged_inputs import PagedLayout
 
 
 def replace_with_paged_op(old: ir.Node, op_type: str, inputs: Sequence[ir.Value | None]) -> ir.Node:
     """Insert ``PAGED_DOMAIN::op_type(inputs)`` in place of ``old``.
 
     The new node takes over ``old``'s name and its outputs' names, shapes, types and uses
-    (graph outputs included), so the rest of the graph and the model's interface see no change.
+    (graph and function outputs included), so the rest of the graph sees no change.
     """
     graph = old.graph
     assert graph is not None, f"node {old.name!r} is not in a graph"
@@ -27,3 +32,15 @@ def replace_with_paged_op(old: ir.Node, op_type: str, inputs: Sequence[ir.Value 
         after.name = name
     graph.remove(old, safe=True)
     return new
+
+
+def replace_by_rule(node: ir.Node, layout: PagedLayout) -> ir.Node:
+    """Replace a cache op by the paged op its rule emits, operands in the paged op's order."""
+    rule = rule_for(node.domain, node.op_type)
+    assert rule is not None, f"no cache-op rule for {node.op_type}"
+    block_table, slot_id = layout.addressing(node)
+    paged = {"block_table": block_table, "slot_id": slot_id}
+    operands = [
+        paged[name] if name in paged else node.inputs[rule.operand(name)] for name in rule.emits_operands
+    ]
+    return replace_with_paged_op(node, rule.emits, operands)

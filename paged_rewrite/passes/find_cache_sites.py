@@ -1,10 +1,11 @@
-"""Find the KV-cache sites of a QEfficient export: which graph inputs are caches, who writes
-them, who reads them, and who looks at their shape.
+"""Find the KV-cache sites of a QEfficient export: which graph inputs are caches, which nodes
+write and read them (in the main graph or inside model-local functions), and which nodes look
+at their shape.
 
-Matching is by op and structure: a cache is the ``data`` input of a cache-write op
-(``com.qualcomm.cloud::CtxScatter``) that is a graph input and whose result is a graph output
-(the ``_RetainedState``). Names only order the layers. Everything else that touches a cache
-must be a known read op or a ``Shape``; anything unknown is refused, naming the node.
+Matching is by op and structure (see ``cache_op_rules``): a cache is the ``cache`` operand of a
+write op that is a graph input — directly, or through the matching input of a call to a local
+function — and whose result is a graph output (the ``_RetainedState``). Names only order the
+layers. Anything else that touches a cache is refused, naming the node.
 """
 
 from __future__ import annotations
@@ -15,26 +16,31 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from paged_rewrite.errors import NoCacheError, UnsupportedPatternError
-
-QEFF_DOMAIN = "com.qualcomm.cloud"
-WRITE_OPS = frozenset({"CtxScatter"})
-READ_OPS = frozenset({"CtxGather"})
-# Ops of the QEfficient domain this tool knows but does not page (yet): refused by name.
-KNOWN_UNSUPPORTED = frozenset({"CtxScatterCB", "CtxGatherCB", "CtxGatherBlockedKV"})
-PAGED_OPS_PREFIX = "Paged"
+from paged_rewrite.passes.cache_op_rules import QEFF_DOMAIN, is_cache_op_like, rule_for
 
 Dim = int | str | None
 
 
+def dim_value(d: object) -> Dim:
+    if isinstance(d, int):
+        return d
+    value = getattr(d, "value", None)
+    return value if isinstance(value, (int, str)) else None
+
+
+def where(node: ir.Node) -> str:
+    """How errors name a node: its name and ``domain::op``."""
+    return f"node {node.name!r} ({node.domain or 'ai.onnx'}::{node.op_type})"
+
+
 @dataclass
 class CacheTensor:
-    """One layer's K or V cache: the graph input, its retained output and their users."""
+    """One layer's K or V cache as the model's interface shows it."""
 
     input: ir.Value
     output: ir.Value
     write: ir.Node
-    reads: list[ir.Node] = field(default_factory=list)
-    shape_reads: list[ir.Node] = field(default_factory=list)
+    call: ir.Node | None = None  # the call passing the cache into a local function, if any
 
     @property
     def name(self) -> str:
@@ -42,8 +48,7 @@ class CacheTensor:
 
     @property
     def shape(self) -> tuple[Dim, ...]:
-        assert self.input.shape is not None
-        return tuple(dim_value(d) for d in self.input.shape)
+        return tuple(dim_value(d) for d in self.input.shape) if self.input.shape is not None else ()
 
     @property
     def kv_heads(self) -> int:
@@ -52,6 +57,10 @@ class CacheTensor:
     @property
     def head_dim(self) -> int:
         return int(self.shape[3])  # type: ignore[arg-type]
+
+    @property
+    def length_dim(self) -> Dim:
+        return self.shape[2]
 
     @property
     def layer(self) -> int:
@@ -65,109 +74,158 @@ class CacheTensor:
 
 @dataclass
 class CacheSites:
-    """Every cache of the model, in layer order, with the dims they share."""
+    """Every cache of the model in layer order, and every node to rewrite (each once, even when
+    a shared function body serves several layers)."""
 
-    graph: ir.Graph
+    model: ir.Model
     tensors: list[CacheTensor]
-    batch_dim: Dim
-    length_dim: Dim
+    writes: list[ir.Node] = field(default_factory=list)
+    reads: list[ir.Node] = field(default_factory=list)
+    shape_reads: dict[ir.Node, Dim] = field(default_factory=dict)  # Shape node -> cache length dim
+    functions: list[ir.Function] = field(default_factory=list)
 
+    @property
+    def batch_dim(self) -> Dim:
+        return self.tensors[0].shape[0]
 
-def dim_value(d: object) -> Dim:
-    if isinstance(d, int):
-        return d
-    value = getattr(d, "value", None)
-    return value if isinstance(value, (int, str)) else None
-
-
-def _where(node: ir.Node) -> str:
-    return f"node {node.name!r} ({node.domain or 'ai.onnx'}::{node.op_type})"
-
-
-def _is_call_to_function_with_cache_ops(model: ir.Model, node: ir.Node) -> bool:
-    function = model.functions.get((node.domain, node.op_type, node.overload))
-    if function is None:
-        return False
-    return any(inner.domain == QEFF_DOMAIN and inner.op_type.startswith("Ctx") for inner in function)
+    @property
+    def length_dims(self) -> list[Dim]:
+        return list(dict.fromkeys(t.length_dim for t in self.tensors))
 
 
 def find_cache_sites(model: ir.Model) -> CacheSites:
     """Return the cache sites of ``model`` or raise a refusal that names the offending node."""
+    _refuse_foreign_ops(model)
+    with_cache = {
+        key: function for key, function in model.functions.items() if any(_is_cache_op(n) for n in function)
+    }
+    _refuse_nested_calls(model, with_cache)
     graph = model.graph
-    graph_inputs = set(graph.inputs)
-    graph_outputs = set(graph.outputs)
-    tensors: list[CacheTensor] = []
+    sites = CacheSites(model=model, tensors=[], functions=list(with_cache.values()))
     for node in graph:
-        if node.domain == QEFF_DOMAIN and node.op_type.startswith(PAGED_OPS_PREFIX):
-            raise UnsupportedPatternError(f"{_where(node)}: the model is already paged")
-        if node.domain == QEFF_DOMAIN and node.op_type in KNOWN_UNSUPPORTED:
-            raise UnsupportedPatternError(f"{_where(node)}: this cache op variant is not supported yet")
-        if (
-            node.domain == QEFF_DOMAIN
-            and node.op_type.startswith("Ctx")
-            and not (node.op_type in WRITE_OPS or node.op_type in READ_OPS)
-        ):
-            raise UnsupportedPatternError(f"{_where(node)}: unknown cache op")
-        if _is_call_to_function_with_cache_ops(model, node):
-            raise UnsupportedPatternError(
-                f"{_where(node)}: cache ops inside a local function are not supported yet"
-            )
-        if node.domain == QEFF_DOMAIN and node.op_type in WRITE_OPS:
-            data, out = node.inputs[0], node.outputs[0]
-            if data not in graph_inputs or out not in graph_outputs:
+        rule = rule_for(node.domain, node.op_type)
+        if rule is not None and rule.role == "write":
+            sites.tensors.append(_interface_cache(graph, node, node.inputs[0], node.outputs[0], node))
+        function = with_cache.get((node.domain, node.op_type, node.overload))
+        if function is not None:
+            sites.tensors += _caches_through_call(graph, node, function)
+    if not sites.tensors:
+        raise NoCacheError("no KV cache found (no com.qualcomm.cloud::CtxScatter* writes a graph input)")
+    sites.tensors.sort(key=lambda t: (t.layer, t.kind))
+    for tensor in sites.tensors:
+        _collect_users(sites, tensor)
+    _check_shapes(sites.tensors)
+    return sites
+
+
+def _is_cache_op(node: ir.Node) -> bool:
+    return rule_for(node.domain, node.op_type) is not None
+
+
+def _refuse_foreign_ops(model: ir.Model) -> None:
+    bodies: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for body in bodies:
+        for node in body:
+            if node.domain == QEFF_DOMAIN and node.op_type.startswith("Paged"):
+                raise UnsupportedPatternError(f"{where(node)}: the model is already paged")
+            if is_cache_op_like(node.domain, node.op_type) and not _is_cache_op(node):
+                raise UnsupportedPatternError(f"{where(node)}: unknown cache op")
+
+
+def _refuse_nested_calls(model: ir.Model, with_cache: dict[ir.OperatorIdentifier, ir.Function]) -> None:
+    for function in model.functions.values():
+        for node in function:
+            if (node.domain, node.op_type, node.overload) in with_cache:
                 raise UnsupportedPatternError(
-                    f"{_where(node)}: the cache it writes is not a graph input returned as a graph output"
+                    f"{where(node)} in function {function.name!r}: cache ops nested two functions deep"
                 )
-            tensors.append(CacheTensor(input=data, output=out, write=node))
-    if not tensors:
-        raise NoCacheError("no KV cache found (no com.qualcomm.cloud::CtxScatter writes a graph input)")
-    for tensor in tensors:
-        _collect_users(tensor)
-    tensors.sort(key=lambda t: (t.layer, t.kind))
-    return CacheSites(graph=graph, tensors=tensors, **_shared_dims(tensors))
 
 
-def _collect_users(tensor: CacheTensor) -> None:
-    for user, _ in tensor.input.uses():
-        if user is tensor.write:
+def _interface_cache(
+    graph: ir.Graph, user: ir.Node, data: ir.Value | None, out: ir.Value, write: ir.Node
+) -> CacheTensor:
+    if data is None or not data.is_graph_input() or out not in graph.outputs:
+        raise UnsupportedPatternError(
+            f"{where(user)}: the cache it writes is not a graph input returned as a graph output"
+        )
+    return CacheTensor(input=data, output=out, write=write, call=None if user is write else user)
+
+
+def _caches_through_call(graph: ir.Graph, call: ir.Node, function: ir.Function) -> list[CacheTensor]:
+    tensors = []
+    for inner in function:
+        rule = rule_for(inner.domain, inner.op_type)
+        if rule is None or rule.role != "write":
             continue
-        if user.op_type == "Shape" and user.domain == "":
-            tensor.shape_reads.append(user)
-        else:
-            raise UnsupportedPatternError(f"{_where(user)} reads cache input {tensor.name!r} directly")
-    for user, index in tensor.output.uses():
-        if user.domain == QEFF_DOMAIN and user.op_type in READ_OPS and index == 0:
-            tensor.reads.append(user)
-        elif user.op_type == "Shape" and user.domain == "":
-            tensor.shape_reads.append(user)
-        else:
+        data, out = inner.inputs[0], inner.outputs[0]
+        if data not in function.inputs or out not in function.outputs:
             raise UnsupportedPatternError(
-                f"{_where(user)} uses the written cache {tensor.output.name!r} in an unknown way"
+                f"{where(inner)} in function {function.name!r}: the cache must be a function input "
+                "returned as a function output"
             )
+        outer_in = call.inputs[function.inputs.index(data)]
+        outer_out = call.outputs[function.outputs.index(out)]
+        tensors.append(_interface_cache(graph, call, outer_in, outer_out, inner))
+    return tensors
 
 
-def _shared_dims(tensors: list[CacheTensor]) -> dict[str, Dim]:
+def _collect_users(sites: CacheSites, tensor: CacheTensor) -> None:
+    """Record the readers of ``tensor``; refuse any user that is not a known cache op or Shape."""
+    inner_in, inner_out = tensor.write.inputs[0], tensor.write.outputs[0]
+    pairs = [(inner_in, inner_out)]
+    if tensor.call is not None:
+        pairs.append((tensor.input, tensor.output))
+    for cache_in, cache_out in pairs:
+        assert cache_in is not None
+        for user, index in cache_in.uses():
+            if user is not tensor.write and not (user is tensor.call and user.inputs[index] is cache_in):
+                _shape_or_refuse(sites, tensor, user, f"reads cache input {tensor.name!r} directly")
+        for user, index in cache_out.uses():
+            rule = rule_for(user.domain, user.op_type)
+            if rule is not None and rule.role == "read" and index == 0:
+                if user not in sites.reads:
+                    sites.reads.append(user)
+            else:
+                _shape_or_refuse(
+                    sites, tensor, user, f"uses the written cache {cache_out.name!r} in an unknown way"
+                )
+    if tensor.write not in sites.writes:
+        sites.writes.append(tensor.write)
+
+
+def _shape_or_refuse(sites: CacheSites, tensor: CacheTensor, user: ir.Node, why: str) -> None:
+    if user.op_type != "Shape" or user.domain != "":
+        raise UnsupportedPatternError(f"{where(user)} {why}")
+    seen = sites.shape_reads.setdefault(user, tensor.length_dim)
+    if seen != tensor.length_dim:
+        raise UnsupportedPatternError(
+            f"{where(user)} serves caches of different lengths ({seen!r} and {tensor.length_dim!r})"
+        )
+
+
+def _check_shapes(tensors: list[CacheTensor]) -> None:
     first = tensors[0]
     for tensor in tensors:
-        shape = tensor.input.shape
+        node = where(tensor.write)
         dtype = tensor.input.dtype
-        if shape is None or len(shape) != 4:
+        if len(tensor.shape) != 4:
             raise UnsupportedPatternError(
-                f"{_where(tensor.write)}: cache {tensor.name!r} must be rank 4 [batch, heads, len, head_dim]"
+                f"{node}: cache {tensor.name!r} must be rank 4 [batch, heads, len, head_dim]"
             )
         if dtype is None or not dtype.is_floating_point():
-            raise UnsupportedPatternError(
-                f"{_where(tensor.write)}: cache {tensor.name!r} is not a float tensor"
-            )
+            raise UnsupportedPatternError(f"{node}: cache {tensor.name!r} is not a float tensor")
         if not isinstance(tensor.shape[1], int) or not isinstance(tensor.shape[3], int):
             raise UnsupportedPatternError(
-                f"{_where(tensor.write)}: cache {tensor.name!r} needs static heads and head_dim, "
-                f"got {list(tensor.shape)}"
+                f"{node}: cache {tensor.name!r} needs static heads and head_dim, got {list(tensor.shape)}"
             )
-        for axis, label in ((0, "batch"), (2, "length")):
-            if tensor.shape[axis] != first.shape[axis]:
-                raise UnsupportedPatternError(
-                    f"{_where(tensor.write)}: cache {tensor.name!r} has {label} dim {tensor.shape[axis]!r} "
-                    f"but {first.name!r} has {first.shape[axis]!r}"
-                )
-    return {"batch_dim": first.shape[0], "length_dim": first.shape[2]}
+        if tensor.shape[0] != first.shape[0]:
+            raise UnsupportedPatternError(
+                f"{node}: cache {tensor.name!r} has batch dim {tensor.shape[0]!r} "
+                f"but {first.name!r} has {first.shape[0]!r}"
+            )
+        if tensor.output.shape is not None and [dim_value(d) for d in tensor.output.shape] != list(
+            tensor.shape
+        ):
+            raise UnsupportedPatternError(
+                f"{node}: retained output {tensor.output.name!r} does not have the shape of {tensor.name!r}"
+            )

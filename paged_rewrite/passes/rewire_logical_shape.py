@@ -1,12 +1,14 @@
-"""Rewire, don't patch: every ``Shape`` of a cache (input or written output) becomes
-``PagedLogicalShape(pool, block_table)``, the ``[batch, heads, num_kv_blocks*kv_block_size,
-head_dim]`` the contiguous cache had. Masks, context lengths and batch sizes derived from it
-then follow the logical view, whatever nodes the exporter put downstream."""
+"""Rewire, don't patch: every ``Shape`` of a cache (input or written output, in the graph or in
+a function body) becomes the shape the contiguous cache had — ``PagedLogicalShape``
+(``[batch, heads, num_kv_blocks*kv_block_size, head_dim]``) for full-context caches,
+``PagedWindowShape`` (``[batch, heads, window, head_dim]``) for ring buffers. Masks, context
+lengths and batch sizes derived downstream then follow the logical view."""
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
+from paged_rewrite.custom_ops import PAGED_DOMAIN
 from paged_rewrite.passes._edit import replace_with_paged_op
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.find_cache_sites import CacheSites
@@ -14,34 +16,52 @@ from paged_rewrite.passes.find_cache_sites import CacheSites
 
 def rewire_logical_shape(sites: CacheSites, layout: PagedLayout) -> int:
     """Replace every ``Shape`` read of a cache; returns how many were replaced."""
-    count = 0
-    for tensor in sites.tensors:
-        for shape in tensor.shape_reads:
-            _replace_shape(shape, layout)
-            count += 1
-        tensor.shape_reads = []
+    for shape, length_dim in sites.shape_reads.items():
+        op_type, operands = _logical_shape_op(shape, length_dim, layout)
+        start = shape.attributes.get_int("start", 0)
+        end = shape.attributes.get_int("end", None)
+        if start == 0 and end is None:
+            replace_with_paged_op(shape, op_type, operands)
+        else:
+            _replace_sliced(shape, op_type, operands, start, end)
+    count = len(sites.shape_reads)
+    sites.shape_reads = {}
     return count
 
 
-def _replace_shape(shape: ir.Node, layout: PagedLayout) -> None:
-    start = shape.attributes.get_int("start", 0)
-    end = shape.attributes.get_int("end", None)
-    if start == 0 and end is None:
-        replace_with_paged_op(shape, "PagedLogicalShape", [shape.inputs[0], layout.block_table])
-        return
-    # Shape(start, end) is a slice of the full logical shape.
+def _logical_shape_op(shape: ir.Node, length_dim: object, layout: PagedLayout) -> tuple[str, list[ir.Value]]:
+    block_table, _ = layout.addressing(shape)
+    pool = shape.inputs[0]
+    assert pool is not None
+    if isinstance(length_dim, str) and length_dim in layout.windows:
+        window = _constant(shape, f"{shape.name}/window", [layout.windows[length_dim]])
+        return "PagedWindowShape", [pool, block_table, window]
+    return "PagedLogicalShape", [pool, block_table]
+
+
+def _constant(anchor: ir.Node, name: str, values: list[int]) -> ir.Value:
+    """An int64 Constant node before ``anchor`` (works in function bodies, unlike initializers)."""
+    node = ir.Node(
+        "", "Constant", [], [ir.AttrTensor("value", ir.tensor(values, dtype=ir.DataType.INT64))], name=name
+    )
+    assert anchor.graph is not None
+    anchor.graph.insert_before(anchor, node)
+    node.outputs[0].name = name
+    return node.outputs[0]
+
+
+def _replace_sliced(
+    shape: ir.Node, op_type: str, operands: list[ir.Value], start: int, end: int | None
+) -> None:
+    """``Shape(start, end)`` is a slice of the full logical shape."""
     graph = shape.graph
     assert graph is not None
-    logical = ir.Node("com.qualcomm.cloud", "PagedLogicalShape", [shape.inputs[0], layout.block_table])
-    starts = ir.Value(name=f"{shape.name}/start", const_value=ir.tensor([start], dtype=ir.DataType.INT64))
-    ends = ir.Value(
-        name=f"{shape.name}/end",
-        const_value=ir.tensor([end if end is not None else 4], dtype=ir.DataType.INT64),
-    )
-    graph.register_initializer(starts)
-    graph.register_initializer(ends)
+    logical = ir.Node(PAGED_DOMAIN, op_type, operands, name=f"{shape.name}/logical")
+    graph.insert_before(shape, logical)
+    starts = _constant(shape, f"{shape.name}/start", [start])
+    ends = _constant(shape, f"{shape.name}/end", [end if end is not None else 4])
     sliced = ir.Node("", "Slice", [logical.outputs[0], starts, ends], name=shape.name)
-    graph.insert_before(shape, [logical, sliced])
+    graph.insert_before(shape, sliced)
     name = shape.outputs[0].name
     shape.outputs[0].replace_all_uses_with(sliced.outputs[0], replace_graph_outputs=True)
     shape.outputs[0].name = None

@@ -36,8 +36,12 @@ class SequenceScript:
 
 @dataclass(frozen=True)
 class Scenario:
+    """Sequences, the prefill chunk length, and optionally the row layout of each decode batch
+    (sequence names, ``None`` for an idle all-padding row); by default the active sequences."""
+
     sequences: Sequence[SequenceScript]
     chunk_len: int = 32
+    decode_rows: Sequence[str | None] | None = None
 
     @property
     def max_length(self) -> int:
@@ -72,7 +76,12 @@ def drive(runners: Sequence[Runner], scenario: Scenario) -> list[Step]:
     steps: list[Step] = []
 
     def call(kind: str, rows: list[Row]) -> Step:
-        step = Step(len(steps), kind, [str(r.seq) for r in rows], [runner.step(rows) for runner in runners])
+        step = Step(
+            len(steps),
+            kind,
+            [str(r.seq) if r.seq is not None else "" for r in rows],
+            [runner.step(rows) for runner in runners],
+        )
         steps.append(step)
         return step
 
@@ -84,16 +93,25 @@ def drive(runners: Sequence[Runner], scenario: Scenario) -> list[Step]:
                 step = call("prefill", [chunks[script.name][round_index]])
                 last_token[script.name] = int(np.argmax(step.logits[0][0]))
 
+    by_name = {s.name: s for s in scenario.sequences}
     for t in range(max(s.num_decode for s in scenario.sequences)):
-        active = [s for s in scenario.sequences if t < s.num_decode]
+        layout = scenario.decode_rows or [s.name for s in scenario.sequences]
         rows = []
-        for s in active:
-            token = int(s.decode_tokens[t]) if s.decode_tokens is not None else last_token[s.name]
-            position = len(s.prompt) + t
-            rows.append(Row(s.name, np.array([token], np.int64), np.array([position], np.int64)))
+        for name in layout:
+            found = by_name.get(name) if name is not None else None
+            if found is None or t >= found.num_decode:
+                rows.append(Row.idle(1))
+                continue
+            token = int(found.decode_tokens[t]) if found.decode_tokens is not None else last_token[found.name]
+            rows.append(
+                Row(found.name, np.array([token], np.int64), np.array([len(found.prompt) + t], np.int64))
+            )
+        if scenario.decode_rows is None:
+            rows = [row for row in rows if row.seq is not None]
         step = call("decode", rows)
-        for index, s in enumerate(active):
-            last_token[s.name] = int(np.argmax(step.logits[0][index]))
+        for index, row in enumerate(rows):
+            if row.seq is not None:
+                last_token[str(row.seq)] = int(np.argmax(step.logits[0][index]))
     return steps
 
 

@@ -8,7 +8,7 @@ driver can run them in lockstep and compare.
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,11 +21,18 @@ RETAINED = "_RetainedState"
 
 @dataclass(frozen=True)
 class Row:
-    """One batch row of a step: ``input_ids`` and ``position_ids`` of shape ``[S]`` (-1 = padding)."""
+    """One batch row of a step: ``input_ids`` and ``position_ids`` of shape ``[S]`` (-1 = padding).
 
-    seq: Hashable
+    ``seq`` None is an idle row (all padding): it owns no cache and its logits are meaningless.
+    """
+
+    seq: Hashable | None
     input_ids: np.ndarray
     position_ids: np.ndarray
+
+    @classmethod
+    def idle(cls, length: int) -> Row:
+        return cls(None, np.zeros(length, np.int64), np.full(length, -1, np.int64))
 
     @property
     def num_valid(self) -> int:
@@ -34,13 +41,22 @@ class Row:
 
 @dataclass(frozen=True)
 class CacheIO:
-    """A cache input of a model, its retained output, and its static ``[heads, head_dim]``."""
+    """A cache input of a model, its retained output, and its shape (dims as the model names them)."""
 
     input: str
     output: str
-    kv_heads: int
-    head_dim: int
+    shape: tuple[int | str, ...]
     dtype: type[np.floating] = np.float32
+
+    def sized(self, dims: Mapping[str, int], **axes: int) -> tuple[int, ...]:
+        """The concrete shape: symbolic dims from ``dims``, axes overridden as ``a0=..``, ``a2=..``."""
+        shape = list(self.shape)
+        for key, value in axes.items():
+            shape[int(key[1:])] = value
+        missing = [d for d in shape if isinstance(d, str) and d not in dims]
+        if missing:
+            raise ValueError(f"cache {self.input!r} needs a value for dim {missing[0]!r}")
+        return tuple(d if isinstance(d, int) else dims[d] for d in shape)
 
 
 def cache_io(session: object) -> list[CacheIO]:
@@ -50,9 +66,7 @@ def cache_io(session: object) -> list[CacheIO]:
     for value in session.get_inputs():  # type: ignore[attr-defined]
         if value.name + RETAINED in outputs:
             dtype = np.float16 if "float16" in value.type else np.float32
-            caches.append(
-                CacheIO(value.name, value.name + RETAINED, int(value.shape[1]), int(value.shape[3]), dtype)
-            )
+            caches.append(CacheIO(value.name, value.name + RETAINED, tuple(value.shape), dtype))
     return caches
 
 
@@ -76,31 +90,62 @@ class _Runner:
 
 
 class ContiguousRunner(_Runner):
-    """An original export: each sequence owns a ``[1, heads, ctx_len, head_dim]`` cache; a step
-    stacks the rows' caches into one batch and splits the retained state back."""
+    """An original export, its INT32_MAX sentinels patched for onnxruntime.
 
-    def __init__(self, model_path: str | os.PathLike[str], ctx_len: int) -> None:
+    Plain exports: each sequence owns a ``[1, heads, ctx_len, head_dim]`` cache; a step stacks
+    the rows' caches into one batch and splits the retained state back. Continuous-batching
+    exports (a ``batch_index`` input): one shared ``[full_batch_size, ...]`` cache, each sequence
+    in its own slot (``slots``, else the lowest free one), idle rows on the remaining slots.
+    ``dims`` gives the symbolic cache dims (``ctx_len``, ``sliding_window``, ``full_batch_size``).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        dims: Mapping[str, int],
+        slots: Mapping[Hashable, int] | None = None,
+    ) -> None:
         super().__init__(model_path, patch_sentinels=True)
-        self.ctx_len = ctx_len
+        self.dims = dict(dims)
+        self.continuous_batching = "batch_index" in self.input_names
+        self.slots: dict[Hashable, int] = dict(slots or {})
         self._cache: dict[Hashable, dict[str, np.ndarray]] = {}
+        if self.continuous_batching:
+            self.dims.setdefault("full_batch_size", 4)
+            self._shared = {c.input: np.zeros(c.sized(self.dims), c.dtype) for c in self.caches}
 
     def step(self, rows: Sequence[Row]) -> np.ndarray:
-        for row in rows:
-            if row.seq not in self._cache:
-                self._cache[row.seq] = {
-                    c.input: np.zeros((1, c.kv_heads, self.ctx_len, c.head_dim), c.dtype) for c in self.caches
-                }
         feeds = self._tokens(rows)
+        if self.continuous_batching:
+            feeds["batch_index"] = np.array([[s] for s in self._slots_of(rows)], dtype=np.int64)
+            out = self._run({**feeds, **self._shared})
+            self._shared = {c.input: out[c.output] for c in self.caches}
+            return out["logits"][:, -1]
+        caches = [self._own_cache(row.seq) for row in rows]
         for c in self.caches:
-            feeds[c.input] = np.concatenate([self._cache[r.seq][c.input] for r in rows])
+            feeds[c.input] = np.concatenate([cache[c.input] for cache in caches])
         out = self._run(feeds)
-        for index, row in enumerate(rows):
+        for index, cache in enumerate(caches):
             for c in self.caches:
-                self._cache[row.seq][c.input] = out[c.output][index : index + 1]
+                cache[c.input] = out[c.output][index : index + 1]
         return out["logits"][:, -1]
+
+    def _own_cache(self, seq: Hashable | None) -> dict[str, np.ndarray]:
+        fresh = {c.input: np.zeros(c.sized(self.dims, a0=1), c.dtype) for c in self.caches}
+        return fresh if seq is None else self._cache.setdefault(seq, fresh)
+
+    def _slots_of(self, rows: Sequence[Row]) -> list[int]:
+        for row in rows:
+            if row.seq is not None and row.seq not in self.slots:
+                taken = set(self.slots.values())
+                self.slots[row.seq] = min(s for s in range(self.dims["full_batch_size"]) if s not in taken)
+        busy = {self.slots[row.seq] for row in rows if row.seq is not None}
+        spare = iter(s for s in range(self.dims["full_batch_size"]) if s not in busy)
+        return [self.slots[row.seq] if row.seq is not None else next(spare) for row in rows]
 
     def release(self, seq: Hashable) -> None:
         self._cache.pop(seq, None)
+        self.slots.pop(seq, None)
 
 
 @dataclass
@@ -121,7 +166,7 @@ class PagedRunner(_Runner):
         self.manager = manager
         self.num_kv_blocks = num_kv_blocks
         self.pools = {
-            c.input: np.zeros((manager.num_blocks, c.kv_heads, manager.kv_block_size, c.head_dim), c.dtype)
+            c.input: np.zeros(c.sized({}, a0=manager.num_blocks, a2=manager.kv_block_size), c.dtype)
             for c in self.caches
         }
         self.isolation: list[IsolationRecord] = []
@@ -130,7 +175,8 @@ class PagedRunner(_Runner):
         manager = self.manager
         for row in rows:
             valid = row.position_ids[row.position_ids >= 0]
-            manager.ensure_capacity(row.seq, int(valid.max()) + 1 if valid.size else 0)
+            if row.seq is not None:
+                manager.ensure_capacity(row.seq, int(valid.max()) + 1 if valid.size else 0)
         seqs = [row.seq for row in rows]
         feeds = self._tokens(rows)
         feeds["block_table"] = manager.block_table(seqs, self.num_kv_blocks)
@@ -146,7 +192,8 @@ class PagedRunner(_Runner):
         record.foreign_blocks_changed = sorted(set(record.foreign_blocks_changed))
         self.isolation.append(record)
         for row in rows:
-            manager.append(row.seq, row.num_valid)
+            if row.seq is not None:
+                manager.append(row.seq, row.num_valid)
         return out["logits"][:, -1]
 
     def release(self, seq: Hashable) -> None:
