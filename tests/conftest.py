@@ -14,7 +14,11 @@ from paged_rewrite import rewrite
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("PAGED_REWRITE_FIXTURES", REPO.parent / "shared" / "fixtures" / "qeff"))
 CONTIGUOUS_FIXTURES = ["llama_default", "mistral_default", "qwen2_default", "gpt2_default", "gemma2_default"]
+VARIANT_FIXTURES = ["llama_blockedkv", "llama_cb", "llama_subfunctions", "gpt_oss_swa_moe"]
+ALL_FIXTURES = CONTIGUOUS_FIXTURES + VARIANT_FIXTURES
 CTX_LEN = 128
+# Dims the rewrite must be told: gpt_oss layer 0 is a ring buffer whose length is the window.
+DIMS = {"gpt_oss_swa_moe": {"sliding_window": 32}}
 
 
 def fixture_model(name: str) -> Path:
@@ -35,7 +39,8 @@ def paged_fixture(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
         if key not in cache:
             original = fixture_model(name)
             out = folder / f"{name}_bs{kv_block_size}.onnx"
-            cache[key] = (original, out, rewrite(original, out, kv_block_size, ctx_len=CTX_LEN))
+            report = rewrite(original, out, kv_block_size, ctx_len=CTX_LEN, dims=DIMS.get(name))
+            cache[key] = (original, out, report)
         return cache[key]
 
     return make

@@ -29,7 +29,7 @@ def _ops_session() -> ort.InferenceSession:
     nodes = [
         helper.make_node(
             "PagedCtxScatter",
-            ["pool", "block_table", "slot_id", "position_ids", "updates"],
+            ["pool", "block_table", "slot_id", "position_ids", "updates", "slot_period"],
             ["new_pool"],
             domain=PAGED_DOMAIN,
         ),
@@ -51,6 +51,7 @@ def _ops_session() -> ort.InferenceSession:
             tensor("updates", f, ["B", HEADS, "S", HEAD_DIM]),
             tensor("ctx_indices", i64, ["B", 1, "C"]),
             tensor("comp_ctx_len", i64, []),
+            tensor("slot_period", i64, []),
         ],
         [tensor("new_pool", f, ["N", HEADS, "bs", HEAD_DIM]), tensor("read", f, ["B", HEADS, "C", HEAD_DIM])],
     )
@@ -98,6 +99,7 @@ def paged_inputs(draw: st.DrawFn) -> dict[str, np.ndarray]:
         "updates": rng.standard_normal((batch, HEADS, seq, HEAD_DIM)).astype(np.float32),
         "ctx_indices": rng.choice(positions, size=(batch, 1, nb * bs)).astype(np.int64),
         "comp_ctx_len": np.array(nb * bs, dtype=np.int64),
+        "slot_period": np.array(draw(st.sampled_from([d for d in (1, 2, 4) if bs % d == 0])), dtype=np.int64),
     }
 
 
@@ -114,7 +116,8 @@ def test_writes_stay_in_own_blocks_and_land_at_the_contract_address(feeds: dict[
     writes: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for b in range(pos.shape[0]):
         first = int(pos[b, 0])
-        if first >= 0 and feeds["slot_id"][b] != first % bs:
+        slot, period = int(feeds["slot_id"][b]), int(feeds["slot_period"])
+        if first >= 0 and not (0 <= slot < bs and slot % period == first % period):
             continue  # inconsistent row: every write goes to the null block
         for s in range(pos.shape[1]):
             address = _address(table, b, int(pos[b, s]), num_pool, bs)
@@ -178,6 +181,7 @@ def test_unallocated_or_missing_block_reads_the_null_block(bad_block: int) -> No
         "updates": np.zeros((1, HEADS, 1, HEAD_DIM), np.float32),
         "ctx_indices": np.array([[[0, 1, 2, 3]]], np.int64),
         "comp_ctx_len": np.array(4, np.int64),
+        "slot_period": np.array(2, np.int64),
     }
     new_pool, read = SESSION.run(None, feeds)
     assert np.array_equal(read[0, :, 0], pool[2, :, 0]) and np.array_equal(read[0, :, 1], pool[2, :, 1])

@@ -1,8 +1,11 @@
-"""Parity of paged rewrites with their originals and with the fixtures' HF reference logits.
+"""Parity of paged rewrites with their originals and with the fixtures' HF reference logits, for
+all nine QEfficient fixtures (contiguous, BlockedKV, continuous batching, subfunctions, sliding
+window + MoE).
 
-Each fixture's reference scenario (sequences A and B, teacher-forced) runs through the lockstep
-driver: prefill chunks of A and B interleaved in one shared, shuffled pool, then A and B decoded
-together in one batch. The original runs the same calls with per-sequence contiguous caches.
+Each fixture's reference scenario (teacher-forced) runs through the lockstep driver: prefill
+chunks of the sequences interleaved call by call in one shared, shuffled pool, then all
+sequences decoded together in one batch (for continuous batching, the fixture's own 4-row
+layout with idle rows). The original runs the same calls with its contiguous caches.
 """
 
 from __future__ import annotations
@@ -12,65 +15,84 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from conftest import CONTIGUOUS_FIXTURES, CTX_LEN, FIXTURES
+from conftest import ALL_FIXTURES, CTX_LEN, DIMS, FIXTURES
 
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
-from paged_rewrite.runtime.driver import Scenario, SequenceScript, drive, prefill_rows
+from paged_rewrite.runtime.driver import Scenario, SequenceScript, drive
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
 
+# The original gpt_oss export is unfaithful for sequence A from step 1 on: its prefill chunk 1
+# crosses the 32-slot ring, and the original writes that chunk's padding (position -1) into
+# ring slot 31, over live data. The paged model sends padding to the null block, as the
+# contract demands, so for A it is compared with HF only where the original is faithful.
+ORIGINAL_FAULTS = {"gpt_oss_swa_moe": {"A"}}
 
-def reference_scenario(ref: np.lib.npyio.NpzFile, names: list[str]) -> Scenario:
+
+def reference_scenario(ref: np.lib.npyio.NpzFile, manifest: dict) -> Scenario:  # type: ignore[type-arg]
+    names = manifest["scenario"]["sequences"]
+    scripts = []
+    for s in names:
+        ids, pos = ref[f"{s}_prefill_input_ids"][:, 0], ref[f"{s}_prefill_position_ids"][:, 0]
+        prompt = ids[pos >= 0]  # the prefilled tokens; a prompt tail may come as single steps (C)
+        assert np.array_equal(pos[pos >= 0], np.arange(len(prompt)))
+        scripts.append(
+            SequenceScript(s, prompt, len(ref[f"{s}_decode_input_ids"]), ref[f"{s}_decode_input_ids"].ravel())
+        )
+    decode_rows = None
+    if manifest["variant"]["continuous_batching"]:
+        decode_rows = [None] * manifest["scenario"]["full_batch_size"]
+        for name, slot in zip(names, ref["cb_slots"], strict=True):
+            decode_rows[int(slot)] = name
     return Scenario(
-        [
-            SequenceScript(
-                s,
-                ref[f"{s}_prompt"],
-                len(ref[f"{s}_decode_input_ids"]),
-                ref[f"{s}_decode_input_ids"].reshape(-1),
-            )
-            for s in names
-        ],
-        chunk_len=ref[f"{names[0]}_prefill_input_ids"].shape[-1],
+        scripts, chunk_len=ref[f"{names[0]}_prefill_input_ids"].shape[-1], decode_rows=decode_rows
     )
 
 
-@pytest.mark.parametrize("name", CONTIGUOUS_FIXTURES)
+@pytest.mark.parametrize("name", ALL_FIXTURES)
 @pytest.mark.parametrize("kv_block_size", [16, 32, 128])
 def test_paged_matches_original_and_reference(paged_fixture, name: str, kv_block_size: int) -> None:
     original, paged, _ = paged_fixture(name, kv_block_size)
     ref = np.load(FIXTURES / name / "reference.npz")
-    names = json.loads((FIXTURES / name / "manifest.json").read_text())["scenario"]["sequences"]
+    manifest = json.loads((FIXTURES / name / "manifest.json").read_text())
     tolerance = json.loads((FIXTURES / "INDEX.json").read_text())["tolerance_used_for_flags"]
-    scenario = reference_scenario(ref, names)
-    for script in scenario.sequences:  # our chunking reproduces the fixture's inputs exactly
-        rows = prefill_rows(script, scenario.chunk_len)
-        assert np.array_equal(
-            np.stack([r.position_ids for r in rows]), ref[f"{script.name}_prefill_position_ids"][:, 0]
-        )
-        assert np.array_equal(
-            np.stack([r.input_ids for r in rows]), ref[f"{script.name}_prefill_input_ids"][:, 0]
-        )
+    scenario = reference_scenario(ref, manifest)
+    faults = ORIGINAL_FAULTS.get(name, set())
 
-    num_blocks = 1 + 2 * (CTX_LEN // kv_block_size) + 2
+    needed = sum(-(-(len(s.prompt) + s.num_decode) // kv_block_size) for s in scenario.sequences)
+    num_blocks = 1 + needed + 2
     manager = BlockManager(num_blocks, kv_block_size, shuffled_order(num_blocks, seed=kv_block_size))
     paged_runner = PagedRunner(paged, manager, CTX_LEN // kv_block_size)
-    steps = drive([ContiguousRunner(original, {"ctx_len": CTX_LEN}), paged_runner], scenario)
+    dims = {
+        "ctx_len": CTX_LEN,
+        **DIMS.get(name, {}),
+        "full_batch_size": manifest["scenario"].get("full_batch_size", 4),
+    }
+    slots = (
+        {s: int(slot) for s, slot in zip(manifest["scenario"]["sequences"], ref["cb_slots"], strict=True)}
+        if "cb_slots" in ref
+        else None
+    )
+    steps = drive([ContiguousRunner(original, dims, slots), paged_runner], scenario)
 
     per_sequence: dict[str, list[np.ndarray]] = defaultdict(list)
     for step in steps:
         want, got = step.logits
-        assert np.array_equal(want, got), f"step {step.index} ({step.kind}) is not bit-exact"
         for row, seq in enumerate(step.sequences):
+            if not seq:
+                continue  # an idle row
+            if seq not in faults:  # same batch composition as the original: bit for bit
+                assert np.array_equal(want[row], got[row]), f"step {step.index} ({step.kind}) row {seq}"
             per_sequence[seq].append(got[row])
     assert all(not r.foreign_blocks_changed for r in paged_runner.isolation)
-    assert any(len(s.sequences) == 2 for s in steps), "decode must interleave both sequences in one batch"
+    assert any(len([s for s in step.sequences if s]) >= 2 for step in steps), "decode must batch sequences"
 
-    for s in names:
+    for s in manifest["scenario"]["sequences"]:
         logits = np.stack(per_sequence[s])
-        # The corpus ran each sequence alone (batch 1): another batch composition, so a tolerance.
-        assert np.abs(logits - ref[f"{s}_ort_logits"]).max() <= 1e-5
-        assert np.array_equal(logits.argmax(-1), ref[f"{s}_ort_logits"].argmax(-1))
         faithful = ref[f"{s}_original_matches_hf"]
-        target = np.where(faithful[:, None], ref[f"{s}_hf_logits"], ref[f"{s}_ort_logits"])
-        assert np.abs(logits - target).max() <= tolerance
+        hf = ref[f"{s}_hf_logits"]
+        assert np.abs(logits[faithful] - hf[faithful]).max() <= tolerance
         assert np.array_equal(logits[faithful].argmax(-1), ref[f"{s}_hf_argmax"][faithful])
+        if s not in faults:
+            # The corpus ran other batch compositions (each sequence alone): a tolerance, same tokens.
+            assert np.abs(logits - ref[f"{s}_ort_logits"]).max() <= 1e-5
+            assert np.array_equal(logits.argmax(-1), ref[f"{s}_ort_logits"].argmax(-1))

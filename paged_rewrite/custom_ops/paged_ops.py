@@ -60,7 +60,7 @@ def PagedBlockAddress(pool, block_table, positions):
 
 
 @script(paged, default_opset=op)
-def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates):
+def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_period):
     """Write new K or V rows into the block pool; the paged form of ``CtxScatter``.
 
     Inputs:
@@ -70,28 +70,36 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates):
                     this call; a caller passes ``position_ids[b, 0] % kv_block_size``.
       position_ids  int64 ``[B, S]``: logical position of each token; ``-1`` is padding.
       updates       ``[B, H, S, D]``.
+      slot_period   int64 scalar: the period over which ``slot_id`` and the first position must
+                    agree: ``kv_block_size`` for full-context caches, ``gcd(window,
+                    kv_block_size)`` for ring buffers, whose ``position_ids`` are ring slots
+                    ``p % window`` while ``slot_id`` counts logical positions.
     Output:
       the pool with ``pool[block, :, offset, :] = updates[b, :, s, :]`` at the address of
       ``position_ids[b, s]`` (see ``PagedBlockAddress``), same shape as ``pool``.
 
     Invalid writes go to the null block: padding and out-of-range positions, ``-1`` or
     out-of-pool table entries, and every token of a row whose ``slot_id`` disagrees with its
-    first position (``slot_id[b] != position_ids[b, 0] % kv_block_size`` while
+    first position (``slot_id[b]`` outside ``[0, kv_block_size)``, or
+    ``slot_id[b] % slot_period != position_ids[b, 0] % slot_period``, while
     ``position_ids[b, 0] >= 0``): such a row's runtime bookkeeping is broken, and writing
     nothing is the only safe choice. Hence no write ever lands outside block 0 and the blocks
     listed in the writer's own ``block_table`` row. A chunk may cross block boundaries.
     """
     block, offset = PagedBlockAddress(pool, block_table, position_ids)
     pool_shape = op.Shape(pool)
-    block_size = op.Gather(pool_shape, 2)
     zero = op.Constant(value_int=0)
     first = op.Slice(
         position_ids, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[1])
     )
-    expected_slot = op.Mod(first, block_size)
-    slot_ok = op.Or(
-        op.Less(first, zero), op.Equal(op.Unsqueeze(slot_id, op.Constant(value_ints=[1])), expected_slot)
+    expected_slot = op.Mod(first, slot_period)
+    given_slot = op.Mod(op.Unsqueeze(slot_id, op.Constant(value_ints=[1])), slot_period)
+    block_size = op.Gather(pool_shape, 2)
+    slot_in_block = op.And(op.GreaterOrEqual(slot_id, zero), op.Less(slot_id, block_size))
+    slot_agrees = op.And(
+        op.Unsqueeze(slot_in_block, op.Constant(value_ints=[1])), op.Equal(given_slot, expected_slot)
     )
+    slot_ok = op.Or(op.Less(first, zero), slot_agrees)
     block = op.Where(slot_ok, block, zero)
     offset = op.Where(slot_ok, offset, zero)
 

@@ -34,12 +34,24 @@ def replace_with_paged_op(old: ir.Node, op_type: str, inputs: Sequence[ir.Value 
     return new
 
 
-def replace_by_rule(node: ir.Node, layout: PagedLayout) -> ir.Node:
-    """Replace a cache op by the paged op its rule emits, operands in the paged op's order."""
+def insert_constant(anchor: ir.Node, name: str, values: int | list[int]) -> ir.Value:
+    """An int64 ``Constant`` (scalar for an int) right before ``anchor``; unlike an initializer
+    it also works inside a function body."""
+    tensor = ir.tensor(values, dtype=ir.DataType.INT64)
+    node = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], name=name)
+    assert anchor.graph is not None
+    anchor.graph.insert_before(anchor, node)
+    node.outputs[0].name = name
+    return node.outputs[0]
+
+
+def replace_by_rule(node: ir.Node, layout: PagedLayout, extra: dict[str, ir.Value] | None = None) -> ir.Node:
+    """Replace a cache op by the paged op its rule emits, operands in the paged op's order;
+    ``extra`` supplies operands the matched op does not have (``slot_period``)."""
     rule = rule_for(node.domain, node.op_type)
     assert rule is not None, f"no cache-op rule for {node.op_type}"
     block_table, slot_id = layout.addressing(node)
-    paged = {"block_table": block_table, "slot_id": slot_id}
+    paged = {"block_table": block_table, "slot_id": slot_id, **(extra or {})}
     operands = [
         paged[name] if name in paged else node.inputs[rule.operand(name)] for name in rule.emits_operands
     ]

@@ -18,7 +18,7 @@ class CacheOpRule:
 
     ``emits_operands`` lists, in the paged op's input order, either the name of an input slot
     of the matched op (``"positions"``, ``"updates"``, ...) or one of the paged inputs
-    ``"block_table"`` / ``"slot_id"``. Slots not listed (``batch_index``) stop addressing the
+    ``"block_table"`` / ``"slot_id"`` / ``"slot_period"`` (a constant per cache, see the op's spec). Slots not listed (``batch_index``) stop addressing the
     cache: in the paged model the ``block_table`` row of a batch row identifies its sequence.
     """
 
@@ -36,9 +36,9 @@ RULES: dict[str, CacheOpRule] = {
     rule.op_type: rule
     for rule in (
         CacheOpRule("CtxScatter", "write", ("cache", "positions", "updates"),
-                    "PagedCtxScatter", ("cache", "block_table", "slot_id", "positions", "updates")),
+                    "PagedCtxScatter", ("cache", "block_table", "slot_id", "positions", "updates", "slot_period")),
         CacheOpRule("CtxScatterCB", "write", ("cache", "batch_index", "positions", "updates"),
-                    "PagedCtxScatter", ("cache", "block_table", "slot_id", "positions", "updates")),
+                    "PagedCtxScatter", ("cache", "block_table", "slot_id", "positions", "updates", "slot_period")),
         CacheOpRule("CtxGather", "read", ("cache", "ctx_indices", "comp_ctx_len"),
                     "PagedCtxGather", ("cache", "block_table", "ctx_indices", "comp_ctx_len")),
         CacheOpRule("CtxGatherCB", "read", ("cache", "batch_index", "ctx_indices", "comp_ctx_len"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from paged_rewrite.custom_ops import PAGED_DOMAIN
-from paged_rewrite.passes._edit import replace_with_paged_op
+from paged_rewrite.passes._edit import insert_constant, replace_with_paged_op
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.find_cache_sites import CacheSites
 
@@ -34,20 +34,9 @@ def _logical_shape_op(shape: ir.Node, length_dim: object, layout: PagedLayout) -
     pool = shape.inputs[0]
     assert pool is not None
     if isinstance(length_dim, str) and length_dim in layout.windows:
-        window = _constant(shape, f"{shape.name}/window", [layout.windows[length_dim]])
+        window = insert_constant(shape, f"{shape.name}/window", [layout.windows[length_dim]])
         return "PagedWindowShape", [pool, block_table, window]
     return "PagedLogicalShape", [pool, block_table]
-
-
-def _constant(anchor: ir.Node, name: str, values: list[int]) -> ir.Value:
-    """An int64 Constant node before ``anchor`` (works in function bodies, unlike initializers)."""
-    node = ir.Node(
-        "", "Constant", [], [ir.AttrTensor("value", ir.tensor(values, dtype=ir.DataType.INT64))], name=name
-    )
-    assert anchor.graph is not None
-    anchor.graph.insert_before(anchor, node)
-    node.outputs[0].name = name
-    return node.outputs[0]
 
 
 def _replace_sliced(
@@ -58,8 +47,8 @@ def _replace_sliced(
     assert graph is not None
     logical = ir.Node(PAGED_DOMAIN, op_type, operands, name=f"{shape.name}/logical")
     graph.insert_before(shape, logical)
-    starts = _constant(shape, f"{shape.name}/start", [start])
-    ends = _constant(shape, f"{shape.name}/end", [end if end is not None else 4])
+    starts = insert_constant(shape, f"{shape.name}/start", [start])
+    ends = insert_constant(shape, f"{shape.name}/end", [end if end is not None else 4])
     sliced = ir.Node("", "Slice", [logical.outputs[0], starts, ends], name=shape.name)
     graph.insert_before(shape, sliced)
     name = shape.outputs[0].name
