@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from paged_rewrite.errors import PagedRewriteError
 from paged_rewrite.model_io import load_model, save_model
 from paged_rewrite.pipeline import RewriteOptions, rewrite_model
 from paged_rewrite.report import RewriteReport
@@ -26,7 +27,10 @@ def rewrite(
     Raises a ``PagedRewriteError`` subclass (with its exit code) on bad input.
     """
     model = load_model(input_path)
-    report = rewrite_model(model, RewriteOptions(kv_block_size, ctx_len, num_blocks, dict(dims or {})))
+    try:
+        report = rewrite_model(model, RewriteOptions(kv_block_size, ctx_len, num_blocks, dict(dims or {})))
+    except PagedRewriteError as error:  # name the model in every refusal
+        raise type(error)(f"{input_path}: {error}") from None
     report.input_path = str(input_path)
     if output_path is not None:
         report.output_path = str(save_model(model, output_path, source=Path(input_path)))

@@ -35,6 +35,16 @@ class _DefaultToRewrite(click.Group):
         return super().parse_args(ctx, args)
 
 
+def _parse_dims(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().lstrip("-").isdigit():
+            raise click.BadParameter(f"{item!r}: expected NAME=INTEGER, e.g. sliding_window=32")
+        dims[name.strip()] = int(value)
+    return dims
+
+
 def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=True) if as_json else text)
 
@@ -96,18 +106,33 @@ def main() -> None:
     default=None,
     help="Pool size incl. the null block; makes total_num_kv_blocks static.",
 )
+@click.option(
+    "--dim",
+    "dims",
+    multiple=True,
+    callback=_parse_dims,
+    metavar="NAME=VALUE",
+    help="Bind a symbolic dim of the input model (repeatable), e.g. --dim sliding_window=32.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_guarded
 def rewrite_command(
-    model: Path, output: Path, kv_block_size: int, ctx_len: int | None, num_blocks: int | None, as_json: bool
+    model: Path,
+    output: Path,
+    kv_block_size: int,
+    ctx_len: int | None,
+    num_blocks: int | None,
+    dims: dict[str, int],
+    as_json: bool,
 ) -> None:
     """Rewrite MODEL into a paged-KV model.
 
     \b
     Example:
       paged-rewrite model.onnx -o paged.onnx --kv-block-size 128 --ctx-len 4096
+      paged-rewrite swa.onnx -o paged.onnx --kv-block-size 32 --ctx-len 128 --dim sliding_window=32
     """
-    report = rewrite(model, output, kv_block_size, ctx_len=ctx_len, num_blocks=num_blocks)
+    report = rewrite(model, output, kv_block_size, ctx_len=ctx_len, num_blocks=num_blocks, dims=dims)
     _emit(as_json, report.to_dict(), report.summary())
 
 

@@ -34,3 +34,28 @@ def with_renamed_op(source: Path, path: Path, old: str, new: str) -> Path:
             node.op_type = new
     onnx.save(model, path)
     return path
+
+
+def with_input_dim(source: Path, path: Path, name: str, axis: int, value: int | str) -> Path:
+    """``source`` with one dim of graph input ``name`` changed (e.g. caches that disagree)."""
+    model = onnx.load(source)
+    dim = next(i for i in model.graph.input if i.name == name).type.tensor_type.shape.dim[axis]
+    if isinstance(value, int):
+        dim.dim_value = value
+    else:
+        dim.dim_param = value
+    onnx.save(model, path)
+    return path
+
+
+def concat_cache_model(path: Path) -> Path:
+    """A dynamic-cache decoder step: ``present = Concat(past, new, axis=2)`` (no static cache)."""
+    past = helper.make_tensor_value_info("past_key.0", TensorProto.FLOAT, ["batch", 2, "past_len", 16])
+    new = helper.make_tensor_value_info("key", TensorProto.FLOAT, ["batch", 2, "seq_len", 16])
+    present = helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, ["batch", 2, "total", 16])
+    node = helper.make_node(
+        "Concat", ["past_key.0", "key"], ["present.0.key"], axis=2, name="/layers.0/Concat"
+    )
+    graph = helper.make_graph([node], "dynamic_cache", [past, new], [present])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path

@@ -109,3 +109,28 @@ def test_refuses_to_overwrite_the_input(tmp_path: Path) -> None:
     done = run(original, "-o", original, "--kv-block-size", 16)
     assert done.returncode == 2 and "must not overwrite the input" in done.stderr
     assert hashlib.sha256(original.read_bytes()).hexdigest() == digest
+
+
+def test_refuses_a_dynamic_concat_cache(tmp_path: Path) -> None:
+    from models import concat_cache_model
+
+    _refuse(tmp_path, concat_cache_model(tmp_path / "concat.onnx"), 5, "/layers.0/Concat", "dynamic KV cache")
+
+
+def test_ring_buffer_needs_its_dim_and_takes_it_from_the_flag(tmp_path: Path) -> None:
+    source = fixture_model("gpt_oss_swa_moe")
+    line = _refuse(tmp_path, source, 2, "--dim sliding_window=N", extra=("--ctx-len", 128))
+    assert "CtxScatter" in line
+    done = run(
+        source,
+        "-o",
+        tmp_path / "p.onnx",
+        "--kv-block-size",
+        32,
+        "--ctx-len",
+        128,
+        "--dim",
+        "sliding_window=32",
+    )
+    assert done.returncode == 0, done.stderr
+    assert run("verify", source, tmp_path / "p.onnx").returncode == 0

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from paged_rewrite.errors import UnsupportedPatternError, UsageError
-from paged_rewrite.passes.find_cache_sites import CacheSites, Dim
+from paged_rewrite.passes.find_cache_sites import CacheSites, Dim, where
 
 BLOCK_TABLE = "block_table"
 SLOT_ID = "slot_id"
@@ -119,8 +119,8 @@ def _lengths(
         ring = value(dim)
         holder = next(t for t in sites.tensors if t.length_dim == dim)
         if ring is None or not isinstance(dim, str):
-            raise UnsupportedPatternError(
-                f"cache {holder.name!r} is a ring buffer of symbolic length {dim!r}: "
+            raise UsageError(
+                f"{where(holder.write)}: cache {holder.name!r} is a ring buffer of symbolic length {dim!r}; "
                 f"give its value with --dim {dim}=N (the window the model attends over)"
             )
         windows[dim] = ring

@@ -110,6 +110,7 @@ def find_cache_sites(model: ir.Model) -> CacheSites:
         if function is not None:
             sites.tensors += _caches_through_call(graph, node, function)
     if not sites.tensors:
+        _refuse_dynamic_cache(graph)
         raise NoCacheError("no KV cache found (no com.qualcomm.cloud::CtxScatter* writes a graph input)")
     sites.tensors.sort(key=lambda t: (t.layer, t.kind))
     for tensor in sites.tensors:
@@ -130,6 +131,21 @@ def _refuse_foreign_ops(model: ir.Model) -> None:
                 raise UnsupportedPatternError(f"{where(node)}: the model is already paged")
             if is_cache_op_like(node.domain, node.op_type) and not _is_cache_op(node):
                 raise UnsupportedPatternError(f"{where(node)}: unknown cache op")
+
+
+def _refuse_dynamic_cache(graph: ir.Graph) -> None:
+    """A cache grown by ``Concat`` each step (a dynamic cache) cannot be paged: say so."""
+    for node in graph:
+        grows = [
+            v
+            for v in node.inputs
+            if v is not None and v.is_graph_input() and v.shape is not None and len(v.shape) == 4
+        ]
+        if node.op_type == "Concat" and grows and node.outputs[0] in graph.outputs:
+            raise UnsupportedPatternError(
+                f"{where(node)} grows {grows[0].name!r} by concatenation: a dynamic KV cache; "
+                "export with QEfficient's static cache (CtxScatter/CtxGather) to page it"
+            )
 
 
 def _refuse_nested_calls(model: ir.Model, with_cache: dict[ir.OperatorIdentifier, ir.Function]) -> None:

@@ -1,0 +1,132 @@
+"""Before/after structure per export variant, and refusals: each names the model, the node and
+the reason, with the documented exit code, and writes nothing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import CTX_LEN, fixture_model
+from models import concat_cache_model, no_cache_model, with_input_dim, with_renamed_op
+
+from paged_rewrite import NoCacheError, UnsupportedPatternError, UsageError, rewrite
+from paged_rewrite.runtime.block_manager import BlockManager
+from paged_rewrite.runtime.driver import SequenceScript, prefill_rows
+from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
+
+QEFF = "com.qualcomm.cloud"
+
+
+def _ops(nodes) -> Counter[str]:  # type: ignore[no-untyped-def]
+    return Counter(n.op_type for n in nodes if n.domain == QEFF)
+
+
+def test_continuous_batching_drops_batch_index(paged_fixture) -> None:
+    _, paged_path, report = paged_fixture("llama_cb", 16)
+    paged = onnx.load(paged_path)
+    assert report.removed_inputs == ["batch_index"]
+    assert "batch_index" not in [i.name for i in paged.graph.input]
+    assert _ops(paged.graph.node) == {"PagedCtxScatter": 4, "PagedCtxGather": 4, "PagedLogicalShape": 3}
+    assert report.rewritten["CtxScatterCB -> PagedCtxScatter"] == 4
+
+
+def test_blockedkv_reads_each_block_through_the_table(paged_fixture) -> None:
+    original_path, paged_path, report = paged_fixture("llama_blockedkv", 32)
+    before, after = _ops(onnx.load(original_path).graph.node), _ops(onnx.load(paged_path).graph.node)
+    assert before["CtxGatherBlockedKV"] == 16
+    assert after["PagedCtxGatherPositions"] == 16 and "CtxGatherBlockedKV" not in after
+    assert report.rewritten["CtxGatherBlockedKV -> PagedCtxGatherPositions"] == 16
+
+
+def test_subfunctions_keep_one_shared_body_and_thread_the_table(paged_fixture) -> None:
+    original_path, paged_path, report = paged_fixture("llama_subfunctions", 16)
+    original, paged = onnx.load(original_path), onnx.load(paged_path)
+    layer = "QEffLlamaDecoderLayer"
+    before = next(f for f in original.functions if f.name == layer)
+    bodies = [f for f in paged.functions if f.name == layer]
+    assert len(bodies) == 1, "the shared decoder-layer body must not be cloned"
+    body = bodies[0]
+    assert list(body.input) == [*before.input, "block_table", "slot_id"]
+    assert _ops(body.node) == {"PagedCtxScatter": 2, "PagedCtxGather": 2, "PagedLogicalShape": 1}
+    assert not [n for n in body.node if n.op_type.startswith("Ctx")]
+    calls = [n for n in paged.graph.node if n.op_type == layer]
+    assert len(calls) == 2 and all(list(c.input[-2:]) == ["block_table", "slot_id"] for c in calls)
+    assert report.functions == [layer]
+
+
+def test_sliding_window_ring_keeps_its_length(paged_fixture) -> None:
+    _, paged_path, report = paged_fixture("gpt_oss_swa_moe", 16)
+    paged = onnx.load(paged_path)
+    window_shapes = [n for n in paged.graph.node if n.op_type == "PagedWindowShape"]
+    assert window_shapes and all("past_key.0" in n.input[0] for n in window_shapes)
+    assert report.windows == {"sliding_window": 32}
+    metadata = {p.key: p.value for p in paged.metadata_props}
+    assert metadata["paged_rewrite.windows"] == '{"sliding_window": 32}'
+    table = next(i for i in paged.graph.input if i.name == "block_table")
+    assert [d.dim_value for d in table.type.tensor_type.shape.dim][1] == CTX_LEN // 16
+
+
+def test_padding_does_not_overwrite_the_ring_as_the_original_does(paged_fixture) -> None:
+    """gpt_oss: a padded prefill chunk after the ring wrapped. The original writes the padding
+    into ring slot 31 (live data of position 31); the paged model leaves it alone."""
+    original, paged, _ = paged_fixture("gpt_oss_swa_moe", 16)
+    prompt = np.arange(1, 46, dtype=np.int64) % 200  # 45 tokens: chunk 1 = positions 32..44 + 19 pads
+    rows = prefill_rows(SequenceScript("A", prompt, 0), 32)
+    contiguous = ContiguousRunner(original, {"ctx_len": CTX_LEN, "sliding_window": 32})
+    manager = BlockManager(20, 16)
+    pagedr = PagedRunner(paged, manager, CTX_LEN // 16)
+    for runner in (contiguous, pagedr):
+        runner.step([rows[0]])
+    ring_before = contiguous._cache["A"]["past_key.0"][0, :, 31].copy()
+    block = manager.blocks_of("A")[1]  # ring slot 31 = column 1, offset 15
+    paged_before = pagedr.pools["past_key.0"][block, :, 15].copy()
+    assert np.array_equal(ring_before, paged_before)
+    for runner in (contiguous, pagedr):
+        runner.step([rows[1]])
+    assert not np.array_equal(contiguous._cache["A"]["past_key.0"][0, :, 31], ring_before)  # the fault
+    assert np.array_equal(pagedr.pools["past_key.0"][block, :, 15], paged_before)  # the contract
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "words"),
+    [
+        (lambda d: no_cache_model(d / "relu.onnx"), NoCacheError, ["no KV cache"]),
+        (
+            lambda d: concat_cache_model(d / "concat.onnx"),
+            UnsupportedPatternError,
+            ["/layers.0/Concat", "ai.onnx::Concat", "dynamic KV cache"],
+        ),
+        (
+            lambda d: with_renamed_op(
+                fixture_model("llama_default"), d / "odd.onnx", "CtxScatter", "CtxScatterV2"
+            ),
+            UnsupportedPatternError,
+            ["/model/layers.0/self_attn/CtxScatter", "com.qualcomm.cloud::CtxScatterV2", "unknown cache op"],
+        ),
+        (
+            lambda d: with_input_dim(
+                fixture_model("llama_default"), d / "dims.onnx", "past_key.1", 0, "other_batch"
+            ),
+            UnsupportedPatternError,
+            ["/model/layers.1/self_attn/CtxScatter", "past_key.1", "other_batch"],
+        ),
+        (
+            lambda d: fixture_model("gpt_oss_swa_moe"),
+            UsageError,
+            ["/model/layers.0/self_attn/CtxScatter", "--dim sliding_window=N"],
+        ),
+    ],
+    ids=["no-cache", "concat-cache", "unknown-ctx-op", "dims-disagree", "ring-without-dim"],
+)
+def test_refusals_name_model_node_and_reason(tmp_path: Path, make, error, words: list[str]) -> None:  # type: ignore[no-untyped-def]
+    model = make(tmp_path)
+    with pytest.raises(error) as refused:
+        rewrite(model, tmp_path / "out.onnx", 16)
+    message = str(refused.value)
+    assert message.startswith(str(model)) and "\n" not in message
+    for word in words:
+        assert word in message
+    assert not (tmp_path / "out.onnx").exists()
