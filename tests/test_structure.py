@@ -7,7 +7,10 @@ from collections import Counter
 
 import onnx
 import pytest
-from conftest import CONTIGUOUS_FIXTURES, CTX_LEN
+from conftest import ALL_FIXTURES, CONTIGUOUS_FIXTURES, CTX_LEN
+
+from paged_rewrite.passes.cache_op_rules import RULES
+from paged_rewrite.runtime.verify import verify
 
 BLOCK_SIZES = [16, 32, 128]
 QEFF = "com.qualcomm.cloud"
@@ -18,19 +21,37 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
 
 
 def _ops(model: onnx.ModelProto) -> Counter[str]:
-    return Counter(f"{n.domain}::{n.op_type}" for n in model.graph.node)
+    """Ops of the main graph and of every function body except the cache ops' own definitions."""
+    bodies = [model.graph.node, *(f.node for f in model.functions if f.domain != QEFF)]
+    return Counter(f"{n.domain}::{n.op_type}" for body in bodies for n in body)
 
 
-@pytest.mark.parametrize("name", CONTIGUOUS_FIXTURES)
+@pytest.mark.parametrize("name", ALL_FIXTURES)
 @pytest.mark.parametrize("kv_block_size", BLOCK_SIZES)
 def test_every_cache_op_is_paged(paged_fixture, name: str, kv_block_size: int) -> None:
     original_path, paged_path, _ = paged_fixture(name, kv_block_size)
     before, after = _ops(onnx.load(original_path)), _ops(onnx.load(paged_path))
-    assert before[f"{QEFF}::CtxScatter"] > 0 and before[f"{QEFF}::CtxGather"] > 0
-    assert after[f"{QEFF}::PagedCtxScatter"] == before[f"{QEFF}::CtxScatter"]
-    assert after[f"{QEFF}::PagedCtxGather"] == before[f"{QEFF}::CtxGather"]
+    expected: Counter[str] = Counter()
+    for op, count in before.items():
+        if op.startswith(f"{QEFF}::Ctx"):
+            expected[f"{QEFF}::{RULES[op.split('::')[1]].emits}"] += count
+    assert expected, "the fixture has cache ops"
+    for op, count in expected.items():
+        assert after[op] == count, op
     assert not [op for op in after if op.startswith(f"{QEFF}::Ctx")]
     onnx.checker.check_model(str(paged_path), full_check=True)
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+@pytest.mark.parametrize("kv_block_size", BLOCK_SIZES)
+def test_verify_passes_on_every_fixture(paged_fixture, name: str, kv_block_size: int) -> None:
+    """``paged-rewrite verify``'s own scenario: two sequences, padded prefill crossing blocks,
+    16 batched decode steps, shuffled pool; bit-exact and no foreign block touched."""
+    original_path, paged_path, _ = paged_fixture(name, kv_block_size)
+    report = verify(original_path, paged_path, block_order="shuffled", seed=kv_block_size)
+    assert report.ok, report.summary()
+    assert report.max_abs_diff == 0.0
+    assert sum(1 for s in report.steps if s.kind == "decode" and len(s.sequences) == 2) >= 16
 
 
 @pytest.mark.parametrize("name", CONTIGUOUS_FIXTURES)
