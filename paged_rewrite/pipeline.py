@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import onnx_ir as ir
+import onnx
 
 from paged_rewrite.errors import UsageError
 from paged_rewrite.passes.add_paged_inputs import PagedLayout, add_paged_inputs
@@ -39,7 +39,7 @@ class RewriteOptions:
         return dims
 
 
-def rewrite_model(model: ir.Model, options: RewriteOptions) -> RewriteReport:
+def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteReport:
     """Rewrite ``model`` in place into a paged-KV model and report what was done."""
     sites = find_cache_sites(model)
     caches = [CacheReport.of(tensor) for tensor in sites.tensors]
@@ -50,9 +50,7 @@ def rewrite_model(model: ir.Model, options: RewriteOptions) -> RewriteReport:
     page_reads(sites, layout)
     rewire_logical_shape(sites, layout)
     reshape_cache_io(sites, layout)
-    removed = finalize_model(
-        model, keep_inputs={t.name for t in sites.tensors}, layout=_layout_metadata(layout)
-    )
+    removed = finalize_model(sites, layout, metadata=_layout_metadata(layout))
 
     return RewriteReport(
         input_path="",
@@ -62,22 +60,22 @@ def rewrite_model(model: ir.Model, options: RewriteOptions) -> RewriteReport:
         total_num_kv_blocks=layout.total_num_kv_blocks,
         caches=caches,
         rewritten=rewritten,
-        functions=[f.name for f in sites.functions],
+        functions=[body.name for body in sites.functions],
         windows=dict(layout.windows),
-        added_inputs=[str(layout.block_table.name), str(layout.slot_id.name)],
+        added_inputs=[layout.block_table, layout.slot_id],
         removed_inputs=removed,
-        inputs=[TensorSpec.of(v) for v in model.graph.inputs],
-        outputs=[TensorSpec.of(v) for v in model.graph.outputs],
+        inputs=[TensorSpec.of(v) for v in model.graph.input],
+        outputs=[TensorSpec.of(v) for v in model.graph.output],
     )
 
 
 def _rewrite_plan(sites: CacheSites) -> dict[str, int]:
     """``"CtxScatter -> PagedCtxScatter": n`` per op pair, counting nodes (a shared function body once)."""
     plan: Counter[str] = Counter()
-    for node in [*sites.writes, *sites.reads]:
-        rule = rule_for(node.domain, node.op_type)
+    for site in [*sites.writes, *sites.reads]:
+        rule = rule_for(site.node.domain, site.node.op_type)
         assert rule is not None
-        plan[f"{node.op_type} -> {rule.emits}"] += 1
+        plan[f"{site.node.op_type} -> {rule.emits}"] += 1
     plan["Shape(cache) -> logical shape"] += len(sites.shape_reads)
     return dict(sorted(plan.items()))
 

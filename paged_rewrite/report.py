@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import onnx_ir as ir
+import onnx
 
-from paged_rewrite.passes.find_cache_sites import CacheTensor, Dim, dim_value
+from paged_rewrite.graph import dims_of
+from paged_rewrite.passes.find_cache_sites import CacheTensor, Dim
 
 
 @dataclass(frozen=True)
@@ -19,10 +20,10 @@ class TensorSpec:
     shape: list[Dim]
 
     @classmethod
-    def of(cls, value: ir.Value) -> TensorSpec:
-        dtype = str(value.dtype.numpy()) if value.dtype is not None else "unknown"
-        shape = [dim_value(d) for d in value.shape] if value.shape is not None else []
-        return cls(name=str(value.name), dtype=dtype, shape=shape)
+    def of(cls, value: onnx.ValueInfoProto) -> TensorSpec:
+        elem_type = value.type.tensor_type.elem_type
+        dtype = str(onnx.helper.tensor_dtype_to_np_dtype(elem_type)) if elem_type else "unknown"
+        return cls(name=value.name, dtype=dtype, shape=dims_of(value))
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,12 @@ class CacheReport:
     def of(cls, tensor: CacheTensor) -> CacheReport:
         return cls(
             input=tensor.name,
-            output=str(tensor.output.name),
+            output=tensor.output.name,
             layer=tensor.layer,
             kind=tensor.kind,
             kv_heads=tensor.kv_heads,
             head_dim=tensor.head_dim,
-            write_op=tensor.write.op_type,
+            write_op=tensor.write.node.op_type,
             function=tensor.call.op_type if tensor.call is not None else None,
             original_shape=list(tensor.shape),
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import onnx
 
 from paged_rewrite.custom_ops.paged_ops import (
@@ -25,8 +27,19 @@ PAGED_OPS = (
 
 
 def paged_function_protos() -> list[onnx.FunctionProto]:
-    """Every paged op as a FunctionProto, callees before callers."""
-    return [fn.to_function_proto() for fn in PAGED_OPS]
+    """Every paged op as a FunctionProto, callees before callers (fresh copies)."""
+    protos = []
+    for data in _serialized():
+        proto = onnx.FunctionProto()
+        proto.ParseFromString(data)
+        protos.append(proto)
+    return protos
+
+
+@cache
+def _serialized() -> tuple[bytes, ...]:
+    # Translating the onnxscript functions is the slow part; do it once per process.
+    return tuple(fn.to_function_proto().SerializeToString() for fn in PAGED_OPS)
 
 
 __all__ = ["PAGED_DOMAIN", "PAGED_OPS", "paged_function_protos"]

@@ -8,9 +8,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import onnx_ir as ir
+import onnx
+from onnx import helper
 
 from paged_rewrite.errors import UnsupportedPatternError, UsageError
+from paged_rewrite.graph import Body
 from paged_rewrite.passes.find_cache_sites import CacheSites, Dim, where
 
 BLOCK_TABLE = "block_table"
@@ -31,23 +33,19 @@ class PagedLayout:
     context_dim: Dim  # the length dim of full-context caches: they span the whole table
     windows: dict[str, int]  # length dim -> ring length, for sliding-window caches
     bound_dims: dict[str, int]  # every symbolic dim of the input the user gave a value
-    block_table: ir.Value
-    slot_id: ir.Value
-    scoped: dict[ir.Graph, tuple[ir.Value, ir.Value]] = field(default_factory=dict)
+    # The same two names address the cache in the main graph and in every function body.
+    block_table: str = BLOCK_TABLE
+    slot_id: str = SLOT_ID
+    dropped: set[str] = field(default_factory=set)  # operands the paged ops no longer take
 
     @property
     def logical_length(self) -> int | None:
         """``num_kv_blocks * kv_block_size`` when static: the context full layers see."""
         return self.num_kv_blocks * self.kv_block_size if isinstance(self.num_kv_blocks, int) else None
 
-    def addressing(self, node: ir.Node) -> tuple[ir.Value, ir.Value]:
-        """``(block_table, slot_id)`` as seen from where ``node`` lives (graph or function body)."""
-        assert node.graph is not None
-        return self.scoped[node.graph]
-
 
 def add_paged_inputs(
-    model: ir.Model,
+    model: onnx.ModelProto,
     sites: CacheSites,
     kv_block_size: int,
     dims: Mapping[str, int] | None = None,
@@ -63,13 +61,16 @@ def add_paged_inputs(
         if value < 1:
             raise UsageError(f"--dim {name}={value}: a dim must be a positive integer")
     context_dim, context_len, windows = _lengths(sites, bound, kv_block_size)
-    taken = {value.name for value in model.graph.inputs}
-    for name in (BLOCK_TABLE, SLOT_ID):
-        if name in taken:
-            raise UnsupportedPatternError(f"the model already has an input named {name!r}")
+    for body in sites.bodies:
+        _refuse_name_clash(body)
     num_kv_blocks: int | str = math.ceil(context_len / kv_block_size) if context_len else NUM_KV_BLOCKS
-    block_table, slot_id = _addressing_values(sites.batch_dim, num_kv_blocks)
-    model.graph.inputs.extend([block_table, slot_id])
+    int64 = onnx.TensorProto.INT64
+    model.graph.input.extend(
+        [
+            helper.make_tensor_value_info(BLOCK_TABLE, int64, [sites.batch_dim, num_kv_blocks]),
+            helper.make_tensor_value_info(SLOT_ID, int64, [sites.batch_dim]),
+        ]
+    )
     layout = PagedLayout(
         kv_block_size=kv_block_size,
         num_kv_blocks=num_kv_blocks,
@@ -78,21 +79,18 @@ def add_paged_inputs(
         context_dim=context_dim,
         windows=windows,
         bound_dims=bound,
-        block_table=block_table,
-        slot_id=slot_id,
-        scoped={model.graph: (block_table, slot_id)},
     )
     for function in sites.functions:
-        _thread_into_function(model, function, layout)
+        _thread_into_function(model, function)
     return layout
 
 
-def _addressing_values(batch: Dim, num_kv_blocks: int | str) -> tuple[ir.Value, ir.Value]:
-    int64 = ir.TensorType(ir.DataType.INT64)
-    return (
-        ir.Value(name=BLOCK_TABLE, type=int64, shape=ir.Shape([batch, num_kv_blocks])),
-        ir.Value(name=SLOT_ID, type=int64, shape=ir.Shape([batch])),
-    )
+def _refuse_name_clash(body: Body) -> None:
+    names = body.names()
+    for name in (BLOCK_TABLE, SLOT_ID):
+        if name in names:
+            where_ = f"function {body.name!r}" if body.is_function else "the model"
+            raise UnsupportedPatternError(f"{where_} already has a value named {name!r}")
 
 
 def _lengths(
@@ -120,7 +118,7 @@ def _lengths(
         holder = next(t for t in sites.tensors if t.length_dim == dim)
         if ring is None or not isinstance(dim, str):
             raise UsageError(
-                f"{where(holder.write)}: cache {holder.name!r} is a ring buffer of symbolic length {dim!r}; "
+                f"{where(holder.write.node)}: cache {holder.name!r} is a ring buffer of symbolic length {dim!r}; "
                 f"give its value with --dim {dim}=N (the window the model attends over)"
             )
         windows[dim] = ring
@@ -131,17 +129,13 @@ def _lengths(
     return context, context_len, windows
 
 
-def _thread_into_function(model: ir.Model, function: ir.Function, layout: PagedLayout) -> None:
+def _thread_into_function(model: onnx.ModelProto, function: Body) -> None:
     """Give ``function`` its own ``block_table`` / ``slot_id`` inputs and pass them at every call."""
-    names = {str(v.name) for v in function.inputs}
-    if BLOCK_TABLE in names or SLOT_ID in names:
-        raise UnsupportedPatternError(f"function {function.name!r} already has a block_table/slot_id input")
-    inner = _addressing_values(layout.batch_dim, layout.num_kv_blocks)
-    function.inputs.extend(inner)
-    layout.scoped[function.graph] = inner
-    for node in model.graph:
-        if (node.domain, node.op_type, node.overload) == function.identifier():
-            count = len(node.inputs)
-            node.resize_inputs(count + 2)
-            node.replace_input_with(count, layout.block_table)
-            node.replace_input_with(count + 1, layout.slot_id)
+    proto = function.proto
+    assert isinstance(proto, onnx.FunctionProto)
+    formal = len(proto.input)
+    proto.input.extend([BLOCK_TABLE, SLOT_ID])
+    for node in model.graph.node:
+        if (node.domain, node.op_type) == (proto.domain, proto.name):
+            node.input.extend([""] * (formal - len(node.input)))  # omitted optional inputs stay omitted
+            node.input.extend([BLOCK_TABLE, SLOT_ID])

@@ -1,34 +1,62 @@
-"""Finish the model: drop what no longer feeds anything, and embed the paged ops as
-model-local functions (callees first) so any runtime can execute them."""
+"""Finish the model: embed the paged ops as model-local functions, record the layout in the
+metadata, and drop what no longer feeds anything (inputs such as ``batch_index``, the replaced
+ops' function definitions)."""
 
 from __future__ import annotations
 
-import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
+from typing import Any
+
+import onnx
 
 from paged_rewrite.custom_ops import PAGED_DOMAIN, paged_function_protos
+from paged_rewrite.graph import used_names
+from paged_rewrite.passes.add_paged_inputs import PagedLayout
+from paged_rewrite.passes.find_cache_sites import CacheSites
 
 
-def finalize_model(model: ir.Model, keep_inputs: set[str], layout: dict[str, str]) -> list[str]:
-    """Embed the paged ops, record ``layout`` in the metadata, remove dead nodes, inputs and functions.
-
-    Returns the names of the original graph inputs that no longer feed anything and were
-    removed (``keep_inputs`` are never removed, used or not).
-    """
-    for proto in paged_function_protos():
-        function = ir.serde.deserialize_function(proto)
-        model.functions[function.identifier()] = function
-    model.opset_imports.setdefault(PAGED_DOMAIN, 1)
-    for function in model.functions.values():
-        if any(node.domain == PAGED_DOMAIN for node in function):
-            function.opset_imports.setdefault(PAGED_DOMAIN, 1)
-    model.metadata_props.update(layout)
-    RemoveUnusedNodesPass()(model)
-    removed = [
-        str(value.name) for value in model.graph.inputs if not value.uses() and value.name not in keep_inputs
-    ]
-    for name in removed:
-        model.graph.inputs.remove(next(v for v in model.graph.inputs if v.name == name))
-    RemoveUnusedFunctionsPass()(model)  # type: ignore[no-untyped-call]
-    RemoveUnusedOpsetsPass()(model)
+def finalize_model(sites: CacheSites, layout: PagedLayout, metadata: dict[str, str]) -> list[str]:
+    """Returns the names of the original graph inputs that no longer feed anything and were removed."""
+    model = sites.model
+    for body in sites.bodies:
+        body.commit()
+    _remove_unused_functions(model)
+    model.functions.extend(paged_function_protos())
+    _import_domain(model.opset_import)
+    for function in model.functions:
+        if any(node.domain == PAGED_DOMAIN for node in function.node):
+            _import_domain(function.opset_import)
+    for key, value in sorted(metadata.items()):
+        entry = next((p for p in model.metadata_props if p.key == key), None)
+        if entry is None:
+            entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    # Only an input whose last reader was a replaced cache op (batch_index) can have become dead.
+    candidates = layout.dropped & {v.name for v in model.graph.input}
+    used = (
+        used_names([model.graph, *model.functions]) | {o.name for o in model.graph.output}
+        if candidates
+        else set()
+    )
+    removed = [v.name for v in model.graph.input if v.name in candidates and v.name not in used]
+    kept = [v for v in model.graph.input if v.name not in removed]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
     return removed
+
+
+def _import_domain(imports: Any) -> None:  # a repeated OperatorSetIdProto field
+    if not any(entry.domain == PAGED_DOMAIN for entry in imports):
+        entry = imports.add()
+        entry.domain, entry.version = PAGED_DOMAIN, 1
+
+
+def _remove_unused_functions(model: onnx.ModelProto) -> None:
+    """Drop local functions no node calls any more (the replaced ``Ctx*`` definitions)."""
+    while True:
+        called = {(n.domain, n.op_type) for body in [model.graph, *model.functions] for n in body.node}
+        unused = [f for f in model.functions if (f.domain, f.name) not in called]
+        if not unused:
+            return
+        kept = [f for f in model.functions if (f.domain, f.name) in called]
+        del model.functions[:]
+        model.functions.extend(kept)

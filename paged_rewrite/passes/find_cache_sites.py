@@ -12,43 +12,53 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
-import onnx_ir as ir
+import onnx
 
 from paged_rewrite.errors import NoCacheError, UnsupportedPatternError
+from paged_rewrite.graph import Body, dims_of, function_key
 from paged_rewrite.passes.cache_op_rules import QEFF_DOMAIN, is_cache_op_like, rule_for
 
 Dim = int | str | None
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.DOUBLE,
+}
 
 
-def dim_value(d: object) -> Dim:
-    if isinstance(d, int):
-        return d
-    value = getattr(d, "value", None)
-    return value if isinstance(value, (int, str)) else None
-
-
-def where(node: ir.Node) -> str:
+def where(node: onnx.NodeProto) -> str:
     """How errors name a node: its name and ``domain::op``."""
     return f"node {node.name!r} ({node.domain or 'ai.onnx'}::{node.op_type})"
+
+
+@dataclass
+class Site:
+    """A node to rewrite and the body (graph or function) it lives in."""
+
+    node: onnx.NodeProto
+    body: Body
 
 
 @dataclass
 class CacheTensor:
     """One layer's K or V cache as the model's interface shows it."""
 
-    input: ir.Value
-    output: ir.Value
-    write: ir.Node
-    call: ir.Node | None = None  # the call passing the cache into a local function, if any
+    input: onnx.ValueInfoProto
+    output: onnx.ValueInfoProto
+    write: Site
+    call: onnx.NodeProto | None = None  # the call passing the cache into a local function, if any
 
     @property
     def name(self) -> str:
-        return str(self.input.name)
+        return self.input.name
 
-    @property
+    @cached_property
     def shape(self) -> tuple[Dim, ...]:
-        return tuple(dim_value(d) for d in self.input.shape) if self.input.shape is not None else ()
+        """The original shape (captured before the rewrite reshapes the input)."""
+        return tuple(dims_of(self.input))
 
     @property
     def kv_heads(self) -> int:
@@ -77,12 +87,13 @@ class CacheSites:
     """Every cache of the model in layer order, and every node to rewrite (each once, even when
     a shared function body serves several layers)."""
 
-    model: ir.Model
-    tensors: list[CacheTensor]
-    writes: list[ir.Node] = field(default_factory=list)
-    reads: list[ir.Node] = field(default_factory=list)
-    shape_reads: dict[ir.Node, Dim] = field(default_factory=dict)  # Shape node -> cache length dim
-    functions: list[ir.Function] = field(default_factory=list)
+    model: onnx.ModelProto
+    main: Body
+    tensors: list[CacheTensor] = field(default_factory=list)
+    writes: list[Site] = field(default_factory=list)
+    reads: list[Site] = field(default_factory=list)
+    shape_reads: list[tuple[Site, Dim]] = field(default_factory=list)  # Shape node, cache length dim
+    functions: list[Body] = field(default_factory=list)
 
     @property
     def batch_dim(self) -> Dim:
@@ -92,25 +103,33 @@ class CacheSites:
     def length_dims(self) -> list[Dim]:
         return list(dict.fromkeys(t.length_dim for t in self.tensors))
 
+    @property
+    def bodies(self) -> list[Body]:
+        return [self.main, *self.functions]
 
-def find_cache_sites(model: ir.Model) -> CacheSites:
+
+def find_cache_sites(model: onnx.ModelProto) -> CacheSites:
     """Return the cache sites of ``model`` or raise a refusal that names the offending node."""
     _refuse_foreign_ops(model)
     with_cache = {
-        key: function for key, function in model.functions.items() if any(_is_cache_op(n) for n in function)
+        (f.domain, f.name): Body(f) for f in model.functions if any(_is_cache_op(n) for n in f.node)
     }
     _refuse_nested_calls(model, with_cache)
-    graph = model.graph
-    sites = CacheSites(model=model, tensors=[], functions=list(with_cache.values()))
-    for node in graph:
+    sites = CacheSites(model=model, main=Body(model.graph), functions=list(with_cache.values()))
+    graph_inputs = {v.name: v for v in model.graph.input}
+    graph_outputs = {v.name: v for v in model.graph.output}
+    for node in model.graph.node:
         rule = rule_for(node.domain, node.op_type)
         if rule is not None and rule.role == "write":
-            sites.tensors.append(_interface_cache(graph, node, node.inputs[0], node.outputs[0], node))
-        function = with_cache.get((node.domain, node.op_type, node.overload))
+            site = Site(node, sites.main)
+            sites.tensors.append(
+                _interface_cache(graph_inputs, graph_outputs, node, node.input[0], node.output[0], site)
+            )
+        function = with_cache.get(function_key(node))
         if function is not None:
-            sites.tensors += _caches_through_call(graph, node, function)
+            sites.tensors += _caches_through_call(graph_inputs, graph_outputs, node, function)
     if not sites.tensors:
-        _refuse_dynamic_cache(graph)
+        _refuse_dynamic_cache(model.graph)
         raise NoCacheError("no KV cache found (no com.qualcomm.cloud::CtxScatter* writes a graph input)")
     sites.tensors.sort(key=lambda t: (t.layer, t.kind))
     for tensor in sites.tensors:
@@ -119,13 +138,12 @@ def find_cache_sites(model: ir.Model) -> CacheSites:
     return sites
 
 
-def _is_cache_op(node: ir.Node) -> bool:
+def _is_cache_op(node: onnx.NodeProto) -> bool:
     return rule_for(node.domain, node.op_type) is not None
 
 
-def _refuse_foreign_ops(model: ir.Model) -> None:
-    bodies: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
-    for body in bodies:
+def _refuse_foreign_ops(model: onnx.ModelProto) -> None:
+    for body in [model.graph.node, *(f.node for f in model.functions)]:
         for node in body:
             if node.domain == QEFF_DOMAIN and node.op_type.startswith("Paged"):
                 raise UnsupportedPatternError(f"{where(node)}: the model is already paged")
@@ -133,102 +151,116 @@ def _refuse_foreign_ops(model: ir.Model) -> None:
                 raise UnsupportedPatternError(f"{where(node)}: unknown cache op")
 
 
-def _refuse_dynamic_cache(graph: ir.Graph) -> None:
+def _refuse_dynamic_cache(graph: onnx.GraphProto) -> None:
     """A cache grown by ``Concat`` each step (a dynamic cache) cannot be paged: say so."""
-    for node in graph:
-        grows = [
-            v
-            for v in node.inputs
-            if v is not None and v.is_graph_input() and v.shape is not None and len(v.shape) == 4
-        ]
-        if node.op_type == "Concat" and grows and node.outputs[0] in graph.outputs:
+    rank4_inputs = {v.name for v in graph.input if len(dims_of(v)) == 4}
+    outputs = {v.name for v in graph.output}
+    for node in graph.node:
+        grows = [name for name in node.input if name in rank4_inputs]
+        if node.op_type == "Concat" and grows and node.output[0] in outputs:
             raise UnsupportedPatternError(
-                f"{where(node)} grows {grows[0].name!r} by concatenation: a dynamic KV cache; "
+                f"{where(node)} grows {grows[0]!r} by concatenation: a dynamic KV cache; "
                 "export with QEfficient's static cache (CtxScatter/CtxGather) to page it"
             )
 
 
-def _refuse_nested_calls(model: ir.Model, with_cache: dict[ir.OperatorIdentifier, ir.Function]) -> None:
-    for function in model.functions.values():
-        for node in function:
-            if (node.domain, node.op_type, node.overload) in with_cache:
+def _refuse_nested_calls(model: onnx.ModelProto, with_cache: dict[tuple[str, str], Body]) -> None:
+    for function in model.functions:
+        for node in function.node:
+            if function_key(node) in with_cache:
                 raise UnsupportedPatternError(
                     f"{where(node)} in function {function.name!r}: cache ops nested two functions deep"
                 )
 
 
 def _interface_cache(
-    graph: ir.Graph, user: ir.Node, data: ir.Value | None, out: ir.Value, write: ir.Node
+    inputs: dict[str, onnx.ValueInfoProto],
+    outputs: dict[str, onnx.ValueInfoProto],
+    user: onnx.NodeProto,
+    data: str,
+    out: str,
+    write: Site,
 ) -> CacheTensor:
-    if data is None or not data.is_graph_input() or out not in graph.outputs:
+    if data not in inputs or out not in outputs:
         raise UnsupportedPatternError(
             f"{where(user)}: the cache it writes is not a graph input returned as a graph output"
         )
-    return CacheTensor(input=data, output=out, write=write, call=None if user is write else user)
+    return CacheTensor(inputs[data], outputs[out], write, call=None if user is write.node else user)
 
 
-def _caches_through_call(graph: ir.Graph, call: ir.Node, function: ir.Function) -> list[CacheTensor]:
+def _caches_through_call(
+    inputs: dict[str, onnx.ValueInfoProto],
+    outputs: dict[str, onnx.ValueInfoProto],
+    call: onnx.NodeProto,
+    function: Body,
+) -> list[CacheTensor]:
     tensors = []
+    formal_in, formal_out = function.input_names, function.output_names
     for inner in function:
         rule = rule_for(inner.domain, inner.op_type)
         if rule is None or rule.role != "write":
             continue
-        data, out = inner.inputs[0], inner.outputs[0]
-        if data not in function.inputs or out not in function.outputs:
+        data, out = inner.input[0], inner.output[0]
+        if data not in formal_in or out not in formal_out:
             raise UnsupportedPatternError(
                 f"{where(inner)} in function {function.name!r}: the cache must be a function input "
                 "returned as a function output"
             )
-        outer_in = call.inputs[function.inputs.index(data)]
-        outer_out = call.outputs[function.outputs.index(out)]
-        tensors.append(_interface_cache(graph, call, outer_in, outer_out, inner))
+        position_in, position_out = formal_in.index(data), formal_out.index(out)
+        if position_in >= len(call.input) or position_out >= len(call.output):
+            raise UnsupportedPatternError(f"{where(call)}: the call does not pass the cache {data!r}")
+        outer_in, outer_out = call.input[position_in], call.output[position_out]
+        tensors.append(_interface_cache(inputs, outputs, call, outer_in, outer_out, Site(inner, function)))
     return tensors
 
 
 def _collect_users(sites: CacheSites, tensor: CacheTensor) -> None:
     """Record the readers of ``tensor``; refuse any user that is not a known cache op or Shape."""
-    inner_in, inner_out = tensor.write.inputs[0], tensor.write.outputs[0]
-    pairs = [(inner_in, inner_out)]
+    write = tensor.write
+    scopes = [(write.body, write.node.input[0], write.node.output[0])]
     if tensor.call is not None:
-        pairs.append((tensor.input, tensor.output))
-    for cache_in, cache_out in pairs:
-        assert cache_in is not None
-        for user, index in cache_in.uses():
-            if user is not tensor.write and not (user is tensor.call and user.inputs[index] is cache_in):
-                _shape_or_refuse(sites, tensor, user, f"reads cache input {tensor.name!r} directly")
-        for user, index in cache_out.uses():
+        scopes.append((sites.main, tensor.input.name, tensor.output.name))
+    for body, cache_in, cache_out in scopes:
+        for user, _ in body.consumers(cache_in):
+            if user is not write.node and user is not tensor.call:
+                _shape_or_refuse(
+                    sites, tensor, Site(user, body), f"reads cache input {tensor.name!r} directly"
+                )
+        for user, index in body.consumers(cache_out):
             rule = rule_for(user.domain, user.op_type)
             if rule is not None and rule.role == "read" and index == 0:
-                if user not in sites.reads:
-                    sites.reads.append(user)
+                if not any(site.node is user for site in sites.reads):
+                    sites.reads.append(Site(user, body))
             else:
                 _shape_or_refuse(
-                    sites, tensor, user, f"uses the written cache {cache_out.name!r} in an unknown way"
+                    sites, tensor, Site(user, body), f"uses the written cache {cache_out!r} in an unknown way"
                 )
-    if tensor.write not in sites.writes:
-        sites.writes.append(tensor.write)
+    if not any(site.node is write.node for site in sites.writes):
+        sites.writes.append(write)
 
 
-def _shape_or_refuse(sites: CacheSites, tensor: CacheTensor, user: ir.Node, why: str) -> None:
-    if user.op_type != "Shape" or user.domain != "":
-        raise UnsupportedPatternError(f"{where(user)} {why}")
-    seen = sites.shape_reads.setdefault(user, tensor.length_dim)
-    if seen != tensor.length_dim:
-        raise UnsupportedPatternError(
-            f"{where(user)} serves caches of different lengths ({seen!r} and {tensor.length_dim!r})"
-        )
+def _shape_or_refuse(sites: CacheSites, tensor: CacheTensor, user: Site, why: str) -> None:
+    if user.node.op_type != "Shape" or user.node.domain != "":
+        raise UnsupportedPatternError(f"{where(user.node)} {why}")
+    for site, length in sites.shape_reads:
+        if site.node is user.node:
+            if length != tensor.length_dim:
+                raise UnsupportedPatternError(
+                    f"{where(user.node)} serves caches of different lengths ({length!r} and {tensor.length_dim!r})"
+                )
+            return
+    sites.shape_reads.append((user, tensor.length_dim))
 
 
 def _check_shapes(tensors: list[CacheTensor]) -> None:
     first = tensors[0]
     for tensor in tensors:
-        node = where(tensor.write)
-        dtype = tensor.input.dtype
+        node = where(tensor.write.node)
         if len(tensor.shape) != 4:
             raise UnsupportedPatternError(
                 f"{node}: cache {tensor.name!r} must be rank 4 [batch, heads, len, head_dim]"
             )
-        if dtype is None or not dtype.is_floating_point():
+        if tensor.input.type.tensor_type.elem_type not in FLOAT_TYPES:
             raise UnsupportedPatternError(f"{node}: cache {tensor.name!r} is not a float tensor")
         if not isinstance(tensor.shape[1], int) or not isinstance(tensor.shape[3], int):
             raise UnsupportedPatternError(
@@ -239,9 +271,8 @@ def _check_shapes(tensors: list[CacheTensor]) -> None:
                 f"{node}: cache {tensor.name!r} has batch dim {tensor.shape[0]!r} "
                 f"but {first.name!r} has {first.shape[0]!r}"
             )
-        if tensor.output.shape is not None and [dim_value(d) for d in tensor.output.shape] != list(
-            tensor.shape
-        ):
+        out_dims = dims_of(tensor.output)
+        if out_dims and out_dims != list(tensor.shape):
             raise UnsupportedPatternError(
                 f"{node}: retained output {tensor.output.name!r} does not have the shape of {tensor.name!r}"
             )

@@ -11,5 +11,6 @@ from paged_rewrite.passes.find_cache_sites import CacheSites
 
 def page_reads(sites: CacheSites, layout: PagedLayout) -> int:
     """Replace every cache read (once per node, shared function bodies included)."""
-    sites.reads = [replace_by_rule(read, layout) for read in sites.reads]
+    for site in sites.reads:
+        replace_by_rule(site, layout)
     return len(sites.reads)

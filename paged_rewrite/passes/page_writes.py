@@ -7,27 +7,21 @@ from __future__ import annotations
 
 import math
 
-from paged_rewrite.passes._edit import insert_constant, replace_by_rule
+from paged_rewrite.passes._edit import replace_by_rule
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
-from paged_rewrite.passes.find_cache_sites import CacheSites
+from paged_rewrite.passes.find_cache_sites import CacheSites, Dim
 
 
 def page_writes(sites: CacheSites, layout: PagedLayout) -> int:
     """Replace every cache write (once per node, shared function bodies included)."""
-    period = {t.write: _slot_period(t.length_dim, layout) for t in sites.tensors}
-    paged = {}
-    for old in sites.writes:
-        constant = insert_constant(old, f"{old.name}/slot_period", period[old])
-        paged[old] = replace_by_rule(old, layout, {"slot_period": constant})
-    for tensor in sites.tensors:
-        if tensor.call is None:  # a main-graph write produces the graph output itself
-            tensor.output = paged[tensor.write].outputs[0]
-        tensor.write = paged[tensor.write]
-    sites.writes = list(paged.values())
-    return len(paged)
+    for site in sites.writes:
+        length = next(t.length_dim for t in sites.tensors if t.write.node is site.node)
+        period = site.body.constant(site.node, f"{site.node.name}/slot_period", _slot_period(length, layout))
+        replace_by_rule(site, layout, {"slot_period": period})
+    return len(sites.writes)
 
 
-def _slot_period(length_dim: object, layout: PagedLayout) -> int:
+def _slot_period(length_dim: Dim, layout: PagedLayout) -> int:
     if isinstance(length_dim, str) and length_dim in layout.windows:
         return math.gcd(layout.windows[length_dim], layout.kv_block_size)
     return layout.kv_block_size

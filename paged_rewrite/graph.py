@@ -1,0 +1,145 @@
+"""A thin editing layer over the ONNX protobuf, for in-place rewrites of huge graphs.
+
+The rewrite touches a few nodes per layer of graphs with tens of thousands of nodes. Decoding the
+whole graph into a Python object model costs 20-40x a plain ``onnx.load`` + ``onnx.save`` (see
+docs/design.md), so the passes edit the ``ModelProto`` where it lies: a node keeps its output names
+and becomes the paged op in place, and only the nodes that must be added are inserted. ``Body``
+indexes one graph or function body (who consumes which value) and applies insertions in one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import onnx
+from onnx import helper
+
+
+class Body:
+    """The main graph or one function body: nodes, interface names and a consumer index."""
+
+    def __init__(self, proto: onnx.GraphProto | onnx.FunctionProto) -> None:
+        self.proto = proto
+        self.is_function = isinstance(proto, onnx.FunctionProto)
+        self.name = proto.name
+        self._before: dict[int, list[onnx.NodeProto]] = {}
+        self._consumers: dict[str, list[tuple[onnx.NodeProto, int]]] | None = None
+        self._produced: set[str] = set()
+
+    def __iter__(self) -> Iterator[onnx.NodeProto]:
+        return iter(self.proto.node)
+
+    @property
+    def input_names(self) -> list[str]:
+        if isinstance(self.proto, onnx.FunctionProto):
+            return list(self.proto.input)
+        return [value.name for value in self.proto.input]
+
+    @property
+    def output_names(self) -> list[str]:
+        if isinstance(self.proto, onnx.FunctionProto):
+            return list(self.proto.output)
+        return [value.name for value in self.proto.output]
+
+    def consumers(self, name: str) -> list[tuple[onnx.NodeProto, int]]:
+        """``(node, input index)`` of every node of this body that reads ``name``."""
+        return self._index().get(name, [])
+
+    def names(self) -> set[str]:
+        """Every value name this body defines or reads (inputs, node outputs, node inputs)."""
+        return set(self.input_names) | self._produced | set(self._index())
+
+    def _index(self) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+        if self._consumers is None:
+            index: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+            produced: set[str] = set()
+            for node in self.proto.node:
+                for position, value in enumerate(node.input):
+                    if value:
+                        index.setdefault(value, []).append((node, position))
+                produced.update(node.output)
+            self._consumers, self._produced = index, produced
+        return self._consumers
+
+    def insert_before(self, anchor: onnx.NodeProto, nodes: Sequence[onnx.NodeProto]) -> None:
+        """Queue ``nodes`` to go right before ``anchor``; applied by ``commit``."""
+        self._before.setdefault(id(anchor), []).extend(nodes)
+
+    def constant(self, anchor: onnx.NodeProto, name: str, values: int | list[int]) -> str:
+        """An int64 constant (scalar for an int) usable by ``anchor``; returns its name. In the main
+        graph it is an initializer, so the node list need not be rebuilt; in a function body,
+        which has no initializers, a ``Constant`` node queued before ``anchor``."""
+        dims = [] if isinstance(values, int) else [len(values)]
+        flat = [values] if isinstance(values, int) else values
+        tensor = helper.make_tensor(name, onnx.TensorProto.INT64, dims, flat)
+        if isinstance(self.proto, onnx.GraphProto):
+            self.proto.initializer.append(tensor)
+        else:
+            self.insert_before(anchor, [helper.make_node("Constant", [], [name], name=name, value=tensor)])
+        return name
+
+    def commit(self) -> None:
+        """Write queued insertions into the proto, keeping topological order."""
+        if not self._before:
+            return
+        ordered: list[onnx.NodeProto] = []
+        for node in self.proto.node:
+            ordered.extend(self._before.get(id(node), []))
+            ordered.append(node)
+        del self.proto.node[:]
+        self.proto.node.extend(ordered)
+        self._before.clear()
+        self._consumers = None
+
+
+def become(node: onnx.NodeProto, domain: str, op_type: str, inputs: Sequence[str]) -> None:
+    """Turn ``node`` into ``domain::op_type(inputs)`` in place; its name and outputs stay."""
+    node.domain = domain
+    node.op_type = op_type
+    del node.input[:]
+    node.input.extend(inputs)
+    del node.attribute[:]
+
+
+def dims_of(value: onnx.ValueInfoProto) -> list[int | str | None]:
+    """A value's dims: int when static, str when symbolic, None when unknown."""
+    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+        return []
+    return [
+        d.dim_value if d.HasField("dim_value") else d.dim_param if d.HasField("dim_param") else None
+        for d in value.type.tensor_type.shape.dim
+    ]
+
+
+def set_dims(value: onnx.ValueInfoProto, dims: Sequence[int | str | None]) -> None:
+    """Replace a value's shape."""
+    shape = value.type.tensor_type.shape
+    del shape.dim[:]
+    for dim in dims:
+        entry = shape.dim.add()
+        if isinstance(dim, int):
+            entry.dim_value = dim
+        elif isinstance(dim, str):
+            entry.dim_param = dim
+
+
+def function_key(node: onnx.NodeProto) -> tuple[str, str]:
+    return (node.domain, node.op_type)
+
+
+def used_names(bodies: Sequence[onnx.GraphProto | onnx.FunctionProto]) -> set[str]:
+    """Every value name read by a node of ``bodies`` (subgraphs of If/Loop/Scan included)."""
+    names: set[str] = set()
+    stack = [list(b.node) for b in bodies]
+    while stack:
+        for node in stack.pop():
+            names.update(node.input)
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    stack.append(list(attribute.g.node))
+                    names.update(o.name for o in attribute.g.output)
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    for graph in attribute.graphs:
+                        stack.append(list(graph.node))
+                        names.update(o.name for o in graph.output)
+    return names
