@@ -19,6 +19,7 @@ def rewrite(
     ctx_len: int | None = None,
     num_blocks: int | None = None,
     dims: Mapping[str, int] | None = None,
+    copy_weights: bool = False,
 ) -> RewriteReport:
     """Rewrite the QEfficient export at ``input_path`` into a paged-KV model at ``output_path``.
 
@@ -33,5 +34,5 @@ def rewrite(
         raise type(error)(f"{input_path}: {error}") from None
     report.input_path = str(input_path)
     if output_path is not None:
-        report.output_path = str(save_model(model, output_path, source=Path(input_path)))
+        report.output_path = str(save_model(model, output_path, Path(input_path), copy_weights))
     return report

@@ -25,7 +25,29 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise NotAModelError(f"{source}: not an ONNX model ({type(exc).__name__})") from None
     if model.ir_version < 3 or not model.graph.input or not model.graph.node:
         raise NotAModelError(f"{source}: not an ONNX model (no graph inputs or nodes)")
+    for tensor in external_tensors(model):
+        data_file(source, tensor)  # refuse unsafe references before anything else happens
     return model
+
+
+def data_file(model_path: Path, tensor: onnx.TensorProto) -> Path:
+    """The file holding ``tensor``'s external bytes; refused unless it is a relative path that
+    stays inside the model's folder, symlinks resolved (cf. CVE-2024-27318, CVE-2024-27319)."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = str(entries.get("location", ""))
+    folder = model_path.resolve().parent
+    target = (folder / location).resolve()
+    if (
+        not location
+        or Path(location).is_absolute()
+        or ".." in Path(location).parts
+        or not target.is_relative_to(folder)
+    ):
+        raise NotAModelError(
+            f"{model_path}: tensor {tensor.name!r} has an unsafe external data location {location!r} "
+            "(it must be a relative path inside the model's folder)"
+        )
+    return target
 
 
 def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -52,34 +74,48 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             graphs.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], source: str | os.PathLike[str]) -> Path:
-    """Write ``model`` to ``path`` via a temporary file in the same folder, checked by path with
-    the full ONNX checker before it is renamed into place. On any failure nothing is left behind.
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    source: str | os.PathLike[str],
+    copy_weights: bool = False,
+) -> Path:
+    """Write ``model`` to ``path`` via temporary files in the same folder, checked by path with
+    the full ONNX checker before they are renamed into place. On any failure nothing is left.
 
-    External weights are referenced, not copied: their locations are relative to the model's
-    folder, and the checker and onnxruntime refuse references that leave it, so a model with
-    external data must be written into the folder of its data files.
+    External weights are referenced, not copied, by default: their locations are relative to the
+    model's folder, and the checker and onnxruntime refuse references that leave it, so such a
+    model is written into the folder of its data files. ``copy_weights`` instead streams every
+    external tensor into ``<output>.data`` beside the output (the only time weight bytes are read).
     """
-    target = Path(path)
-    if target.resolve() == Path(source).resolve():
+    target, origin = Path(path), Path(source)
+    if target.resolve() == origin.resolve():
         raise UsageError(f"{target}: the output must not overwrite the input model")
     if not target.parent.is_dir():
         raise OutputError(f"{target.parent}: output folder does not exist")
-    if (
-        any(True for _ in external_tensors(model))
-        and target.parent.resolve() != Path(source).parent.resolve()
-    ):
+    external = list(external_tensors(model))
+    if external and not copy_weights and target.parent.resolve() != origin.resolve().parent:
         raise UsageError(
-            f"{target}: {source} keeps its weights in external data files, which the output references "
-            f"in place; write the output into {Path(source).parent} (external data may not be referenced "
-            "from another folder)"
+            f"{target}: {origin} keeps its weights in external data files, which the output references "
+            f"in place; write the output into {origin.parent} or pass --copy-weights "
+            "(external data may not be referenced from another folder)"
         )
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    data_target = target.with_name(target.name + ".data")
+    tmp_name = _temp_beside(target)
+    tmp_data = _temp_beside(data_target) if external and copy_weights else None
+    placed_data = False
     try:
+        if tmp_data is not None:
+            _copy_external(model, origin, tmp_data, data_target.name)
         onnx.save(model, tmp_name)
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        if tmp_data is not None:
+            os.chmod(tmp_data, 0o666 & ~_umask())
+            os.replace(tmp_data, data_target)  # the checker resolves the final data name
+            placed_data = True
         onnx.checker.check_model(tmp_name, full_check=True)
         os.replace(tmp_name, target)
+        placed_data = False
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise OutputError(
             f"{target}: the rewritten model fails the ONNX checker: {_first_line(exc)}"
@@ -87,9 +123,54 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], source: str
     except OSError as exc:
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+        for leftover in (tmp_name, tmp_data, data_target if placed_data else None):
+            if leftover is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
     return target
+
+
+def _temp_beside(target: Path) -> str:
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return name
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_ALIGN = 4096
+_CHUNK = 64 << 20
+
+
+def _copy_external(model: onnx.ModelProto, source: Path, data_path: str, data_name: str) -> None:
+    """Stream every external tensor of ``model`` into ``data_path`` (4 KiB aligned, in model
+    order) and point the tensors at ``data_name``; memory stays bounded by one chunk."""
+    offset = 0
+    with open(data_path, "wb") as out:
+        for tensor in external_tensors(model):
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            start, length = int(entries.get("offset", 0)), entries.get("length")
+            with open(data_file(source, tensor), "rb") as src:
+                size = int(length) if length is not None else os.fstat(src.fileno()).st_size - start
+                src.seek(start)
+                out.seek(offset)
+                remaining = size
+                while remaining:
+                    chunk = src.read(min(_CHUNK, remaining))
+                    if not chunk:
+                        raise OutputError(f"{source}: external data of {tensor.name!r} is truncated")
+                    out.write(chunk)
+                    remaining -= len(chunk)
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(size))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += -(-size // _ALIGN) * _ALIGN
+        out.truncate(offset)
 
 
 def _first_line(exc: BaseException) -> str:

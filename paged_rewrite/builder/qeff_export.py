@@ -86,12 +86,22 @@ class ExportSpec:
 
 
 class _Graph:
-    """Accumulates main-graph nodes and initializers with torch-exporter-style names."""
+    """Accumulates main-graph nodes and initializers with torch-exporter-style names.
 
-    def __init__(self) -> None:
+    Weights are random (``normal``) or ones (norms), drawn in a fixed order. With
+    ``sparse_data`` set, the large weights are not materialized at all: each becomes an external
+    tensor at the next 4 KiB-aligned offset of that data file, which the caller creates as a
+    sparse file of ``external_bytes`` (all zeros, no disk blocks) — for scale tests of graphs
+    whose weights would not fit in memory.
+    """
+
+    def __init__(self, rng: np.random.Generator, sparse_data: str | None = None) -> None:
         self.nodes: list[NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._counts: dict[tuple[str, str], int] = {}
+        self._rng = rng
+        self._sparse_data = sparse_data
+        self.external_bytes = 0
 
     def op(
         self,
@@ -123,6 +133,34 @@ class _Graph:
     def weight(self, name: str, value: npt.NDArray[Any]) -> str:
         """Register an initializer; return its name."""
         self.initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    def normal(self, name: str, *shape: int) -> str:
+        """A ``N(0, 0.02)`` float32 weight (or a sparse external one)."""
+        if self._sparse_data is not None:
+            return self._external(name, shape)
+        return self.weight(name, (self._rng.standard_normal(shape) * 0.02).astype(np.float32))
+
+    def ones(self, name: str, size: int) -> str:
+        """A float32 weight of ones (norm scales); external zeros in sparse mode."""
+        if self._sparse_data is not None:
+            return self._external(name, (size,))
+        return self.weight(name, np.ones(size, np.float32))
+
+    def _external(self, name: str, shape: tuple[int, ...]) -> str:
+        assert self._sparse_data is not None
+        length = 4 * int(np.prod(shape))
+        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (
+            ("location", self._sparse_data),
+            ("offset", self.external_bytes),
+            ("length", length),
+        ):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.external_bytes += -(-length // 4096) * 4096
+        self.initializers.append(tensor)
         return name
 
 
@@ -199,10 +237,6 @@ def _local_functions() -> list[onnx.FunctionProto]:
     ]
 
 
-def _normal(rng: np.random.Generator, *shape: int) -> npt.NDArray[np.float32]:
-    return (rng.standard_normal(shape) * 0.02).astype(np.float32)
-
-
 def _rope_tables(spec: ExportSpec) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """cos/sin tables ``[max_position, head_dim]`` (theta 10000, rotate_half layout)."""
     inv_freq = 1.0 / (_ROPE_THETA ** (np.arange(0, spec.head_dim, 2, dtype=np.float64) / spec.head_dim))
@@ -221,7 +255,7 @@ class _Prefix:
 
 def _embeddings_and_rope(g: _Graph, spec: ExportSpec, rng: np.random.Generator) -> _Prefix:
     """Token embeddings, rope cos/sin gathered by position, and the causal mask [B,1,S,ctx]."""
-    emb = g.weight("model.embed_tokens.weight", _normal(rng, spec.vocab_size, spec.hidden_size))
+    emb = g.normal("model.embed_tokens.weight", spec.vocab_size, spec.hidden_size)
     hidden = g.op("Gather", [emb, "input_ids"], "/model/embed_tokens")
     cos_t, sin_t = _rope_tables(spec)
     cos_w = g.weight("model.cos_cached", cos_t)
@@ -241,7 +275,7 @@ def _embeddings_and_rope(g: _Graph, spec: ExportSpec, rng: np.random.Generator) 
 
 def _rms_norm(g: _Graph, spec: ExportSpec, x: str, scope: str) -> str:
     """``CustomRMSNorm``; ones weight named after ``scope`` (``/model/norm`` -> ``model.norm.weight``)."""
-    w = g.weight(scope[1:].replace("/", ".") + ".weight", np.ones(spec.hidden_size, np.float32))
+    w = g.ones(scope[1:].replace("/", ".") + ".weight", spec.hidden_size)
     return g.op("CustomRMSNorm", [x, w], scope, domain=QTI_DOMAIN, epsilon=float(spec.rms_eps))
 
 
@@ -272,10 +306,10 @@ def _attention(
     s = f"/model/layers.{layer}/self_attn"
     w = f"model.layers.{layer}.self_attn"
     h, kvh, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    wq = g.weight(f"{w}.q_proj.weight", _normal(rng, spec.hidden_size, h * d))
-    wk = g.weight(f"{w}.k_proj.weight", _normal(rng, spec.hidden_size, kvh * d))
-    wv = g.weight(f"{w}.v_proj.weight", _normal(rng, spec.hidden_size, kvh * d))
-    wo = g.weight(f"{w}.o_proj.weight", _normal(rng, h * d, spec.hidden_size))
+    wq = g.normal(f"{w}.q_proj.weight", spec.hidden_size, h * d)
+    wk = g.normal(f"{w}.k_proj.weight", spec.hidden_size, kvh * d)
+    wv = g.normal(f"{w}.v_proj.weight", spec.hidden_size, kvh * d)
+    wo = g.normal(f"{w}.o_proj.weight", h * d, spec.hidden_size)
 
     def heads(proj: str, weight: str, n: int) -> str:
         y = g.op("MatMul", [x, weight], f"{s}/{proj}")
@@ -320,9 +354,9 @@ def _mlp(g: _Graph, spec: ExportSpec, rng: np.random.Generator, layer: int, x: s
     """SiLU-gated MLP: ``down(silu(gate(x)) * up(x))``."""
     s = f"/model/layers.{layer}/mlp"
     w = f"model.layers.{layer}.mlp"
-    wg = g.weight(f"{w}.gate_proj.weight", _normal(rng, spec.hidden_size, spec.intermediate_size))
-    wu = g.weight(f"{w}.up_proj.weight", _normal(rng, spec.hidden_size, spec.intermediate_size))
-    wd = g.weight(f"{w}.down_proj.weight", _normal(rng, spec.intermediate_size, spec.hidden_size))
+    wg = g.normal(f"{w}.gate_proj.weight", spec.hidden_size, spec.intermediate_size)
+    wu = g.normal(f"{w}.up_proj.weight", spec.hidden_size, spec.intermediate_size)
+    wd = g.normal(f"{w}.down_proj.weight", spec.intermediate_size, spec.hidden_size)
     gate = g.op("MatMul", [x, wg], f"{s}/gate_proj")
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{s}/act_fn")], f"{s}/act_fn")
     up = g.op("MatMul", [x, wu], f"{s}/up_proj")
@@ -343,7 +377,7 @@ def _decoder_layer(
 def _final_norm_and_head(g: _Graph, spec: ExportSpec, rng: np.random.Generator, x: str) -> str:
     """Final norm, pick the hidden state at ``argmax(position_ids)`` per row, lm_head -> ``logits``."""
     x = _rms_norm(g, spec, x, "/model/norm")
-    lm_head = g.weight("lm_head.weight", _normal(rng, spec.hidden_size, spec.vocab_size))
+    lm_head = g.normal("lm_head.weight", spec.hidden_size, spec.vocab_size)
     s = ""
     last = g.op("ArgMax", ["position_ids"], s, axis=1, keepdims=1)
     last = g.op("Unsqueeze", [last, g.ints(s, -1)], s)
@@ -351,7 +385,7 @@ def _final_norm_and_head(g: _Graph, spec: ExportSpec, rng: np.random.Generator, 
     return g.op("MatMul", [x, lm_head], "/lm_head", output="logits")
 
 
-def build_qeff_export(spec: ExportSpec = ExportSpec()) -> onnx.ModelProto:
+def build_qeff_export(spec: ExportSpec = ExportSpec(), sparse_data: str | None = None) -> onnx.ModelProto:
     """Build the QEfficient-style contiguous-KV export described by ``spec``.
 
     Raises ``ValueError`` if ``spec`` is invalid. The result passes
@@ -361,7 +395,7 @@ def build_qeff_export(spec: ExportSpec = ExportSpec()) -> onnx.ModelProto:
     """
     spec.validate()
     rng = np.random.default_rng(spec.seed)
-    g = _Graph()
+    g = _Graph(rng, sparse_data)
     pre = _embeddings_and_rope(g, spec, rng)
     x = pre.hidden
     for layer in range(spec.num_layers):
@@ -391,17 +425,26 @@ def build_qeff_export(spec: ExportSpec = ExportSpec()) -> onnx.ModelProto:
         producer_version="1",
     )
     model.ir_version = _IR_VERSION
+    if sparse_data is not None:
+        model.metadata_props.add(key="paged_rewrite.builder.external_bytes", value=str(g.external_bytes))
     return model
 
 
-def write_qeff_export(path: str | os.PathLike[str], spec: ExportSpec = ExportSpec()) -> pathlib.Path:
-    """Build the export for ``spec`` and save it as a single ``.onnx`` file; return its path.
+def write_qeff_export(
+    path: str | os.PathLike[str], spec: ExportSpec = ExportSpec(), sparse_weights: bool = False
+) -> pathlib.Path:
+    """Build the export for ``spec`` and save it; return the ``.onnx`` path.
 
-    Parent directories are created. Weights are embedded (no external data), so the model must
-    stay below the 2 GiB protobuf limit.
+    Parent directories are created. By default weights are embedded (one file, below the 2 GiB
+    protobuf limit). With ``sparse_weights`` the weights live in ``<name>.data`` beside the model,
+    written as a sparse file: a 70B-shaped export costs almost no disk and no time to write.
     """
-    model = build_qeff_export(spec)
     out = pathlib.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    data_name = out.with_suffix(".data").name if sparse_weights else None
+    model = build_qeff_export(spec, sparse_data=data_name)
+    if data_name is not None:
+        with open(out.parent / data_name, "wb") as data:
+            data.truncate(int(model.metadata_props[-1].value))
     out.write_bytes(model.SerializeToString())
     return out
