@@ -1,5 +1,6 @@
 """paged-rewrite: rewrite QEfficient contiguous-KV ONNX exports into paged-KV models."""
 
+from paged_rewrite.api import VERSION as __version__
 from paged_rewrite.api import rewrite
 from paged_rewrite.errors import (
     NoCacheError,
@@ -11,8 +12,6 @@ from paged_rewrite.errors import (
     VerificationError,
 )
 from paged_rewrite.report import CacheReport, RewriteReport, TensorSpec
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CacheReport",

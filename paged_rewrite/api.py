@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from paged_rewrite.errors import PagedRewriteError
-from paged_rewrite.model_io import load_model, save_model
+from paged_rewrite import handoff
+from paged_rewrite.errors import OutputError, PagedRewriteError, UsageError
+from paged_rewrite.model_io import load_model, save_model, write_text_atomically
 from paged_rewrite.pipeline import RewriteOptions, rewrite_model
 from paged_rewrite.report import RewriteReport
+
+VERSION = "0.1.0"
 
 
 def rewrite(
@@ -20,19 +24,58 @@ def rewrite(
     num_blocks: int | None = None,
     dims: Mapping[str, int] | None = None,
     copy_weights: bool = False,
+    specializations: str | os.PathLike[str] | None = None,
+    custom_io: str | os.PathLike[str] | None = None,
 ) -> RewriteReport:
     """Rewrite the QEfficient export at ``input_path`` into a paged-KV model at ``output_path``.
 
     ``dims`` binds symbolic dims of the input (``{"sliding_window": 32}``); ``ctx_len`` is
-    shorthand for ``dims={"ctx_len": ...}``. The input file is only read. With ``output_path=None`` nothing is written (a dry run).
+    shorthand for ``dims={"ctx_len": ...}``; the values a ``specializations`` file gives every
+    entry bind dims too. Beside the output go its manifest (``<output>.json``), the paged
+    ``<stem>.specializations.json`` and, with ``custom_io``, ``<stem>.custom_io.yaml``.
+    The input is only read. With ``output_path=None`` nothing is written (a dry run).
     Raises a ``PagedRewriteError`` subclass (with its exit code) on bad input.
     """
+    entries = handoff.read_specializations(specializations) if specializations else None
+    precisions = handoff.read_custom_io(custom_io) if custom_io else None
+    bound = _bind(dims or {}, handoff.shared_dims(entries) if entries else {})
     model = load_model(input_path)
     try:
-        report = rewrite_model(model, RewriteOptions(kv_block_size, ctx_len, num_blocks, dict(dims or {})))
+        report = rewrite_model(model, RewriteOptions(kv_block_size, ctx_len, num_blocks, bound))
     except PagedRewriteError as error:  # name the model in every refusal
         raise type(error)(f"{input_path}: {error}") from None
     report.input_path = str(input_path)
-    if output_path is not None:
-        report.output_path = str(save_model(model, output_path, Path(input_path), copy_weights))
+    if ctx_len is not None:
+        bound = {**bound, "ctx_len": ctx_len}
+    sidecars = {
+        "specializations": handoff.to_json(handoff.paged_specializations(report, entries, bound, num_blocks)),
+    }
+    if precisions is not None and custom_io is not None:
+        sidecars["custom_io"] = handoff.paged_custom_io(precisions, report, custom_io)
+    if output_path is None:
+        return report
+    target = save_model(model, output_path, Path(input_path), copy_weights)
+    report.output_path = str(target)
+    paths = handoff.sidecar_paths(target)
+    sidecars["manifest"] = handoff.to_json(handoff.manifest(report, Path(input_path), VERSION))
+    written: list[Path] = []
+    try:
+        for kind, text in sorted(sidecars.items()):
+            write_text_atomically(paths[kind], text)
+            written.append(paths[kind])
+    except OutputError:
+        for path in [target, *written]:  # all or nothing
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        raise
+    report.files = {kind: str(paths[kind]) for kind in sorted(sidecars)}
     return report
+
+
+def _bind(flags: Mapping[str, int], from_file: Mapping[str, int]) -> dict[str, int]:
+    for name, value in from_file.items():
+        if name in flags and flags[name] != value:
+            raise UsageError(
+                f"--dim {name}={flags[name]} contradicts the specializations file ({name}={value})"
+            )
+    return {**from_file, **flags}

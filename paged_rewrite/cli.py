@@ -45,6 +45,12 @@ def _parse_dims(_ctx: click.Context, _param: click.Parameter, values: tuple[str,
     return dims
 
 
+def _progress(message: str) -> None:
+    """Progress for people watching a terminal; nothing in pipelines (stderr not a TTY)."""
+    if sys.stderr.isatty():
+        click.echo(f"paged-rewrite: {message} ...", err=True)
+
+
 def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=True) if as_json else text)
 
@@ -114,6 +120,23 @@ def main() -> None:
     metavar="NAME=VALUE",
     help="Bind a symbolic dim of the input model (repeatable), e.g. --dim sliding_window=32.",
 )
+@click.option(
+    "--specializations",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="QEfficient specializations.json: binds dims; the paged one is written beside the output.",
+)
+@click.option(
+    "--custom-io",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="QEfficient custom_io.yaml to carry over to the paged model.",
+)
+@click.option(
+    "--copy-weights",
+    is_flag=True,
+    help="Copy external weights into <output>.data instead of referencing the input's data files.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_guarded
 def rewrite_command(
@@ -123,17 +146,59 @@ def rewrite_command(
     ctx_len: int | None,
     num_blocks: int | None,
     dims: dict[str, int],
+    specializations: Path | None,
+    custom_io: Path | None,
+    copy_weights: bool,
     as_json: bool,
 ) -> None:
-    """Rewrite MODEL into a paged-KV model.
+    """Rewrite MODEL into a paged-KV model, with its manifest and specializations beside it.
 
     \b
     Example:
       paged-rewrite model.onnx -o paged.onnx --kv-block-size 128 --ctx-len 4096
       paged-rewrite swa.onnx -o paged.onnx --kv-block-size 32 --ctx-len 128 --dim sliding_window=32
     """
-    report = rewrite(model, output, kv_block_size, ctx_len=ctx_len, num_blocks=num_blocks, dims=dims)
+    _progress(f"rewriting {model}")
+    report = rewrite(
+        model,
+        output,
+        kv_block_size,
+        ctx_len=ctx_len,
+        num_blocks=num_blocks,
+        dims=dims,
+        copy_weights=copy_weights,
+        specializations=specializations,
+        custom_io=custom_io,
+    )
     _emit(as_json, report.to_dict(), report.summary())
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--kv-block-size",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Block size for the rewrite plan.",
+)
+@click.option("--ctx-len", type=click.IntRange(min=1), default=None)
+@click.option("--dim", "dims", multiple=True, callback=_parse_dims, metavar="NAME=VALUE")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@_guarded
+def inspect_command(
+    model: Path, kv_block_size: int, ctx_len: int | None, dims: dict[str, int], as_json: bool
+) -> None:
+    """List the cache sites of MODEL and what a rewrite would do; writes nothing.
+
+    \b
+    Example:
+      paged-rewrite inspect model.onnx --kv-block-size 128 --json
+    """
+    from paged_rewrite.inspect import inspect_model
+
+    found = inspect_model(model, kv_block_size, ctx_len=ctx_len, dims=dims)
+    _emit(as_json, found.to_dict(), found.summary())
 
 
 @main.command("verify")

@@ -130,6 +130,20 @@ def save_model(
     return target
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a small text file via a temporary file and a rename."""
+    tmp = _temp_beside(path)
+    try:
+        Path(tmp).write_text(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def _temp_beside(target: Path) -> str:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)

@@ -71,6 +71,7 @@ class RewriteReport:
     removed_inputs: list[str] = field(default_factory=list)
     functions: list[str] = field(default_factory=list)
     windows: dict[str, int] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # sidecar files written beside the output
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
 
@@ -96,5 +97,5 @@ class RewriteReport:
         if self.removed_inputs:
             lines.append(f"removed inputs (no longer used): {', '.join(self.removed_inputs)}")
         if self.output_path:
-            lines.append(f"wrote {self.output_path}")
+            lines.append(f"wrote {self.output_path}" + "".join(f", {path}" for path in self.files.values()))
         return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""The files that travel with a paged model to ``qaic-compile`` and to runtimes.
+
+- ``<output>.json``: the manifest — what a runtime needs to allocate the pool and build tables.
+- ``<stem>.specializations.json``: QEfficient's ``specializations.json`` for the paged model: every
+  symbolic dim of its inputs gets a value in every entry.
+- ``<stem>.custom_io.yaml``: QEfficient's per-tensor precision file, carried over.
+
+All are deterministic (sorted keys, no timestamps, no absolute paths).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from paged_rewrite.errors import UsageError
+from paged_rewrite.report import RewriteReport
+
+Entry = dict[str, Any]
+
+
+def read_specializations(path: str | os.PathLike[str]) -> list[Entry]:
+    """QEfficient's ``{"specializations": [{"name": ..., "symbols": {dim: "value"}}, ...]}``."""
+    try:
+        document = json.loads(Path(path).read_text())
+        entries = document["specializations"]
+        for entry in entries:
+            entry["symbols"] = {str(k): int(v) for k, v in entry["symbols"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{path}: not a specializations file ({type(exc).__name__}: {exc})") from None
+    if not entries:
+        raise UsageError(f"{path}: no specializations")
+    return list(entries)
+
+
+def shared_dims(entries: Sequence[Entry]) -> dict[str, int]:
+    """Dims with one value in every entry: these can be bound for the rewrite."""
+    common = dict(entries[0]["symbols"])
+    for entry in entries[1:]:
+        common = {k: v for k, v in common.items() if entry["symbols"].get(k) == v}
+    return common
+
+
+def paged_specializations(
+    report: RewriteReport, entries: Sequence[Entry] | None, bound: Mapping[str, int], num_blocks: int | None
+) -> dict[str, Any]:
+    """One entry per input entry (or one ``Default`` entry for the command-line shapes), with a
+    value for every symbolic dim of the paged model's inputs and nothing else.
+
+    ``ctx_len`` disappears from the paged graph: the context is ``num_kv_blocks *
+    kv_block_size``, so an entry's ``ctx_len`` becomes ``num_kv_blocks = ceil(ctx_len /
+    kv_block_size)``. ``total_num_kv_blocks`` is ``--num-blocks`` or, by default, enough for every
+    row at full context plus the null block: ``rows * num_kv_blocks + 1`` (rows =
+    ``full_batch_size`` for continuous batching, else ``batch_size``).
+    """
+    symbols = sorted({d for spec in report.inputs for d in spec.shape if isinstance(d, str)})
+    source = entries or [{"name": "Default", "symbols": dict(bound)}]
+    out = []
+    for entry in source:
+        known = {**bound, **entry["symbols"]}
+        values = dict(known)
+        if "ctx_len" in known:
+            values["num_kv_blocks"] = math.ceil(known["ctx_len"] / report.kv_block_size)
+        if isinstance(report.num_kv_blocks, int):
+            values.setdefault("num_kv_blocks", report.num_kv_blocks)
+        rows = values.get("full_batch_size", values.get("batch_size"))
+        if num_blocks is not None:
+            values["total_num_kv_blocks"] = num_blocks
+        elif rows is not None and "num_kv_blocks" in values:
+            values["total_num_kv_blocks"] = rows * values["num_kv_blocks"] + 1
+        missing = [s for s in symbols if s not in values]
+        if missing and entries:
+            raise UsageError(
+                f"specialization {entry.get('name', '?')!r} gives no value for {', '.join(missing)}"
+            )
+        out.append({**entry, "symbols": {s: str(values[s]) for s in symbols if s in values}})
+    return {"specializations": out}
+
+
+def read_custom_io(path: str | os.PathLike[str]) -> dict[str, str]:
+    """QEfficient's ``custom_io.yaml``: one ``tensor_name: precision`` mapping per line."""
+    entries: dict[str, str] = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read ({exc})") from None
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        match = re.fullmatch(r"""['"]?([^'":]+?)['"]?\s*:\s*['"]?([A-Za-z0-9_]+)['"]?""", text)
+        if match is None:
+            raise UsageError(f"{path}:{number}: expected 'tensor_name: precision', got {line.strip()!r}")
+        entries[match.group(1)] = match.group(2)
+    return entries
+
+
+def paged_custom_io(entries: Mapping[str, str], report: RewriteReport, path: str | os.PathLike[str]) -> str:
+    """The same entries for the paged model; every named tensor must still be an input or output."""
+    names = {spec.name for spec in [*report.inputs, *report.outputs]}
+    missing = sorted(set(entries) - names)
+    if missing:
+        raise UsageError(f"{path}: names tensors the paged model does not have: {', '.join(missing)}")
+    return "".join(f"{name}: {precision}\n" for name, precision in entries.items())
+
+
+def manifest(report: RewriteReport, source: Path, version: str) -> dict[str, Any]:
+    """What a runtime needs to allocate the pool and build block tables."""
+    return {
+        "tool": {"name": "paged-rewrite", "version": version},
+        "source": {"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
+        "kv_block_size": report.kv_block_size,
+        "num_kv_blocks": report.num_kv_blocks,
+        "total_num_kv_blocks": report.total_num_kv_blocks,
+        "null_block": report.null_block,
+        "windows": report.windows,
+        "inputs": [vars(spec) for spec in report.inputs],
+        "outputs": [vars(spec) for spec in report.outputs],
+        "removed_inputs": report.removed_inputs,
+        "caches": [
+            {
+                "layer": c.layer,
+                "kind": c.kind,
+                "input": c.input,
+                "output": c.output,
+                "kv_heads": c.kv_heads,
+                "head_dim": c.head_dim,
+                "original_shape": c.original_shape,
+            }
+            for c in report.caches
+        ],
+    }
+
+
+def sidecar_paths(output: Path) -> dict[str, Path]:
+    stem = output.name[: -len(output.suffix)] if output.suffix else output.name
+    return {
+        "manifest": output.with_name(output.name + ".json"),
+        "specializations": output.with_name(f"{stem}.specializations.json"),
+        "custom_io": output.with_name(f"{stem}.custom_io.yaml"),
+    }
+
+
+def to_json(document: Mapping[str, Any]) -> str:
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
