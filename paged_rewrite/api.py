@@ -26,6 +26,7 @@ def rewrite(
     copy_weights: bool = False,
     specializations: str | os.PathLike[str] | None = None,
     custom_io: str | os.PathLike[str] | None = None,
+    full_check: bool = False,
 ) -> RewriteReport:
     """Rewrite the QEfficient export at ``input_path`` into a paged-KV model at ``output_path``.
 
@@ -33,7 +34,8 @@ def rewrite(
     shorthand for ``dims={"ctx_len": ...}``; the values a ``specializations`` file gives every
     entry bind dims too. Beside the output go its manifest (``<output>.json``), the paged
     ``<stem>.specializations.json`` and, with ``custom_io``, ``<stem>.custom_io.yaml``.
-    The input is only read. With ``output_path=None`` nothing is written (a dry run).
+    The output is checked by path with the ONNX checker (``full_check`` adds strict shape
+    inference). The input is only read. With ``output_path=None`` nothing is written (a dry run).
     Raises a ``PagedRewriteError`` subclass (with its exit code) on bad input.
     """
     entries = handoff.read_specializations(specializations) if specializations else None
@@ -54,10 +56,10 @@ def rewrite(
         sidecars["custom_io"] = handoff.paged_custom_io(precisions, report, custom_io)
     if output_path is None:
         return report
-    target = save_model(model, output_path, Path(input_path), copy_weights)
+    target = save_model(model, output_path, Path(input_path), copy_weights, full_check)
     report.output_path = str(target)
     paths = handoff.sidecar_paths(target)
-    sidecars["manifest"] = handoff.to_json(handoff.manifest(report, Path(input_path), VERSION))
+    sidecars["manifest"] = handoff.to_json(handoff.manifest(report, Path(input_path), VERSION), indent=None)
     written: list[Path] = []
     try:
         for kind, text in sorted(sidecars.items()):

@@ -137,6 +137,7 @@ def main() -> None:
     is_flag=True,
     help="Copy external weights into <output>.data instead of referencing the input's data files.",
 )
+@click.option("--full-check", is_flag=True, help="Also run the ONNX checker's strict shape inference.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_guarded
 def rewrite_command(
@@ -149,6 +150,7 @@ def rewrite_command(
     specializations: Path | None,
     custom_io: Path | None,
     copy_weights: bool,
+    full_check: bool,
     as_json: bool,
 ) -> None:
     """Rewrite MODEL into a paged-KV model, with its manifest and specializations beside it.
@@ -169,6 +171,7 @@ def rewrite_command(
         copy_weights=copy_weights,
         specializations=specializations,
         custom_io=custom_io,
+        full_check=full_check,
     )
     _emit(as_json, report.to_dict(), report.summary())
 

@@ -24,7 +24,6 @@ class Body:
         self.name = proto.name
         self._before: dict[int, list[onnx.NodeProto]] = {}
         self._consumers: dict[str, list[tuple[onnx.NodeProto, int]]] | None = None
-        self._produced: set[str] = set()
 
     def __iter__(self) -> Iterator[onnx.NodeProto]:
         return iter(self.proto.node)
@@ -41,25 +40,28 @@ class Body:
             return list(self.proto.output)
         return [value.name for value in self.proto.output]
 
+    def watch(self, names: set[str]) -> None:
+        """Index the consumers of ``names`` only, in one pass (a full index of a 70B graph costs
+        more than the rest of the rewrite)."""
+        index: dict[str, list[tuple[onnx.NodeProto, int]]] = {name: [] for name in names}
+        for node in self.proto.node:
+            for position, value in enumerate(node.input):
+                users = index.get(value)
+                if users is not None:
+                    users.append((node, position))
+        self._consumers = index
+
     def consumers(self, name: str) -> list[tuple[onnx.NodeProto, int]]:
-        """``(node, input index)`` of every node of this body that reads ``name``."""
-        return self._index().get(name, [])
-
-    def names(self) -> set[str]:
-        """Every value name this body defines or reads (inputs, node outputs, node inputs)."""
-        return set(self.input_names) | self._produced | set(self._index())
-
-    def _index(self) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+        """``(node, input index)`` of every node of this body that reads ``name`` (a watched name,
+        or any name if nothing was watched)."""
         if self._consumers is None:
-            index: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-            produced: set[str] = set()
+            everything: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
             for node in self.proto.node:
                 for position, value in enumerate(node.input):
                     if value:
-                        index.setdefault(value, []).append((node, position))
-                produced.update(node.output)
-            self._consumers, self._produced = index, produced
-        return self._consumers
+                        everything.setdefault(value, []).append((node, position))
+            self._consumers = everything
+        return self._consumers.get(name, [])
 
     def insert_before(self, anchor: onnx.NodeProto, nodes: Sequence[onnx.NodeProto]) -> None:
         """Queue ``nodes`` to go right before ``anchor``; applied by ``commit``."""

@@ -147,5 +147,7 @@ def sidecar_paths(output: Path) -> dict[str, Path]:
     }
 
 
-def to_json(document: Mapping[str, Any]) -> str:
-    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+def to_json(document: Mapping[str, Any], indent: int | None = 2) -> str:
+    """Sorted keys, so the same content is the same bytes; ``indent=None`` is one line, written
+    by the C encoder (the manifest of an 80-layer model is ~10x faster to write that way)."""
+    return json.dumps(document, indent=indent, sort_keys=True) + "\n"

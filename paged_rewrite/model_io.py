@@ -25,8 +25,12 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise NotAModelError(f"{source}: not an ONNX model ({type(exc).__name__})") from None
     if model.ir_version < 3 or not model.graph.input or not model.graph.node:
         raise NotAModelError(f"{source}: not an ONNX model (no graph inputs or nodes)")
-    for tensor in external_tensors(model):
-        data_file(source, tensor)  # refuse unsafe references before anything else happens
+    checked: set[str] = set()
+    for tensor in external_tensors(model):  # refuse unsafe references before anything else
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if location not in checked:
+            data_file(source, tensor)
+            checked.add(location)
     return model
 
 
@@ -58,20 +62,40 @@ def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Initializers, then tensor attributes of Constant nodes (the only other place exporters put
+    weights) and of nodes holding subgraphs, in the graph and in functions. Checking the op type
+    first keeps this walk cheap on graphs of tens of thousands of nodes."""
     graphs = [model.graph]
-    nodes = [n for f in model.functions for n in f.node]
-    while graphs or nodes:
-        if graphs:
+    while graphs:
+        graph = graphs.pop()
+        yield from graph.initializer
+        yield from (sparse.values for sparse in graph.sparse_initializer)
+        for node in graph.node:
+            if node.op_type in _TENSOR_HOLDERS:
+                yield from _attribute_tensors(node, graphs)
+    for function in model.functions:
+        for node in function.node:
+            if node.op_type in _TENSOR_HOLDERS:
+                yield from _attribute_tensors(node, graphs)
+        while graphs:  # subgraphs inside functions
             graph = graphs.pop()
             yield from graph.initializer
-            yield from (sparse.values for sparse in graph.sparse_initializer)
-            nodes.extend(graph.node)
-            continue
-        node = nodes.pop()
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.TENSOR:
-                yield attribute.t
-            graphs.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
+            for node in graph.node:
+                if node.op_type in _TENSOR_HOLDERS:
+                    yield from _attribute_tensors(node, graphs)
+
+
+_TENSOR_HOLDERS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan"})
+
+
+def _attribute_tensors(node: onnx.NodeProto, graphs: list[onnx.GraphProto]) -> Iterator[onnx.TensorProto]:
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.TENSOR:
+            yield attribute.t
+        elif attribute.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attribute.g)
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attribute.graphs)
 
 
 def save_model(
@@ -79,9 +103,13 @@ def save_model(
     path: str | os.PathLike[str],
     source: str | os.PathLike[str],
     copy_weights: bool = False,
+    full_check: bool = False,
 ) -> Path:
     """Write ``model`` to ``path`` via temporary files in the same folder, checked by path with
-    the full ONNX checker before they are renamed into place. On any failure nothing is left.
+    the ONNX checker before they are renamed into place. On any failure nothing is left.
+
+    The check is structural (every node, function and name); ``full_check`` adds the checker's
+    strict shape inference, which costs twice a plain load and save on a 70B-size graph.
 
     External weights are referenced, not copied, by default: their locations are relative to the
     model's folder, and the checker and onnxruntime refuse references that leave it, so such a
@@ -93,7 +121,7 @@ def save_model(
         raise UsageError(f"{target}: the output must not overwrite the input model")
     if not target.parent.is_dir():
         raise OutputError(f"{target.parent}: output folder does not exist")
-    external = list(external_tensors(model))
+    external = any(True for _ in external_tensors(model))
     if external and not copy_weights and target.parent.resolve() != origin.resolve().parent:
         raise UsageError(
             f"{target}: {origin} keeps its weights in external data files, which the output references "
@@ -107,13 +135,13 @@ def save_model(
     try:
         if tmp_data is not None:
             _copy_external(model, origin, tmp_data, data_target.name)
-        onnx.save(model, tmp_name)
+        Path(tmp_name).write_bytes(model.SerializeToString())  # onnx.save would re-walk external data
         os.chmod(tmp_name, 0o666 & ~_umask())
         if tmp_data is not None:
             os.chmod(tmp_data, 0o666 & ~_umask())
             os.replace(tmp_data, data_target)  # the checker resolves the final data name
             placed_data = True
-        onnx.checker.check_model(tmp_name, full_check=True)
+        onnx.checker.check_model(tmp_name, full_check=full_check)
         os.replace(tmp_name, target)
         placed_data = False
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:

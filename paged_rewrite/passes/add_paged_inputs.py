@@ -86,9 +86,13 @@ def add_paged_inputs(
 
 
 def _refuse_name_clash(body: Body) -> None:
-    names = body.names()
+    """The new names must be free: not an input, initializer or output, and read by no node (a
+    node output of that name nobody reads is left to the checker, which rejects the duplicate)."""
+    names = set(body.input_names) | set(body.output_names)
+    if isinstance(body.proto, onnx.GraphProto):
+        names |= {t.name for t in body.proto.initializer}
     for name in (BLOCK_TABLE, SLOT_ID):
-        if name in names:
+        if name in names or body.consumers(name):
             where_ = f"function {body.name!r}" if body.is_function else "the model"
             raise UnsupportedPatternError(f"{where_} already has a value named {name!r}")
 

@@ -11,6 +11,7 @@ import onnx
 from paged_rewrite.custom_ops import PAGED_DOMAIN, paged_function_protos
 from paged_rewrite.graph import used_names
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
+from paged_rewrite.passes.cache_op_rules import rule_for
 from paged_rewrite.passes.find_cache_sites import CacheSites
 
 
@@ -51,12 +52,8 @@ def _import_domain(imports: Any) -> None:  # a repeated OperatorSetIdProto field
 
 
 def _remove_unused_functions(model: onnx.ModelProto) -> None:
-    """Drop local functions no node calls any more (the replaced ``Ctx*`` definitions)."""
-    while True:
-        called = {(n.domain, n.op_type) for body in [model.graph, *model.functions] for n in body.node}
-        unused = [f for f in model.functions if (f.domain, f.name) not in called]
-        if not unused:
-            return
-        kept = [f for f in model.functions if (f.domain, f.name) in called]
-        del model.functions[:]
-        model.functions.extend(kept)
+    """Drop the definitions of the replaced cache ops: every call to them was rewritten (the
+    finder refuses a model with any other use), so none is called any more."""
+    kept = [f for f in model.functions if rule_for(f.domain, f.name) is None]
+    del model.functions[:]
+    model.functions.extend(kept)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import onnx
 
@@ -21,6 +22,7 @@ from paged_rewrite.graph import Body, dims_of, function_key
 from paged_rewrite.passes.cache_op_rules import QEFF_DOMAIN, is_cache_op_like, rule_for
 
 Dim = int | str | None
+ADDRESSING_NAMES = frozenset({"block_table", "slot_id"})  # watched so a clash can be refused
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.FLOAT16,
@@ -110,7 +112,7 @@ class CacheSites:
 
 def find_cache_sites(model: onnx.ModelProto) -> CacheSites:
     """Return the cache sites of ``model`` or raise a refusal that names the offending node."""
-    _refuse_foreign_ops(model)
+    _refuse_foreign_ops([f.node for f in model.functions])
     with_cache = {
         (f.domain, f.name): Body(f) for f in model.functions if any(_is_cache_op(n) for n in f.node)
     }
@@ -119,6 +121,7 @@ def find_cache_sites(model: onnx.ModelProto) -> CacheSites:
     graph_inputs = {v.name: v for v in model.graph.input}
     graph_outputs = {v.name: v for v in model.graph.output}
     for node in model.graph.node:
+        _refuse_foreign_ops([[node]])
         rule = rule_for(node.domain, node.op_type)
         if rule is not None and rule.role == "write":
             site = Site(node, sites.main)
@@ -132,6 +135,9 @@ def find_cache_sites(model: onnx.ModelProto) -> CacheSites:
         _refuse_dynamic_cache(model.graph)
         raise NoCacheError("no KV cache found (no com.qualcomm.cloud::CtxScatter* writes a graph input)")
     sites.tensors.sort(key=lambda t: (t.layer, t.kind))
+    sites.main.watch(
+        {name for t in sites.tensors for name in (t.input.name, t.output.name)} | ADDRESSING_NAMES
+    )
     for tensor in sites.tensors:
         _collect_users(sites, tensor)
     _check_shapes(sites.tensors)
@@ -142,9 +148,11 @@ def _is_cache_op(node: onnx.NodeProto) -> bool:
     return rule_for(node.domain, node.op_type) is not None
 
 
-def _refuse_foreign_ops(model: onnx.ModelProto) -> None:
-    for body in [model.graph.node, *(f.node for f in model.functions)]:
+def _refuse_foreign_ops(bodies: list[Any]) -> None:
+    for body in bodies:
         for node in body:
+            if node.domain != QEFF_DOMAIN:
+                continue
             if node.domain == QEFF_DOMAIN and node.op_type.startswith("Paged"):
                 raise UnsupportedPatternError(f"{where(node)}: the model is already paged")
             if is_cache_op_like(node.domain, node.op_type) and not _is_cache_op(node):
