@@ -13,11 +13,13 @@ from paged_rewrite.custom_ops.paged_ops import (
     PagedCtxGatherPositions,
     PagedCtxScatter,
     PagedLogicalShape,
+    PagedRowIndex,
     PagedWindowShape,
 )
 
 PAGED_OPS = (
     PagedBlockAddress,
+    PagedRowIndex,
     PagedCtxScatter,
     PagedCtxGatherPositions,
     PagedCtxGather,

@@ -60,6 +60,28 @@ def PagedBlockAddress(pool, block_table, positions):
 
 
 @script(paged, default_opset=op)
+def PagedRowIndex(pool, block, offset):
+    """Row numbers of the pool seen as ``[N * H * kv_block_size, D]``.
+
+    Inputs:
+      pool    ``[N, H, kv_block_size, D]`` (only its shape is read).
+      block   int64 ``[B, 1 or H, K]``, offset int64 ``[B, 1 or H, K]``: addresses (from
+              ``PagedBlockAddress``, so always in range).
+    Output:
+      int64 ``[B, H, K]``: ``(block * H + h) * kv_block_size + offset`` — one row of ``D`` values
+      per head. Built by broadcasting, so no index tensor is expanded or concatenated.
+    """
+    pool_shape = op.Shape(pool)
+    heads = op.Gather(pool_shape, 1)
+    block_size = op.Gather(pool_shape, 2)
+    head_index = op.Reshape(
+        op.Range(op.Constant(value_int=0), heads, op.Constant(value_int=1)),
+        op.Constant(value_ints=[1, -1, 1]),
+    )
+    return op.Add(op.Mul(op.Add(op.Mul(block, heads), head_index), block_size), offset)
+
+
+@script(paged, default_opset=op)
 def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_period):
     """Write new K or V rows into the block pool; the paged form of ``CtxScatter``.
 
@@ -103,12 +125,13 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_peri
     block = op.Where(slot_ok, block, zero)
     offset = op.Where(slot_ok, offset, zero)
 
+    # ScatterND straight into the 4-D pool: its result is the graph's retained-state output, and
+    # a Reshape between the two would cost a full copy of the pool (measured: as much as the scatter).
     position_shape = op.Shape(position_ids)
-    heads = op.Slice(pool_shape, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
     one = op.Constant(value_ints=[1])
     index_shape = op.Concat(
         op.Slice(position_shape, op.Constant(value_ints=[0]), one),
-        heads,
+        op.Slice(pool_shape, one, op.Constant(value_ints=[2])),
         op.Slice(position_shape, one, op.Constant(value_ints=[2])),
         one,
         axis=0,
@@ -134,7 +157,7 @@ def PagedCtxGatherPositions(pool, block_table, ctx_indices):
       ctx_indices   int64 ``[B, 1 or H, C]``: logical positions to read, per head or shared.
     Output:
       ``[B, H, C, D]`` with ``out[b, h, k, :] = pool[block, h, offset, :]`` at the address of
-      ``ctx_indices[b, h (or 0), k]`` (see ``PagedBlockAddress``). One GatherND: it moves exactly
+      ``ctx_indices[b, h (or 0), k]`` (see ``PagedBlockAddress``). One Gather of rows: it moves exactly
       the bytes it returns.
 
     An invalid index (padding, the INT32_MAX "don't care" sentinel of QEfficient exports, an
@@ -150,21 +173,16 @@ def PagedCtxGatherPositions(pool, block_table, ctx_indices):
     block = op.Reshape(block, index_shape)
     offset = op.Reshape(offset, index_shape)
 
-    read_shape = op.Concat(
-        op.Slice(index_shape, zero, one),
-        op.Slice(pool_shape, one, op.Constant(value_ints=[2])),
-        op.Slice(index_shape, op.Constant(value_ints=[2]), op.Constant(value_ints=[3])),
-        one,
-        axis=0,
+    rows = PagedRowIndex(pool, block, offset)
+    flat_pool = op.Reshape(
+        pool,
+        op.Concat(
+            op.Constant(value_ints=[-1]),
+            op.Slice(pool_shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[4])),
+            axis=0,
+        ),
     )
-    head_index = op.Range(op.Constant(value_int=0), op.Gather(pool_shape, 1), op.Constant(value_int=1))
-    indices = op.Concat(
-        op.Expand(op.Unsqueeze(block, op.Constant(value_ints=[3])), read_shape),
-        op.Expand(op.Unsqueeze(head_index, op.Constant(value_ints=[0, 2, 3])), read_shape),
-        op.Expand(op.Unsqueeze(offset, op.Constant(value_ints=[3])), read_shape),
-        axis=3,
-    )
-    return op.GatherND(pool, indices)
+    return op.Gather(flat_pool, rows, axis=0)
 
 
 @script(paged, default_opset=op)
