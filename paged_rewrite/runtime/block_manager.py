@@ -32,6 +32,11 @@ class BlockManager:
     ``block_order`` fixes the order in which free blocks are handed out; by default
     ``1, 2, ...``. Pass a shuffled order (see ``shuffled_order``) to prove that nothing depends
     on physical contiguity.
+
+    Prefix sharing: ``fork(parent, child)`` gives the child the parent's blocks by reference
+    (reference counts). Before a sequence writes into a block it shares, ``prepare_write`` makes
+    it private — copy on write — and queues the ``(source, copy)`` pair; the runtime applies
+    ``take_copies()`` to its pools before the model call. Full shared blocks are never copied.
     """
 
     def __init__(self, num_blocks: int, kv_block_size: int, block_order: Sequence[int] | None = None) -> None:
@@ -50,6 +55,8 @@ class BlockManager:
         self.kv_block_size = kv_block_size
         self._free = list(reversed(order))  # pop() hands out order[0] first
         self._sequences: dict[Hashable, _Sequence] = {}
+        self._references: dict[int, int] = {}
+        self._copies: list[tuple[int, int]] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -57,7 +64,8 @@ class BlockManager:
 
     @property
     def num_used_blocks(self) -> int:
-        return sum(len(s.blocks) for s in self._sequences.values())
+        """Distinct physical blocks held (a block shared by several sequences counts once)."""
+        return len(self._references)
 
     def blocks_of(self, seq: Hashable) -> list[int]:
         """Physical blocks of ``seq``, in logical order."""
@@ -71,9 +79,49 @@ class BlockManager:
         state = self._sequences.setdefault(seq, _Sequence())
         needed = -(-length // self.kv_block_size)
         while len(state.blocks) < needed:
-            if not self._free:
-                raise OutOfBlocksError(f"pool of {self.num_blocks} blocks is exhausted")
-            state.blocks.append(self._free.pop())
+            state.blocks.append(self._allocate())
+
+    def prepare_write(self, seq: Hashable, length: int) -> None:
+        """Make room for positions ``[length_of(seq), length)`` and make every block they touch
+        private to ``seq`` (copy on write of a shared, partially filled block)."""
+        self.ensure_capacity(seq, length)
+        state = self._sequences[seq]
+        first = state.length // self.kv_block_size
+        last = -(-length // self.kv_block_size)
+        for column in range(first, last):
+            block = state.blocks[column]
+            if self._references[block] > 1:
+                private = self._allocate()
+                self._release(block)
+                state.blocks[column] = private
+                self._copies.append((block, private))
+
+    def fork(self, parent: Hashable, child: Hashable) -> None:
+        """``child`` starts as ``parent``: same length, same blocks, shared by reference."""
+        if child in self._sequences:
+            raise ValueError(f"sequence {child!r} already exists")
+        source = self._sequences[parent]
+        for block in source.blocks:
+            self._references[block] += 1
+        self._sequences[child] = _Sequence(list(source.blocks), source.length)
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """Pending ``(source, copy)`` block copies the runtime must apply to every pool."""
+        copies, self._copies = self._copies, []
+        return copies
+
+    def _allocate(self) -> int:
+        if not self._free:
+            raise OutOfBlocksError(f"pool of {self.num_blocks} blocks is exhausted")
+        block = self._free.pop()
+        self._references[block] = 1
+        return block
+
+    def _release(self, block: int) -> None:
+        self._references[block] -= 1
+        if self._references[block] == 0:
+            del self._references[block]
+            self._free.append(block)
 
     def append(self, seq: Hashable, num_tokens: int) -> None:
         """Record that ``num_tokens`` more tokens of ``seq`` were written (allocating as needed)."""
@@ -82,9 +130,10 @@ class BlockManager:
         state.length += num_tokens
 
     def free(self, seq: Hashable) -> None:
-        """Return every block of ``seq`` to the free list."""
+        """Drop ``seq``; blocks no other sequence shares go back to the free list."""
         state = self._sequences.pop(seq)
-        self._free.extend(reversed(state.blocks))
+        for block in reversed(state.blocks):
+            self._release(block)
 
     def block_table(self, seqs: Sequence[Hashable | None], num_columns: int) -> np.ndarray:
         """int64 ``[len(seqs), num_columns]``; ``-1`` where unallocated. ``None`` is an empty row."""

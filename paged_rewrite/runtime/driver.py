@@ -23,6 +23,8 @@ PAD_POSITION = -1
 class Runner(Protocol):
     def step(self, rows: Sequence[Row]) -> np.ndarray: ...
 
+    def fork(self, parent: str, child: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class SequenceScript:
@@ -32,6 +34,7 @@ class SequenceScript:
     prompt: np.ndarray
     num_decode: int
     decode_tokens: np.ndarray | None = None
+    fork_of: str | None = None  # shares this sequence's prompt: forked after its prefill
 
 
 @dataclass(frozen=True)
@@ -86,12 +89,20 @@ def drive(runners: Sequence[Runner], scenario: Scenario) -> list[Step]:
         return step
 
     last_token: dict[str, int] = {}
-    chunks = {s.name: prefill_rows(s, scenario.chunk_len) for s in scenario.sequences}
+    chunks = {s.name: prefill_rows(s, scenario.chunk_len) for s in scenario.sequences if s.fork_of is None}
     for round_index in range(max(len(c) for c in chunks.values())):
         for script in scenario.sequences:
-            if round_index < len(chunks[script.name]):
+            if script.name in chunks and round_index < len(chunks[script.name]):
                 step = call("prefill", [chunks[script.name][round_index]])
                 last_token[script.name] = int(np.argmax(step.logits[0][0]))
+
+    for script in scenario.sequences:
+        if script.fork_of is not None:
+            parent = next(s for s in scenario.sequences if s.name == script.fork_of)
+            assert np.array_equal(parent.prompt, script.prompt), "a fork shares its parent's prompt"
+            for runner in runners:
+                runner.fork(parent.name, script.name)
+            last_token[script.name] = last_token[parent.name]
 
     by_name = {s.name: s for s in scenario.sequences}
     for t in range(max(s.num_decode for s in scenario.sequences)):

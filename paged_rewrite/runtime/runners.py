@@ -147,6 +147,16 @@ class ContiguousRunner(_Runner):
         self._cache.pop(seq, None)
         self.slots.pop(seq, None)
 
+    def fork(self, parent: Hashable, child: Hashable) -> None:
+        """``child`` continues from a copy of ``parent``'s cache (a contiguous cache cannot share)."""
+        if self.continuous_batching:
+            source = self._slots_of([Row(parent, np.zeros(0), np.zeros(0))])[0]
+            target = self._slots_of([Row(child, np.zeros(0), np.zeros(0))])[0]
+            for c in self.caches:
+                self._shared[c.input][target] = self._shared[c.input][source]
+        else:
+            self._cache[child] = {name: cache.copy() for name, cache in self._cache[parent].items()}
+
 
 @dataclass
 class IsolationRecord:
@@ -170,13 +180,17 @@ class PagedRunner(_Runner):
             for c in self.caches
         }
         self.isolation: list[IsolationRecord] = []
+        self.blocks_in_use: list[int] = []  # distinct pool blocks held after each step
 
     def step(self, rows: Sequence[Row]) -> np.ndarray:
         manager = self.manager
         for row in rows:
             valid = row.position_ids[row.position_ids >= 0]
             if row.seq is not None:
-                manager.ensure_capacity(row.seq, int(valid.max()) + 1 if valid.size else 0)
+                manager.prepare_write(row.seq, int(valid.max()) + 1 if valid.size else 0)
+        for source, copy in manager.take_copies():  # copy on write of shared blocks
+            for pool in self.pools.values():
+                pool[copy] = pool[source]
         seqs = [row.seq for row in rows]
         feeds = self._tokens(rows)
         feeds["block_table"] = manager.block_table(seqs, self.num_kv_blocks)
@@ -194,10 +208,15 @@ class PagedRunner(_Runner):
         for row in rows:
             if row.seq is not None:
                 manager.append(row.seq, row.num_valid)
+        self.blocks_in_use.append(manager.num_used_blocks)
         return out["logits"][:, -1]
 
     def release(self, seq: Hashable) -> None:
         self.manager.free(seq)
+
+    def fork(self, parent: Hashable, child: Hashable) -> None:
+        """``child`` shares ``parent``'s blocks (prefix sharing, copy on write)."""
+        self.manager.fork(parent, child)
 
 
 def foreign_changes(before: np.ndarray, after: np.ndarray, owned: set[int]) -> list[int]:
