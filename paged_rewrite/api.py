@@ -7,8 +7,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import onnx
+
 from paged_rewrite import handoff
-from paged_rewrite.errors import OutputError, PagedRewriteError, UsageError
+from paged_rewrite.errors import NotAModelError, OutputError, PagedRewriteError, UsageError
 from paged_rewrite.model_io import load_model, save_model, write_text_atomically
 from paged_rewrite.pipeline import RewriteOptions, rewrite_model
 from paged_rewrite.report import RewriteReport
@@ -46,6 +48,9 @@ def rewrite(
         report = rewrite_model(model, RewriteOptions(kv_block_size, ctx_len, num_blocks, bound))
     except PagedRewriteError as error:  # name the model in every refusal
         raise type(error)(f"{input_path}: {error}") from None
+    except Exception:
+        _blame_the_input(input_path)  # an invalid input explains the failure; else it is our bug
+        raise
     report.input_path = str(input_path)
     if ctx_len is not None:
         bound = {**bound, "ctx_len": ctx_len}
@@ -56,7 +61,12 @@ def rewrite(
         sidecars["custom_io"] = handoff.paged_custom_io(precisions, report, custom_io)
     if output_path is None:
         return report
-    target = save_model(model, output_path, Path(input_path), copy_weights, full_check)
+    try:
+        target = save_model(model, output_path, Path(input_path), copy_weights, full_check)
+    except OutputError as error:
+        if "fails the ONNX checker" in str(error):
+            _blame_the_input(input_path)
+        raise
     report.output_path = str(target)
     paths = handoff.sidecar_paths(target)
     sidecars["manifest"] = handoff.to_json(handoff.manifest(report, Path(input_path), VERSION), indent=None)
@@ -72,6 +82,19 @@ def rewrite(
         raise
     report.files = {kind: str(paths[kind]) for kind in sorted(sidecars)}
     return report
+
+
+def _blame_the_input(path: str | os.PathLike[str]) -> None:
+    """Raise ``NotAModelError`` if the input itself fails the ONNX checker (structural, by path).
+
+    Run only after something went wrong, so valid inputs pay nothing for it."""
+    try:
+        onnx.checker.check_model(os.fspath(path))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, UnicodeDecodeError) as exc:
+        text = str(exc).strip().splitlines()
+        raise NotAModelError(
+            f"{path}: not a valid ONNX model: {text[0] if text else type(exc).__name__}"
+        ) from None
 
 
 def _bind(flags: Mapping[str, int], from_file: Mapping[str, int]) -> dict[str, int]:

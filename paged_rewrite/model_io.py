@@ -144,7 +144,7 @@ def save_model(
         onnx.checker.check_model(tmp_name, full_check=full_check)
         os.replace(tmp_name, target)
         placed_data = False
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, UnicodeDecodeError) as exc:
         raise OutputError(
             f"{target}: the rewritten model fails the ONNX checker: {_first_line(exc)}"
         ) from None

@@ -149,14 +149,23 @@ def _is_cache_op(node: onnx.NodeProto) -> bool:
 
 
 def _refuse_foreign_ops(bodies: list[Any]) -> None:
+    """Refuse paged ops, unknown ``Ctx*`` ops and known ones with the wrong operands."""
     for body in bodies:
         for node in body:
             if node.domain != QEFF_DOMAIN:
                 continue
-            if node.domain == QEFF_DOMAIN and node.op_type.startswith("Paged"):
+            if node.op_type.startswith("Paged"):
                 raise UnsupportedPatternError(f"{where(node)}: the model is already paged")
-            if is_cache_op_like(node.domain, node.op_type) and not _is_cache_op(node):
+            rule = rule_for(node.domain, node.op_type)
+            if rule is None and is_cache_op_like(node.domain, node.op_type):
                 raise UnsupportedPatternError(f"{where(node)}: unknown cache op")
+            if rule is not None and (
+                len(node.input) != len(rule.slots) or len(node.output) != 1 or not all(node.input)
+            ):
+                raise UnsupportedPatternError(
+                    f"{where(node)}: expects inputs ({', '.join(rule.slots)}) and one output, "
+                    f"has {len(node.input)} inputs and {len(node.output)} outputs"
+                )
 
 
 def _refuse_dynamic_cache(graph: onnx.GraphProto) -> None:
