@@ -24,6 +24,7 @@ from paged_rewrite.errors import PagedRewriteError, VerificationError
 
 F = TypeVar("F", bound=Callable[..., Any])
 INTERNAL_ERROR_EXIT = 1
+INTERRUPTED_EXIT = 130  # the shell's convention for SIGINT
 
 
 class _DefaultToRewrite(click.Group):
@@ -64,7 +65,10 @@ def _guarded(fn: F) -> F:
         except PagedRewriteError as exc:
             click.echo(f"paged-rewrite: {exc.kind}: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+        except KeyboardInterrupt:  # temporary files are already gone (see model_io)
+            click.echo("paged-rewrite: interrupted: nothing was written", err=True)
+            sys.exit(INTERRUPTED_EXIT)
+        except (click.exceptions.Exit, click.ClickException):
             raise
         except Exception as exc:  # a bug of ours: still one line, distinct exit code
             click.echo(f"paged-rewrite: internal error: {type(exc).__name__}: {exc}", err=True)

@@ -129,11 +129,13 @@ def save_model(
             "(external data may not be referenced from another folder)"
         )
     data_target = target.with_name(target.name + ".data")
-    tmp_name = _temp_beside(target)
-    tmp_data = _temp_beside(data_target) if external and copy_weights else None
+    tmp_name: str | None = None
+    tmp_data: str | None = None
     placed_data = False
     try:
-        if tmp_data is not None:
+        tmp_name = _temp_beside(target)
+        if external and copy_weights:
+            tmp_data = _temp_beside(data_target)
             _copy_external(model, origin, tmp_data, data_target.name)
         Path(tmp_name).write_bytes(model.SerializeToString())  # onnx.save would re-walk external data
         os.chmod(tmp_name, 0o666 & ~_umask())
@@ -173,7 +175,10 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 def _temp_beside(target: Path) -> str:
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
     os.close(fd)
     return name
 

@@ -55,7 +55,9 @@ def structural(rng: random.Random, _: bytes, model: onnx.ModelProto) -> bytes:
     if choice == 0 and model.functions:  # a missing function
         del model.functions[rng.randrange(len(model.functions))]
     elif choice == 1 and caches:  # wrong dtype on a cache
-        rng.choice(caches).type.tensor_type.elem_type = rng.choice([onnx.TensorProto.INT64, onnx.TensorProto.BOOL])
+        rng.choice(caches).type.tensor_type.elem_type = rng.choice(
+            [onnx.TensorProto.INT64, onnx.TensorProto.BOOL]
+        )
     elif choice == 2 and caches:  # wrong rank on a cache
         dims = rng.choice(caches).type.tensor_type.shape.dim
         del dims[rng.randrange(len(dims))]
@@ -79,7 +81,12 @@ def structural(rng: random.Random, _: bytes, model: onnx.ModelProto) -> bytes:
         del graph.node[:]
         graph.node.extend(nodes)
     elif choice == 9:  # a cache op losing its inputs
-        ctx = [n for body in [graph.node, *(f.node for f in model.functions)] for n in body if n.op_type.startswith("Ctx")]
+        ctx = [
+            n
+            for body in [graph.node, *(f.node for f in model.functions)]
+            for n in body
+            if n.op_type.startswith("Ctx")
+        ]
         if ctx:
             del rng.choice(ctx).input[:]
     elif choice == 10:  # duplicate graph input names
@@ -101,7 +108,9 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[bytes, onnx.
     return [(p.read_bytes(), onnx.load(p)) for p in paths]
 
 
-def test_malformed_models_are_refused_cleanly(tmp_path: Path, sources: list[tuple[bytes, onnx.ModelProto]]) -> None:
+def test_malformed_models_are_refused_cleanly(
+    tmp_path: Path, sources: list[tuple[bytes, onnx.ModelProto]]
+) -> None:
     rng = random.Random(SEED)
     runner = CliRunner()
     outcomes: Counter[int] = Counter()
@@ -114,7 +123,9 @@ def test_malformed_models_are_refused_cleanly(tmp_path: Path, sources: list[tupl
         source.write_bytes(mutated)
         digest = hashlib.sha256(mutated).hexdigest()
         out = folder / "paged.onnx"
-        result = runner.invoke(main, [str(source), "-o", str(out), "--kv-block-size", "16", "--ctx-len", "128"])
+        result = runner.invoke(
+            main, [str(source), "-o", str(out), "--kv-block-size", "16", "--ctx-len", "128"]
+        )
         detail = f"case {case}: exit {result.exit_code}\n{result.output}"
         if result.exc_info and not isinstance(result.exc_info[1], SystemExit):
             detail += "".join(traceback.format_exception(*result.exc_info))
@@ -124,7 +135,9 @@ def test_malformed_models_are_refused_cleanly(tmp_path: Path, sources: list[tupl
         left = sorted(p.name for p in folder.iterdir())
         if result.exit_code == 0:
             onnx.checker.check_model(str(out))
-            assert left == ["model.onnx", "paged.onnx", "paged.onnx.json", "paged.specializations.json"], detail
+            assert left == ["model.onnx", "paged.onnx", "paged.onnx.json", "paged.specializations.json"], (
+                detail
+            )
         else:
             errors = [line for line in result.output.splitlines() if line.startswith("paged-rewrite:")]
             assert len(errors) == 1, detail

@@ -61,6 +61,10 @@ def add_paged_inputs(
         if value < 1:
             raise UsageError(f"--dim {name}={value}: a dim must be a positive integer")
     context_dim, context_len, windows = _lengths(sites, bound, kv_block_size)
+    if context_len is not None and kv_block_size > context_len:
+        raise UsageError(
+            f"--kv-block-size {kv_block_size} is larger than the context ({context_dim}={context_len})"
+        )
     for body in sites.bodies:
         _refuse_name_clash(body)
     num_kv_blocks: int | str = math.ceil(context_len / kv_block_size) if context_len else NUM_KV_BLOCKS
