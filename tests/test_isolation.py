@@ -188,3 +188,24 @@ def test_unallocated_or_missing_block_reads_the_null_block(bad_block: int) -> No
     assert np.array_equal(read[0, :, 2], new_pool[0, :, 0]) and np.array_equal(
         read[0, :, 3], new_pool[0, :, 0]
     )
+
+
+@pytest.mark.parametrize("comp_ctx_len", [1, 3, 6])
+def test_gather_reads_comp_ctx_len_positions(comp_ctx_len: int) -> None:
+    """``comp_ctx_len`` (QEfficient's compute-context length) bounds the read, and a single index
+    per row is broadcast to it, as in ``CtxGather``."""
+    rng = np.random.default_rng(comp_ctx_len)
+    pool = rng.standard_normal((5, HEADS, 2, HEAD_DIM)).astype(np.float32)
+    table = np.array([[3, 1, 4, -1]], np.int64)
+    for indices in (np.arange(comp_ctx_len).reshape(1, 1, -1), np.array([[[2]]])):
+        feeds = {
+            "pool": pool, "block_table": table, "slot_id": np.array([0], np.int64),
+            "position_ids": np.array([[-1]], np.int64), "updates": np.zeros((1, HEADS, 1, HEAD_DIM), np.float32),
+            "ctx_indices": indices.astype(np.int64), "comp_ctx_len": np.array(comp_ctx_len, np.int64),
+            "slot_period": np.array(2, np.int64),
+        }  # fmt: skip
+        new_pool, read = SESSION.run(None, feeds)
+        assert read.shape == (1, HEADS, comp_ctx_len, HEAD_DIM)
+        for k, position in enumerate(np.broadcast_to(indices[0, 0], (comp_ctx_len,))):
+            block = table[0, position // 2]
+            assert np.array_equal(read[0, :, k], new_pool[block, :, position % 2])

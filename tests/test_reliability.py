@@ -155,6 +155,8 @@ def test_rows_stay_apart_and_valid_rows_stay_finite(paged_fixture) -> None:  # t
         positions[0] = np.arange(start, start + seq)
         if batch > 2:
             positions[-1] = -1  # an all-padding row
+        if batch > 3:
+            table[1] = -1  # a row with no block at all
         slot_id = rng.integers(-1, bs + 1, batch).astype(np.int64)
         slot_id[0] = start % bs
         feeds = {"input_ids": rng.integers(0, 256, (batch, seq)).astype(np.int64), "position_ids": positions,

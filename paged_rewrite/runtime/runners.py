@@ -134,12 +134,15 @@ class ContiguousRunner(_Runner):
         fresh = {c.input: np.zeros(c.sized(self.dims, a0=1), c.dtype) for c in self.caches}
         return fresh if seq is None else self._cache.setdefault(seq, fresh)
 
+    def _slot_for(self, seq: Hashable) -> int:
+        """The cache row of ``seq``: given, or the lowest free one on first sight."""
+        if seq not in self.slots:
+            taken = set(self.slots.values())
+            self.slots[seq] = min(s for s in range(self.dims["full_batch_size"]) if s not in taken)
+        return self.slots[seq]
+
     def _slots_of(self, rows: Sequence[Row]) -> list[int]:
-        for row in rows:
-            if row.seq is not None and row.seq not in self.slots:
-                taken = set(self.slots.values())
-                self.slots[row.seq] = min(s for s in range(self.dims["full_batch_size"]) if s not in taken)
-        busy = {self.slots[row.seq] for row in rows if row.seq is not None}
+        busy = {self._slot_for(row.seq) for row in rows if row.seq is not None}
         spare = iter(s for s in range(self.dims["full_batch_size"]) if s not in busy)
         return [self.slots[row.seq] if row.seq is not None else next(spare) for row in rows]
 
@@ -150,8 +153,7 @@ class ContiguousRunner(_Runner):
     def fork(self, parent: Hashable, child: Hashable) -> None:
         """``child`` continues from a copy of ``parent``'s cache (a contiguous cache cannot share)."""
         if self.continuous_batching:
-            source = self._slots_of([Row(parent, np.zeros(0), np.zeros(0))])[0]
-            target = self._slots_of([Row(child, np.zeros(0), np.zeros(0))])[0]
+            source, target = self._slot_for(parent), self._slot_for(child)
             for c in self.caches:
                 self._shared[c.input][target] = self._shared[c.input][source]
         else:
