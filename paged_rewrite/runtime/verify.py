@@ -119,10 +119,11 @@ def compare(
     seed: int = 0,
     tolerance: float = DEFAULT_TOLERANCE,
     spare_blocks: int = 3,
+    geometry: PagedGeometry | None = None,
 ) -> VerifyReport:
     """Drive both models through ``scenario``; the pool has ``spare_blocks`` never-used blocks
     beyond what the sequences need, so isolation is checked against untouched neighbours too."""
-    geometry = PagedGeometry.of(paged)
+    geometry = geometry or PagedGeometry.of(paged)
     bs = geometry.kv_block_size
     num_kv_blocks = geometry.num_kv_blocks or math.ceil(ctx_len / bs)
     if num_kv_blocks * bs != ctx_len:
@@ -180,4 +181,4 @@ def verify(
         raise UnsupportedPatternError(
             f"ctx_len {ctx_len} is too short for a {scenario.max_length}-token scenario"
         )
-    return compare(original, paged, scenario, ctx_len, block_order, seed, tolerance)
+    return compare(original, paged, scenario, ctx_len, block_order, seed, tolerance, geometry=geometry)
