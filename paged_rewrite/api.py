@@ -11,7 +11,7 @@ import onnx
 
 from paged_rewrite import handoff
 from paged_rewrite.errors import NotAModelError, OutputError, PagedRewriteError, UsageError
-from paged_rewrite.model_io import load_model, save_model, write_text_atomically
+from paged_rewrite.model_io import data_files, load_model, save_model, write_text_atomically
 from paged_rewrite.pipeline import RewriteOptions, rewrite_model
 from paged_rewrite.report import RewriteReport
 
@@ -61,6 +61,12 @@ def rewrite(
         sidecars["custom_io"] = handoff.paged_custom_io(precisions, report, custom_io)
     if output_path is None:
         return report
+    paths = handoff.sidecar_paths(Path(output_path))
+    written_by_us = [Path(output_path), *paths.values()]
+    if copy_weights:
+        written_by_us.append(Path(output_path).with_name(Path(output_path).name + ".data"))
+    protected = [input_path, *data_files(model, input_path), specializations, custom_io]
+    _refuse_overwriting_inputs(written_by_us, protected)
     try:
         target = save_model(model, output_path, Path(input_path), copy_weights, full_check)
     except OutputError as error:
@@ -68,7 +74,6 @@ def rewrite(
             _blame_the_input(input_path)
         raise
     report.output_path = str(target)
-    paths = handoff.sidecar_paths(target)
     sidecars["manifest"] = handoff.to_json(handoff.manifest(report, Path(input_path), VERSION), indent=None)
     written: list[Path] = []
     try:
@@ -76,12 +81,21 @@ def rewrite(
             write_text_atomically(paths[kind], text)
             written.append(paths[kind])
     except OutputError:
-        for path in [target, *written]:  # all or nothing
+        copied = [target.with_name(target.name + ".data")] if copy_weights else []
+        for path in [target, *copied, *written]:  # all or nothing
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         raise
     report.files = {kind: str(paths[kind]) for kind in sorted(sidecars)}
     return report
+
+
+def _refuse_overwriting_inputs(outputs: list[Path], inputs: list[str | os.PathLike[str] | None]) -> None:
+    """No file the rewrite writes may be one it reads (the model, its weights, the hand-off inputs)."""
+    protected = {Path(p).resolve(): Path(p) for p in inputs if p is not None}
+    for output in outputs:
+        if output.resolve() in protected:
+            raise UsageError(f"{output}: the output would overwrite the input {protected[output.resolve()]}")
 
 
 def _blame_the_input(path: str | os.PathLike[str]) -> None:

@@ -63,6 +63,12 @@ def paged_specializations(
     source = entries or [{"name": "Default", "symbols": dict(bound)}]
     out = []
     for entry in source:
+        for name, value in entry["symbols"].items():
+            if name in bound and bound[name] != value:
+                raise UsageError(
+                    f"specialization {entry.get('name', '?')!r} has {name}={value}, "
+                    f"but the rewrite was bound to {name}={bound[name]}"
+                )
         known = {**bound, **entry["symbols"]}
         values = dict(known)
         if "ctx_len" in known:

@@ -25,12 +25,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise NotAModelError(f"{source}: not an ONNX model ({type(exc).__name__})") from None
     if model.ir_version < 3 or not model.graph.input or not model.graph.node:
         raise NotAModelError(f"{source}: not an ONNX model (no graph inputs or nodes)")
-    checked: set[str] = set()
-    for tensor in external_tensors(model):  # refuse unsafe references before anything else
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        if location not in checked:
-            data_file(source, tensor)
-            checked.add(location)
+    data_files(model, source)  # refuse unsafe references before anything else
     return model
 
 
@@ -52,6 +47,16 @@ def data_file(model_path: Path, tensor: onnx.TensorProto) -> Path:
             "(it must be a relative path inside the model's folder)"
         )
     return target
+
+
+def data_files(model: onnx.ModelProto, model_path: str | os.PathLike[str]) -> list[Path]:
+    """The distinct external data files ``model`` references (validated, not opened)."""
+    files: dict[str, Path] = {}
+    for tensor in external_tensors(model):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if location not in files:
+            files[location] = data_file(Path(model_path), tensor)
+    return list(files.values())
 
 
 def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -131,6 +136,7 @@ def save_model(
     data_target = target.with_name(target.name + ".data")
     tmp_name: str | None = None
     tmp_data: str | None = None
+    backup: str | None = None  # a previous <output>.data, restored if this run fails
     placed_data = False
     try:
         tmp_name = _temp_beside(target)
@@ -141,6 +147,9 @@ def save_model(
         os.chmod(tmp_name, 0o666 & ~_umask())
         if tmp_data is not None:
             os.chmod(tmp_data, 0o666 & ~_umask())
+            if data_target.exists():
+                backup = _temp_beside(data_target)
+                os.replace(data_target, backup)
             os.replace(tmp_data, data_target)  # the checker resolves the final data name
             placed_data = True
         onnx.checker.check_model(tmp_name, full_check=full_check)
@@ -157,6 +166,12 @@ def save_model(
             if leftover is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)
+        if backup is not None:
+            if placed_data:  # this run failed: the previous data file goes back
+                os.replace(backup, data_target)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(backup)
     return target
 
 

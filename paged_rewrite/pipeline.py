@@ -61,7 +61,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         caches=caches,
         rewritten=rewritten,
         functions=[body.name for body in sites.functions],
-        windows=dict(layout.windows),
+        windows={str(dim): ring for dim, ring in layout.windows.items()},
         added_inputs=[layout.block_table, layout.slot_id],
         removed_inputs=removed,
         inputs=[TensorSpec.of(v) for v in model.graph.input],
@@ -87,5 +87,5 @@ def _layout_metadata(layout: PagedLayout) -> dict[str, str]:
         "paged_rewrite.num_kv_blocks": str(layout.num_kv_blocks),
         "paged_rewrite.null_block": "0",
         "paged_rewrite.dims": json.dumps(layout.bound_dims, sort_keys=True),
-        "paged_rewrite.windows": json.dumps(layout.windows, sort_keys=True),
+        "paged_rewrite.windows": json.dumps({str(d): n for d, n in layout.windows.items()}, sort_keys=True),
     }

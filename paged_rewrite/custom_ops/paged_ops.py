@@ -101,27 +101,27 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_peri
       ``position_ids[b, s]`` (see ``PagedBlockAddress``), same shape as ``pool``.
 
     Invalid writes go to the null block: padding and out-of-range positions, ``-1`` or
-    out-of-pool table entries, and every token of a row whose ``slot_id`` disagrees with its
-    first position (``slot_id[b]`` outside ``[0, kv_block_size)``, or
-    ``slot_id[b] % slot_period != position_ids[b, 0] % slot_period``, while
-    ``position_ids[b, 0] >= 0``): such a row's runtime bookkeeping is broken, and writing
+    out-of-pool table entries, and every token of a row whose ``slot_id`` is broken:
+    ``slot_id[b]`` outside ``[0, kv_block_size)``, or, when the row has a position inside the
+    table, ``slot_id[b] % slot_period != p0 % slot_period`` for its first such position ``p0``:
+    such a row's runtime bookkeeping is broken, and writing
     nothing is the only safe choice. Hence no write ever lands outside block 0 and the blocks
     listed in the writer's own ``block_table`` row. A chunk may cross block boundaries.
     """
     block, offset = PagedBlockAddress(pool, block_table, position_ids)
     pool_shape = op.Shape(pool)
     zero = op.Constant(value_int=0)
-    first = op.Slice(
-        position_ids, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[1])
-    )
-    expected_slot = op.Mod(first, slot_period)
-    given_slot = op.Mod(op.Unsqueeze(slot_id, op.Constant(value_ints=[1])), slot_period)
     block_size = op.Gather(pool_shape, 2)
-    slot_in_block = op.And(op.GreaterOrEqual(slot_id, zero), op.Less(slot_id, block_size))
-    slot_agrees = op.And(
-        op.Unsqueeze(slot_in_block, op.Constant(value_ints=[1])), op.Equal(given_slot, expected_slot)
-    )
-    slot_ok = op.Or(op.Less(first, zero), slot_agrees)
+    capacity = op.Mul(op.Gather(op.Shape(block_table), 1), block_size)
+    in_range = op.And(op.GreaterOrEqual(position_ids, zero), op.Less(position_ids, capacity))
+    # The row's first position inside the table (ArgMax picks the first maximum).
+    first_index = op.ArgMax(op.Cast(in_range, to=6), axis=1, keepdims=1)
+    first = op.GatherElements(position_ids, first_index, axis=1)
+    has_valid = op.Cast(op.GatherElements(op.Cast(in_range, to=6), first_index, axis=1), to=9)
+    given = op.Unsqueeze(slot_id, op.Constant(value_ints=[1]))
+    slot_in_block = op.And(op.GreaterOrEqual(given, zero), op.Less(given, block_size))
+    slot_agrees = op.Equal(op.Mod(given, slot_period), op.Mod(first, slot_period))
+    slot_ok = op.And(slot_in_block, op.Or(op.Not(has_valid), slot_agrees))
     block = op.Where(slot_ok, block, zero)
     offset = op.Where(slot_ok, offset, zero)
 

@@ -4,8 +4,9 @@ graph's), and fix the paged layout: block size, table width, and each cache's lo
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import onnx
@@ -31,12 +32,17 @@ class PagedLayout:
     total_num_kv_blocks: int | str
     batch_dim: Dim
     context_dim: Dim  # the length dim of full-context caches: they span the whole table
-    windows: dict[str, int]  # length dim -> ring length, for sliding-window caches
+    windows: dict[Dim, int]  # length dim (a name, or a static size) -> ring length
     bound_dims: dict[str, int]  # every symbolic dim of the input the user gave a value
     # The same two names address the cache in the main graph and in every function body.
     block_table: str = BLOCK_TABLE
     slot_id: str = SLOT_ID
     dropped: set[str] = field(default_factory=set)  # operands the paged ops no longer take
+    _names: Iterator[int] = field(default_factory=itertools.count)
+
+    def fresh_name(self, what: str) -> str:
+        """A new value name no exporter uses (node names are optional and need not be unique)."""
+        return f"paged_rewrite.{what}.{next(self._names)}"
 
     @property
     def logical_length(self) -> int | None:
@@ -71,15 +77,15 @@ def add_paged_inputs(
     int64 = onnx.TensorProto.INT64
     model.graph.input.extend(
         [
-            helper.make_tensor_value_info(BLOCK_TABLE, int64, [sites.batch_dim, num_kv_blocks]),
-            helper.make_tensor_value_info(SLOT_ID, int64, [sites.batch_dim]),
+            helper.make_tensor_value_info(BLOCK_TABLE, int64, [sites.row_dim, num_kv_blocks]),
+            helper.make_tensor_value_info(SLOT_ID, int64, [sites.row_dim]),
         ]
     )
     layout = PagedLayout(
         kv_block_size=kv_block_size,
         num_kv_blocks=num_kv_blocks,
         total_num_kv_blocks=num_blocks if num_blocks is not None else TOTAL_NUM_KV_BLOCKS,
-        batch_dim=sites.batch_dim,
+        batch_dim=sites.row_dim,
         context_dim=context_dim,
         windows=windows,
         bound_dims=bound,
@@ -103,7 +109,7 @@ def _refuse_name_clash(body: Body) -> None:
 
 def _lengths(
     sites: CacheSites, bound: dict[str, int], kv_block_size: int
-) -> tuple[Dim, int | None, dict[str, int]]:
+) -> tuple[Dim, int | None, dict[Dim, int]]:
     """Which length dim spans the whole table, its value if known, and the ring lengths.
 
     One length dim: every cache is full-context. Several (sliding-window layers): ``ctx_len``
@@ -118,13 +124,13 @@ def _lengths(
     if len(lengths) == 1:
         return lengths[0], value(lengths[0]), {}
     context: Dim = CTX_LEN if CTX_LEN in lengths else max(lengths, key=lambda d: value(d) or math.inf)
-    windows: dict[str, int] = {}
+    windows: dict[Dim, int] = {}
     for dim in lengths:
         if dim == context:
             continue
         ring = value(dim)
         holder = next(t for t in sites.tensors if t.length_dim == dim)
-        if ring is None or not isinstance(dim, str):
+        if ring is None:
             raise UsageError(
                 f"{where(holder.write.node)}: cache {holder.name!r} is a ring buffer of symbolic length {dim!r}; "
                 f"give its value with --dim {dim}=N (the window the model attends over)"

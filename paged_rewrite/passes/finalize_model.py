@@ -12,7 +12,7 @@ from paged_rewrite.custom_ops import PAGED_DOMAIN, paged_function_protos
 from paged_rewrite.graph import used_names
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.cache_op_rules import rule_for
-from paged_rewrite.passes.find_cache_sites import CacheSites
+from paged_rewrite.passes.find_cache_sites import CacheSites, default_opset
 
 
 def finalize_model(sites: CacheSites, layout: PagedLayout, metadata: dict[str, str]) -> list[str]:
@@ -21,7 +21,12 @@ def finalize_model(sites: CacheSites, layout: PagedLayout, metadata: dict[str, s
     for body in sites.bodies:
         body.commit()
     _remove_unused_functions(model)
-    model.functions.extend(paged_function_protos())
+    opset = default_opset(model)
+    for function in paged_function_protos():
+        for entry in function.opset_import:  # bodies use ops unchanged from opset 13 on
+            if entry.domain == "":
+                entry.version = opset
+        model.functions.append(function)
     _import_domain(model.opset_import)
     for function in model.functions:
         if any(node.domain == PAGED_DOMAIN for node in function.node):

@@ -18,7 +18,7 @@ from typing import Any
 import onnx
 
 from paged_rewrite.errors import NoCacheError, UnsupportedPatternError
-from paged_rewrite.graph import Body, dims_of, function_key
+from paged_rewrite.graph import Body, dims_of, function_key, used_names
 from paged_rewrite.passes.cache_op_rules import QEFF_DOMAIN, is_cache_op_like, rule_for
 
 Dim = int | str | None
@@ -96,6 +96,7 @@ class CacheSites:
     reads: list[Site] = field(default_factory=list)
     shape_reads: list[tuple[Site, Dim]] = field(default_factory=list)  # Shape node, cache length dim
     functions: list[Body] = field(default_factory=list)
+    row_dim: Dim = None  # batch dim of the token rows (block_table rows); see _row_dim
 
     @property
     def batch_dim(self) -> Dim:
@@ -110,8 +111,17 @@ class CacheSites:
         return [self.main, *self.functions]
 
 
+MIN_OPSET = 13  # the paged ops' bodies use ops whose signatures are stable from opset 13 on
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+
+
 def find_cache_sites(model: onnx.ModelProto) -> CacheSites:
     """Return the cache sites of ``model`` or raise a refusal that names the offending node."""
+    if default_opset(model) < MIN_OPSET:
+        raise UnsupportedPatternError(f"default opset {default_opset(model)} is older than {MIN_OPSET}")
     _refuse_foreign_ops([f.node for f in model.functions])
     with_cache = {
         (f.domain, f.name): Body(f) for f in model.functions if any(_is_cache_op(n) for n in f.node)
@@ -135,13 +145,59 @@ def find_cache_sites(model: onnx.ModelProto) -> CacheSites:
         _refuse_dynamic_cache(model.graph)
         raise NoCacheError("no KV cache found (no com.qualcomm.cloud::CtxScatter* writes a graph input)")
     sites.tensors.sort(key=lambda t: (t.layer, t.kind))
-    sites.main.watch(
-        {name for t in sites.tensors for name in (t.input.name, t.output.name)} | ADDRESSING_NAMES
-    )
+    _check_shapes(sites.tensors)
+    cache_names = {name for t in sites.tensors for name in (t.input.name, t.output.name)}
+    _refuse_subgraph_users(model.graph, cache_names)
+    sites.main.watch(cache_names | ADDRESSING_NAMES)
     for tensor in sites.tensors:
         _collect_users(sites, tensor)
-    _check_shapes(sites.tensors)
+    sites.row_dim = _row_dim(model, sites)
     return sites
+
+
+def _refuse_subgraph_users(graph: onnx.GraphProto, cache_names: set[str]) -> None:
+    """A cache read inside an If/Loop/Scan body (by outer-scope reference) is refused, not missed."""
+    for node in graph.node:
+        subgraphs = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+        subgraphs += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+        if subgraphs:
+            used = used_names(subgraphs) & cache_names
+            if used:
+                raise UnsupportedPatternError(
+                    f"{where(node)} reads cache {sorted(used)[0]!r} inside a subgraph"
+                )
+
+
+def _row_dim(model: onnx.ModelProto, sites: CacheSites) -> Dim:
+    """The batch dim of the model's token rows: that of the rank-2 int64 graph input the first
+    write's positions come from (``position_ids``). With continuous batching the cache's own
+    batch dim is ``full_batch_size``, but ``block_table`` has one row per token row."""
+    tensor = sites.tensors[0]
+    node = tensor.write.node
+    rule = rule_for(node.domain, node.op_type)
+    assert rule is not None
+    name = node.input[rule.operand("positions")]
+    if tensor.call is not None and name in tensor.write.body.input_names:
+        name = tensor.call.input[tensor.write.body.input_names.index(name)]
+    inputs = {v.name: v for v in model.graph.input}
+    producers = {out: n for n in model.graph.node for out in n.output} if name not in inputs else {}
+    frontier, seen = [name], set()
+    while frontier:
+        current = frontier.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        value = inputs.get(current)
+        if (
+            value is not None
+            and value.type.tensor_type.elem_type == onnx.TensorProto.INT64
+            and len(dims_of(value)) == 2
+        ):
+            return dims_of(value)[0]
+        producer = producers.get(current)
+        if producer is not None:
+            frontier.extend(producer.input)
+    return sites.batch_dim
 
 
 def _is_cache_op(node: onnx.NodeProto) -> bool:

@@ -16,12 +16,12 @@ def page_writes(sites: CacheSites, layout: PagedLayout) -> int:
     """Replace every cache write (once per node, shared function bodies included)."""
     for site in sites.writes:
         length = next(t.length_dim for t in sites.tensors if t.write.node is site.node)
-        period = site.body.constant(site.node, f"{site.node.name}/slot_period", _slot_period(length, layout))
+        period = site.body.constant(site.node, layout.fresh_name("slot_period"), _slot_period(length, layout))
         replace_by_rule(site, layout, {"slot_period": period})
     return len(sites.writes)
 
 
 def _slot_period(length_dim: Dim, layout: PagedLayout) -> int:
-    if isinstance(length_dim, str) and length_dim in layout.windows:
+    if length_dim in layout.windows:
         return math.gcd(layout.windows[length_dim], layout.kv_block_size)
     return layout.kv_block_size

@@ -15,7 +15,7 @@ def reshape_cache_io(sites: CacheSites, layout: PagedLayout) -> None:
         pool = [layout.total_num_kv_blocks, tensor.kv_heads, layout.kv_block_size, tensor.head_dim]
         set_dims(tensor.input, pool)
         set_dims(tensor.output, pool)
-    logical: dict[str, int | None] = dict(layout.windows)
+    logical: dict[str, int | None] = {d: n for d, n in layout.windows.items() if isinstance(d, str)}
     if isinstance(layout.context_dim, str):
         logical[layout.context_dim] = layout.logical_length
     value_infos = [sites.model.graph.value_info, *(f.value_info for f in sites.model.functions)]

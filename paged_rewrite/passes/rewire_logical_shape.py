@@ -25,9 +25,9 @@ def rewire_logical_shape(sites: CacheSites, layout: PagedLayout) -> int:
             become(node, PAGED_DOMAIN, op_type, operands)
             continue
         # Shape(start, end) is a slice of the logical shape: the node becomes the Slice.
-        logical = f"{node.name}/logical_shape"
-        starts = site.body.constant(node, f"{node.name}/start", [start])
-        ends = site.body.constant(node, f"{node.name}/end", [end if end is not None else 4])
+        logical = layout.fresh_name("logical_shape")
+        starts = site.body.constant(node, layout.fresh_name("start"), [start])
+        ends = site.body.constant(node, layout.fresh_name("end"), [end if end is not None else 4])
         site.body.insert_before(
             node, [helper.make_node(op_type, operands, [logical], name=logical, domain=PAGED_DOMAIN)]
         )
@@ -37,7 +37,7 @@ def rewire_logical_shape(sites: CacheSites, layout: PagedLayout) -> int:
 
 def _logical_shape_op(site: Site, length_dim: Dim, layout: PagedLayout) -> tuple[str, list[str]]:
     pool = site.node.input[0]
-    if isinstance(length_dim, str) and length_dim in layout.windows:
-        window = site.body.constant(site.node, f"{site.node.name}/window", [layout.windows[length_dim]])
+    if length_dim in layout.windows:
+        window = site.body.constant(site.node, layout.fresh_name("window"), [layout.windows[length_dim]])
         return "PagedWindowShape", [pool, layout.block_table, window]
     return "PagedLogicalShape", [pool, layout.block_table]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from paged_rewrite.errors import UnsupportedPatternError
+from paged_rewrite.errors import PagedRewriteError, UnsupportedPatternError, VerificationError
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Scenario, drive, random_scenario
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
@@ -136,7 +136,14 @@ def compare(
     order = shuffled_order(num_blocks, seed) if block_order == "shuffled" else None
     paged_runner = PagedRunner(paged, BlockManager(num_blocks, bs, order), num_kv_blocks)
     dims = {**geometry.dims, "ctx_len": ctx_len}
-    steps = drive([ContiguousRunner(original, dims), paged_runner], scenario)
+    try:
+        steps = drive([ContiguousRunner(original, dims), paged_runner], scenario)
+    except PagedRewriteError:
+        raise
+    except Exception as exc:  # onnxruntime refused a call: the models do not agree on their interface
+        first = str(exc).strip().splitlines()
+        reason = first[0] if first else type(exc).__name__
+        raise VerificationError(f"{paged}: running the scenario failed: {reason}") from None
     report = VerifyReport(bs, ctx_len, num_blocks, block_order, tolerance)
     for step, isolation in zip(steps, paged_runner.isolation, strict=True):
         want, got = step.logits
