@@ -1,7 +1,7 @@
 """A thin editing layer over the ONNX protobuf, for in-place rewrites of huge graphs.
 
 The rewrite touches a few nodes per layer of graphs with tens of thousands of nodes. Decoding the
-whole graph into a Python object model costs 20-40x a plain ``onnx.load`` + ``onnx.save`` (see
+whole graph into a Python object model costs about 14x a plain ``onnx.load`` + ``onnx.save`` (see
 docs/design.md), so the passes edit the ``ModelProto`` where it lies: a node keeps its output names
 and becomes the paged op in place, and only the nodes that must be added are inserted. ``Body``
 indexes one graph or function body (who consumes which value) and applies insertions in one pass.

@@ -11,12 +11,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from contract import contract_writes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from paged_rewrite.custom_ops import PAGED_DOMAIN, paged_function_protos
-from paged_rewrite.runtime.runners import foreign_changes
+from paged_rewrite.runtime.runners import foreign_changes, unexpected_writes
 
 HEADS, HEAD_DIM = 2, 3
 
@@ -165,9 +166,9 @@ def test_rewritten_model_keeps_rows_apart(paged_fixture) -> None:
             **pools,
         }
         out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
-        own = {int(e) for e in table.ravel() if 0 <= e < num_pool} | {0}
+        allowed = contract_writes(table, feeds["position_ids"], feeds["slot_id"], bs, num_pool)
         for name, before in pools.items():
-            assert foreign_changes(before, out[f"{name}_RetainedState"], own) == [], name
+            assert unexpected_writes(before, out[f"{name}_RetainedState"], allowed) == [], name
 
 
 @pytest.mark.parametrize("bad_block", [-1, 99])
@@ -209,3 +210,13 @@ def test_gather_reads_comp_ctx_len_positions(comp_ctx_len: int) -> None:
         for k, position in enumerate(np.broadcast_to(indices[0, 0], (comp_ctx_len,))):
             block = table[0, position // 2]
             assert np.array_equal(read[0, :, k], new_pool[block, :, position % 2])
+
+
+def test_slot_level_isolation_check_catches_a_write_into_another_rows_block() -> None:
+    before = np.zeros((4, 1, 2, 1), np.float32)
+    after = before.copy()
+    after[2, 0, 1] = 1.0  # block 2, offset 1 changed
+    assert unexpected_writes(before, after, {(2, 1)}) == []
+    assert unexpected_writes(before, after, {(2, 0)}) == [2]  # the block is a row's, the slot is not
+    after[0, 0, 0] = 1.0
+    assert unexpected_writes(before, after, {(2, 1)}) == []  # the null block may change anywhere

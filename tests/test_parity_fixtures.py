@@ -20,6 +20,7 @@ from conftest import ALL_FIXTURES, CTX_LEN, DIMS, FIXTURES
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Scenario, SequenceScript, drive
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
+from paged_rewrite.runtime.verify import PagedGeometry
 
 # The original gpt_oss export is unfaithful for sequence A from step 1 on: its prefill chunk 1
 # crosses the 32-slot ring, and the original writes that chunk's padding (position -1) into
@@ -60,7 +61,8 @@ def test_paged_matches_original_and_reference(paged_fixture, name: str, kv_block
 
     needed = sum(-(-(len(s.prompt) + s.num_decode) // kv_block_size) for s in scenario.sequences)
     num_blocks = 1 + needed + 2
-    manager = BlockManager(num_blocks, kv_block_size, shuffled_order(num_blocks, seed=kv_block_size))
+    rings = list(PagedGeometry.of(paged).windows.values())
+    manager = BlockManager(num_blocks, kv_block_size, shuffled_order(num_blocks, seed=kv_block_size), rings)
     paged_runner = PagedRunner(paged, manager, CTX_LEN // kv_block_size)
     dims = {
         "ctx_len": CTX_LEN,

@@ -16,13 +16,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from contract import contract_writes
 from models import qeff_export
 
-from paged_rewrite import NotAModelError, rewrite
+from paged_rewrite import NotAModelError, UsageError, rewrite
 from paged_rewrite.builder import ExportSpec, write_qeff_export
 from paged_rewrite.cli import main
 from paged_rewrite.model_io import external_tensors
-from paged_rewrite.runtime.runners import foreign_changes
+from paged_rewrite.runtime.runners import unexpected_writes
 
 STEPS = int(os.environ.get("PAGED_REWRITE_PROPERTY_STEPS", "150"))
 
@@ -162,7 +163,33 @@ def test_rows_stay_apart_and_valid_rows_stay_finite(paged_fixture) -> None:  # t
         feeds = {"input_ids": rng.integers(0, 256, (batch, seq)).astype(np.int64), "position_ids": positions,
                  "block_table": table, "slot_id": slot_id, **pools}  # fmt: skip
         out = dict(zip(names, session.run(None, feeds), strict=True))
-        allowed = {int(e) for e in table.ravel() if 0 <= e < num_pool} | {0}
+        allowed = contract_writes(table, positions, slot_id, bs, num_pool)
         for name, before in pools.items():
-            assert foreign_changes(before, out[f"{name}_RetainedState"], allowed) == [], name
+            assert unexpected_writes(before, out[f"{name}_RetainedState"], allowed) == [], name
         assert np.isfinite(out["logits"][0]).all(), "NaN leaked into the valid row"
+
+
+def test_outputs_never_overwrite_inputs(tmp_path: Path) -> None:
+    source = write_qeff_export(tmp_path / "model.onnx", ExportSpec(), sparse_weights=True)
+    data = source.with_suffix(".data")
+    before = data.stat().st_size
+    with pytest.raises(UsageError, match="overwrite the input"):
+        rewrite(source, data, 16)  # -o model.data
+    assert data.stat().st_size == before
+    specs = tmp_path / "paged.specializations.json"
+    specs.write_text(
+        '{"specializations": [{"name": "D", "symbols": {"batch_size": "1", "seq_len": "1", "ctx_len": "128"}}]}'
+    )
+    with pytest.raises(UsageError, match="overwrite the input"):
+        rewrite(source, tmp_path / "paged.onnx", 16, specializations=specs)
+    assert not (tmp_path / "paged.onnx").exists()
+
+
+def test_specialization_contradicting_the_context_is_refused(tmp_path: Path) -> None:
+    source = qeff_export(tmp_path / "model.onnx")
+    specs = tmp_path / "s.json"
+    specs.write_text('{"specializations": [{"name": "a", "symbols": {"batch_size": "1", "seq_len": "1", "ctx_len": "128"}},'
+                     ' {"name": "b", "symbols": {"batch_size": "1", "seq_len": "1", "ctx_len": "512"}}]}')  # fmt: skip
+    with pytest.raises(UsageError, match="'b' has ctx_len=512"):
+        rewrite(source, tmp_path / "p.onnx", 16, ctx_len=128, specializations=specs)
+    assert not (tmp_path / "p.onnx").exists()

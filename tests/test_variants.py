@@ -16,6 +16,7 @@ from paged_rewrite import NoCacheError, UnsupportedPatternError, UsageError, rew
 from paged_rewrite.runtime.block_manager import BlockManager
 from paged_rewrite.runtime.driver import SequenceScript, prefill_rows
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
+from paged_rewrite.runtime.verify import verify
 
 QEFF = "com.qualcomm.cloud"
 
@@ -130,3 +131,47 @@ def test_refusals_name_model_node_and_reason(tmp_path: Path, make, error, words:
     for word in words:
         assert word in message
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_continuous_batching_table_has_one_row_per_token_row(paged_fixture) -> None:
+    _, paged_path, _ = paged_fixture("llama_cb", 16)
+    inputs = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in onnx.load(paged_path).graph.input
+    }
+    assert inputs["block_table"] == ["batch_size", 8] and inputs["slot_id"] == ["batch_size"]
+    assert inputs["input_ids"][0] == "batch_size"  # not the cache's full_batch_size
+
+
+def _rewritten_equal(tmp_path: Path, model: onnx.ModelProto, name: str, **flags: object) -> None:
+    onnx.save(model, tmp_path / f"{name}.onnx")
+    rewrite(tmp_path / f"{name}.onnx", tmp_path / f"{name}_paged.onnx", 16, ctx_len=CTX_LEN, **flags)  # type: ignore[arg-type]
+    result = verify(tmp_path / f"{name}.onnx", tmp_path / f"{name}_paged.onnx")
+    assert result.ok and result.max_abs_diff == 0.0, result.summary()
+
+
+@pytest.mark.parametrize("name", ["llama_default", "llama_subfunctions"])
+def test_models_without_node_names(tmp_path: Path, name: str) -> None:
+    model = onnx.load(fixture_model(name))
+    for body in [model.graph.node, *(f.node for f in model.functions)]:
+        for node in body:
+            node.name = ""  # node names are optional in ONNX
+    _rewritten_equal(tmp_path, model, name)
+
+
+def test_older_default_opset(tmp_path: Path) -> None:
+    model = onnx.load(fixture_model("llama_default"))
+    for imports in [model.opset_import, *(f.opset_import for f in model.functions)]:
+        for entry in imports:
+            if entry.domain == "":
+                entry.version = 15
+    _rewritten_equal(tmp_path, model, "opset15")
+
+
+def test_static_ring_length_needs_no_flag(tmp_path: Path) -> None:
+    model = onnx.load(fixture_model("gpt_oss_swa_moe"))
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == "sliding_window":
+                dim.dim_value = 32
+    _rewritten_equal(tmp_path, model, "static_ring")

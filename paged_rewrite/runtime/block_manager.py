@@ -39,7 +39,13 @@ class BlockManager:
     ``take_copies()`` to its pools before the model call. Full shared blocks are never copied.
     """
 
-    def __init__(self, num_blocks: int, kv_block_size: int, block_order: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        kv_block_size: int,
+        block_order: Sequence[int] | None = None,
+        ring_lengths: Sequence[int] = (),
+    ) -> None:
         if num_blocks < 2:
             raise ValueError(
                 f"num_blocks must be at least 2 (block {NULL_BLOCK} is reserved), got {num_blocks}"
@@ -57,6 +63,9 @@ class BlockManager:
         self._sequences: dict[Hashable, _Sequence] = {}
         self._references: dict[int, int] = {}
         self._copies: list[tuple[int, int]] = []
+        # Ring-buffer (sliding-window) layers write position p at ring slot p % ring, inside
+        # the first columns of the table: copy on write must cover those columns too.
+        self.ring_lengths = tuple(ring_lengths)
 
     @property
     def num_free_blocks(self) -> int:
@@ -86,9 +95,11 @@ class BlockManager:
         private to ``seq`` (copy on write of a shared, partially filled block)."""
         self.ensure_capacity(seq, length)
         state = self._sequences[seq]
-        first = state.length // self.kv_block_size
-        last = -(-length // self.kv_block_size)
-        for column in range(first, last):
+        size = self.kv_block_size
+        columns = set(range(state.length // size, -(-length // size)))
+        for ring in self.ring_lengths:
+            columns |= {(p % ring) // size for p in range(state.length, length)}
+        for column in sorted(columns):
             block = state.blocks[column]
             if self._references[block] > 1:
                 private = self._allocate()

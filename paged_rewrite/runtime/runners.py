@@ -170,8 +170,10 @@ class IsolationRecord:
 
 class PagedRunner(_Runner):
     """A paged model: one block pool per cache tensor, shared by all sequences, addressed through
-    ``block_table`` / ``slot_id`` from a ``BlockManager``. Every step also checks isolation: each
-    pool block that no row of the step owns (block 0 aside) must be byte-identical afterwards."""
+    ``block_table`` / ``slot_id`` from a ``BlockManager``. Every step also checks isolation, slot
+    by slot: outside block 0, a pool slot may change only if some row of the step wrote that
+    logical position (or ring slot) through its own table row; any other change is recorded with
+    its block, so a row writing into another row's block is caught even within one batch."""
 
     def __init__(self, model_path: str | os.PathLike[str], manager: BlockManager, num_kv_blocks: int) -> None:
         super().__init__(model_path, patch_sentinels=False)
@@ -199,11 +201,11 @@ class PagedRunner(_Runner):
         feeds["slot_id"] = manager.slot_id(seqs)
         feeds.update(self.pools)
         out = self._run(feeds)
-        owned = {int(b) for b in feeds["block_table"].ravel() if b >= 0} | {NULL_BLOCK}
+        allowed = self._expected_writes(rows, feeds["block_table"])
         record = IsolationRecord(step=len(self.isolation))
         for c in self.caches:
             after = out[c.output]
-            record.foreign_blocks_changed += foreign_changes(self.pools[c.input], after, owned)
+            record.foreign_blocks_changed += unexpected_writes(self.pools[c.input], after, allowed)
             self.pools[c.input] = after
         record.foreign_blocks_changed = sorted(set(record.foreign_blocks_changed))
         self.isolation.append(record)
@@ -213,12 +215,36 @@ class PagedRunner(_Runner):
         self.blocks_in_use.append(manager.num_used_blocks)
         return out["logits"][:, -1]
 
+    def _expected_writes(self, rows: Sequence[Row], table: np.ndarray) -> set[tuple[int, int]]:
+        """``(block, offset)`` of every position the rows write, by the contract's address rule,
+        for full-context caches and for each ring length the block manager knows."""
+        size = self.manager.kv_block_size
+        allowed: set[tuple[int, int]] = set()
+        for index, row in enumerate(rows):
+            for position in (int(p) for p in row.position_ids if 0 <= p < table.shape[1] * size):
+                for slot in {position, *(position % ring for ring in self.manager.ring_lengths)}:
+                    block = int(table[index, slot // size])
+                    if block > NULL_BLOCK:
+                        allowed.add((block, slot % size))
+        return allowed
+
     def release(self, seq: Hashable) -> None:
         self.manager.free(seq)
 
     def fork(self, parent: Hashable, child: Hashable) -> None:
         """``child`` shares ``parent``'s blocks (prefix sharing, copy on write)."""
         self.manager.fork(parent, child)
+
+
+def unexpected_writes(before: np.ndarray, after: np.ndarray, allowed: set[tuple[int, int]]) -> list[int]:
+    """Blocks with a slot (axis 2) that changed outside ``allowed`` ``(block, offset)`` pairs;
+    block 0 (the null block) may change anywhere."""
+    blocks, _, size, _ = before.shape
+    changed = (before.view(np.uint8) != after.view(np.uint8)).reshape(blocks, before.shape[1], size, -1)
+    slots = changed.any(axis=(1, 3))  # [blocks, size]
+    return sorted(
+        {int(b) for b, o in zip(*np.nonzero(slots), strict=True) if b != NULL_BLOCK and (b, o) not in allowed}
+    )
 
 
 def foreign_changes(before: np.ndarray, after: np.ndarray, owned: set[int]) -> list[int]:

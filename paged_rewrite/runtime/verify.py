@@ -134,7 +134,8 @@ def compare(
     needed = sum(math.ceil((len(s.prompt) + s.num_decode) / bs) for s in scenario.sequences)
     num_blocks = 1 + needed + spare_blocks
     order = shuffled_order(num_blocks, seed) if block_order == "shuffled" else None
-    paged_runner = PagedRunner(paged, BlockManager(num_blocks, bs, order), num_kv_blocks)
+    manager = BlockManager(num_blocks, bs, order, ring_lengths=list(geometry.windows.values()))
+    paged_runner = PagedRunner(paged, manager, num_kv_blocks)
     dims = {**geometry.dims, "ctx_len": ctx_len}
     try:
         steps = drive([ContiguousRunner(original, dims), paged_runner], scenario)
