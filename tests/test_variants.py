@@ -175,3 +175,28 @@ def test_static_ring_length_needs_no_flag(tmp_path: Path) -> None:
             if dim.dim_param == "sliding_window":
                 dim.dim_value = 32
     _rewritten_equal(tmp_path, model, "static_ring")
+
+
+def test_cache_read_inside_a_subgraph_is_refused(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    model = onnx.load(fixture_model("llama_default"))
+    branch = helper.make_graph(
+        [helper.make_node("Shape", ["past_key.0"], ["branch_shape"])], "branch", [],
+        [helper.make_tensor_value_info("branch_shape", TensorProto.INT64, [4])],
+    )  # fmt: skip
+    model.graph.node.append(
+        helper.make_node(
+            "Constant", [], ["cond"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])
+        )
+    )
+    model.graph.node.append(
+        helper.make_node(
+            "If", ["cond"], ["shape_via_if"], name="/odd/If", then_branch=branch, else_branch=branch
+        )
+    )
+    model.graph.output.append(helper.make_tensor_value_info("shape_via_if", TensorProto.INT64, [4]))
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "if.onnx")
+    with pytest.raises(UnsupportedPatternError, match=r"/odd/If.*past_key\.0.*inside a subgraph"):
+        rewrite(tmp_path / "if.onnx", tmp_path / "out.onnx", 16)
