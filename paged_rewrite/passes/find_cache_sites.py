@@ -22,6 +22,7 @@ from paged_rewrite.graph import Body, dims_of, function_key, used_names
 from paged_rewrite.passes.cache_op_rules import QEFF_DOMAIN, is_cache_op_like, rule_for
 
 Dim = int | str | None
+SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
 ADDRESSING_NAMES = frozenset({"block_table", "slot_id"})  # watched so a clash can be refused
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -158,6 +159,8 @@ def find_cache_sites(model: onnx.ModelProto) -> CacheSites:
 def _refuse_subgraph_users(graph: onnx.GraphProto, cache_names: set[str]) -> None:
     """A cache read inside an If/Loop/Scan body (by outer-scope reference) is refused, not missed."""
     for node in graph.node:
+        if node.op_type not in SUBGRAPH_OPS:  # checked first: attributes are slow to walk
+            continue
         subgraphs = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
         subgraphs += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
         if subgraphs:
