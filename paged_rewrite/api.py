@@ -43,7 +43,8 @@ def rewrite(
     entries = handoff.read_specializations(specializations) if specializations else None
     precisions = handoff.read_custom_io(custom_io) if custom_io else None
     bound = _bind(dims or {}, handoff.shared_dims(entries) if entries else {})
-    model = load_model(input_path)
+    model = load_model(input_path, check_data_paths=False)
+    weights = data_files(model, input_path)  # refuses unsafe locations; protected from overwriting below
     try:
         report = rewrite_model(model, RewriteOptions(kv_block_size, ctx_len, num_blocks, bound))
     except PagedRewriteError as error:  # name the model in every refusal
@@ -65,7 +66,7 @@ def rewrite(
     written_by_us = [Path(output_path), *paths.values()]
     if copy_weights:
         written_by_us.append(Path(output_path).with_name(Path(output_path).name + ".data"))
-    protected = [input_path, *data_files(model, input_path), specializations, custom_io]
+    protected = [input_path, *weights, specializations, custom_io]
     _refuse_overwriting_inputs(written_by_us, protected)
     try:
         target = save_model(model, output_path, Path(input_path), copy_weights, full_check)

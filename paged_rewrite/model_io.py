@@ -14,8 +14,9 @@ from google.protobuf.message import DecodeError
 from paged_rewrite.errors import NotAModelError, OutputError, UsageError
 
 
-def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Load the graph of ``path``; external weight data stays on disk, unread."""
+def load_model(path: str | os.PathLike[str], check_data_paths: bool = True) -> onnx.ModelProto:
+    """Load the graph of ``path``; external weight data stays on disk, unread. Unsafe data
+    locations are refused unless ``check_data_paths`` is off (the caller runs ``data_files``)."""
     source = Path(path)
     if not source.is_file():
         raise NotAModelError(f"{source}: no such file")
@@ -25,7 +26,8 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise NotAModelError(f"{source}: not an ONNX model ({type(exc).__name__})") from None
     if model.ir_version < 3 or not model.graph.input or not model.graph.node:
         raise NotAModelError(f"{source}: not an ONNX model (no graph inputs or nodes)")
-    data_files(model, source)  # refuse unsafe references before anything else
+    if check_data_paths:
+        data_files(model, source)  # refuse unsafe references before anything else
     return model
 
 
