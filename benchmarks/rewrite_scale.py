@@ -5,7 +5,7 @@ plain ``onnx.load(path, load_external_data=False)`` + ``onnx.save`` of the same 
 
 Models come from the project's builder: Llama-70B shapes (hidden 8192, 64 query / 8 KV heads,
 head_dim 128, MLP 28672, vocab 128256) with their float32 weights in a sparse external data file
-(~3.5 GB per layer apparent, almost nothing on disk). Each measurement runs in a fresh process;
+(~3.5 GB per layer apparent, almost nothing on disk). Each measurement runs in a fresh process, the cases interleaved;
 the timed region excludes interpreter start-up and imports. Reported per case: median wall time,
 its ratio to the floor's median, peak RSS (VmHWM, imports included), bytes the process read
 during the timed region (/proc/self/io rchar), and whether any Python-level open() touched a
@@ -47,20 +47,30 @@ print(json.dumps({"seconds": elapsed, "peak_rss": status("VmHWM"), "read_bytes":
 CASES = ("floor", "rewrite", "rewrite+full-check")
 
 
-def measure(case: str, model: Path, repeat: int) -> dict[str, float]:
-    runs = []
+def run_once(case: str, model: Path, index: int) -> dict[str, float]:
+    out = model.with_name(f"out_{case}_{index}.onnx")
+    done = subprocess.run([sys.executable, "-c", CHILD, case, str(model), str(out)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    for leftover in model.parent.glob(f"out_{case}_{index}*"):
+        leftover.unlink()
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def measure_all(model: Path, repeat: int) -> dict[str, dict[str, float]]:
+    """Cases interleaved run by run, so the machine's drift hits each case alike."""
+    runs: dict[str, list[dict[str, float]]] = {case: [] for case in CASES}
     for index in range(repeat):
-        out = model.with_name(f"out_{case}_{index}.onnx")
-        done = subprocess.run([sys.executable, "-c", CHILD, case, str(model), str(out)],
-                              capture_output=True, text=True, check=True)  # fmt: skip
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        for leftover in model.parent.glob(f"out_{case}_{index}*"):
-            leftover.unlink()
+        for case in CASES:
+            runs[case].append(run_once(case, model, index))
     return {
-        "seconds": statistics.median(r["seconds"] for r in runs),
-        "peak_rss_mb": max(r["peak_rss"] for r in runs) / 2**20,
-        "read_mb": max(r["read_bytes"] for r in runs) / 2**20,
-        "data_opened": any(r["data_opened"] for r in runs),
+        case: {
+            "seconds": statistics.median(r["seconds"] for r in results),
+            "peak_rss_mb": max(r["peak_rss"] for r in results) / 2**20,
+            "read_mb": max(r["read_bytes"] for r in results) / 2**20,
+            "data_opened": any(r["data_opened"] for r in results),
+        }
+        for case, results in runs.items()
     }
 
 
@@ -85,8 +95,7 @@ def main() -> None:
             )
             weights_gb = model.with_suffix(".data").stat().st_size / 1e9
             row = {"layers": layers, "onnx_mb": model.stat().st_size / 2**20, "weights_gb": weights_gb}
-            for case in CASES:
-                row[case] = measure(case, model, args.repeat)
+            row.update(measure_all(model, args.repeat))
             results.append(row)
             floor = row["floor"]["seconds"]
             for case in CASES:
