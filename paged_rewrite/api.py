@@ -75,7 +75,10 @@ def rewrite(
             _blame_the_input(input_path)
         raise
     report.output_path = str(target)
-    sidecars["manifest"] = handoff.to_json(handoff.manifest(report, Path(input_path), VERSION), indent=None)
+    previous = handoff.previous_sidecars(paths["manifest"])
+    document = handoff.manifest(report, Path(input_path), VERSION)
+    document["sidecars"] = sorted([*sidecars, "manifest"])  # kinds, so names follow the output
+    sidecars["manifest"] = handoff.to_json(document, indent=None)
     written: list[Path] = []
     try:
         for kind, text in sorted(sidecars.items()):
@@ -87,6 +90,9 @@ def rewrite(
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         raise
+    for kind in previous - set(document["sidecars"]):  # e.g. a custom_io.yaml this run did not write
+        with contextlib.suppress(FileNotFoundError):
+            paths[kind].unlink()
     report.files = {kind: str(paths[kind]) for kind in sorted(sidecars)}
     return report
 

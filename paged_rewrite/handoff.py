@@ -144,6 +144,18 @@ def manifest(report: RewriteReport, source: Path, version: str) -> dict[str, Any
     }
 
 
+def previous_sidecars(manifest_path: Path) -> set[str]:
+    """Sidecar kinds an earlier run recorded in its manifest at ``manifest_path`` (ours only)."""
+    try:
+        kinds = json.loads(manifest_path.read_text()).get("sidecars", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {k for k in kinds if k in SIDECAR_KINDS}
+
+
+SIDECAR_KINDS = ("manifest", "specializations", "custom_io")
+
+
 def sidecar_paths(output: Path) -> dict[str, Path]:
     stem = output.name[: -len(output.suffix)] if output.suffix else output.name
     return {

@@ -170,3 +170,16 @@ def test_help_shows_an_example(command: str) -> None:
         and f"paged-rewrite {command}"
         in done.stdout.replace("paged-rewrite model.onnx", "paged-rewrite rewrite")
     )
+
+
+def test_a_rerun_removes_the_sidecars_it_no_longer_writes(tmp_path: Path) -> None:
+    source = qeff_export(tmp_path / "model.onnx")
+    custom = _write(tmp_path / "custom_io.yaml", "past_key.0: float16\n")
+    rewrite(source, tmp_path / "paged.onnx", 16, custom_io=custom)
+    assert (tmp_path / "paged.custom_io.yaml").exists()
+    unrelated = _write(tmp_path / "notes.yaml", "mine\n")
+    rewrite(source, tmp_path / "paged.onnx", 16)  # no --custom-io this time
+    assert not (tmp_path / "paged.custom_io.yaml").exists()
+    assert unrelated.exists()
+    manifest = json.loads((tmp_path / "paged.onnx.json").read_text())
+    assert manifest["sidecars"] == ["manifest", "specializations"]
