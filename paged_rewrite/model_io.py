@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import onnx
@@ -72,37 +72,32 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Initializers, then tensor attributes of Constant nodes (the only other place exporters put
     weights) and of nodes holding subgraphs, in the graph and in functions. Checking the op type
     first keeps this walk cheap on graphs of tens of thousands of nodes."""
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        yield from graph.initializer
-        yield from (sparse.values for sparse in graph.sparse_initializer)
-        for node in graph.node:
-            if node.op_type in _TENSOR_HOLDERS:
-                yield from _attribute_tensors(node, graphs)
+    yield from _graph_tensors(model.graph)
     for function in model.functions:
-        for node in function.node:
-            if node.op_type in _TENSOR_HOLDERS:
-                yield from _attribute_tensors(node, graphs)
-        while graphs:  # subgraphs inside functions
-            graph = graphs.pop()
-            yield from graph.initializer
-            for node in graph.node:
-                if node.op_type in _TENSOR_HOLDERS:
-                    yield from _attribute_tensors(node, graphs)
+        yield from _node_tensors(function.node)
 
 
 _TENSOR_HOLDERS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan"})
 
 
-def _attribute_tensors(node: onnx.NodeProto, graphs: list[onnx.GraphProto]) -> Iterator[onnx.TensorProto]:
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.TENSOR:
-            yield attribute.t
-        elif attribute.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attribute.g)
-        elif attribute.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attribute.graphs)
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    yield from (sparse.values for sparse in graph.sparse_initializer)
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
+        if node.op_type not in _TENSOR_HOLDERS:
+            continue
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+            elif attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_tensors(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for graph in attribute.graphs:
+                    yield from _graph_tensors(graph)
 
 
 def save_model(
