@@ -45,16 +45,16 @@ def rewrite(
     bound = _bind(dims or {}, handoff.shared_dims(entries) if entries else {})
     model = load_model(input_path, check_data_paths=False)
     weights = data_files(model, input_path)  # refuses unsafe locations; protected from overwriting below
+    options = RewriteOptions(kv_block_size, ctx_len, num_blocks, bound)
     try:
-        report = rewrite_model(model, RewriteOptions(kv_block_size, ctx_len, num_blocks, bound))
+        report = rewrite_model(model, options)
     except PagedRewriteError as error:  # name the model in every refusal
         raise type(error)(f"{input_path}: {error}") from None
     except Exception:
         _blame_the_input(input_path)  # an invalid input explains the failure; else it is our bug
         raise
     report.input_path = str(input_path)
-    if ctx_len is not None:
-        bound = {**bound, "ctx_len": ctx_len}
+    bound = options.bound_dims()  # with --ctx-len folded in, as the rewrite saw them
     sidecars = {
         "specializations": handoff.to_json(handoff.paged_specializations(report, entries, bound, num_blocks)),
     }

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
 
 import onnx
 
@@ -123,7 +122,9 @@ def find_cache_sites(model: onnx.ModelProto) -> CacheSites:
     """Return the cache sites of ``model`` or raise a refusal that names the offending node."""
     if default_opset(model) < MIN_OPSET:
         raise UnsupportedPatternError(f"default opset {default_opset(model)} is older than {MIN_OPSET}")
-    _refuse_foreign_ops([f.node for f in model.functions])
+    for function in model.functions:
+        for node in function.node:
+            _refuse_foreign_op(node)
     with_cache = {
         (f.domain, f.name): Body(f) for f in model.functions if any(_is_cache_op(n) for n in f.node)
     }
@@ -132,7 +133,7 @@ def find_cache_sites(model: onnx.ModelProto) -> CacheSites:
     graph_inputs = {v.name: v for v in model.graph.input}
     graph_outputs = {v.name: v for v in model.graph.output}
     for node in model.graph.node:
-        _refuse_foreign_ops([[node]])
+        _refuse_foreign_op(node)
         rule = rule_for(node.domain, node.op_type)
         if rule is not None and rule.role == "write":
             site = Site(node, sites.main)
@@ -207,24 +208,22 @@ def _is_cache_op(node: onnx.NodeProto) -> bool:
     return rule_for(node.domain, node.op_type) is not None
 
 
-def _refuse_foreign_ops(bodies: list[Any]) -> None:
+def _refuse_foreign_op(node: onnx.NodeProto) -> None:
     """Refuse paged ops, unknown ``Ctx*`` ops and known ones with the wrong operands."""
-    for body in bodies:
-        for node in body:
-            if node.domain != QEFF_DOMAIN:
-                continue
-            if node.op_type.startswith("Paged"):
-                raise UnsupportedPatternError(f"{where(node)}: the model is already paged")
-            rule = rule_for(node.domain, node.op_type)
-            if rule is None and is_cache_op_like(node.domain, node.op_type):
-                raise UnsupportedPatternError(f"{where(node)}: unknown cache op")
-            if rule is not None and (
-                len(node.input) != len(rule.slots) or len(node.output) != 1 or not all(node.input)
-            ):
-                raise UnsupportedPatternError(
-                    f"{where(node)}: expects inputs ({', '.join(rule.slots)}) and one output, "
-                    f"has {len(node.input)} inputs and {len(node.output)} outputs"
-                )
+    if node.domain != QEFF_DOMAIN:
+        return
+    if node.op_type.startswith("Paged"):
+        raise UnsupportedPatternError(f"{where(node)}: the model is already paged")
+    rule = rule_for(node.domain, node.op_type)
+    if rule is None and is_cache_op_like(node.domain, node.op_type):
+        raise UnsupportedPatternError(f"{where(node)}: unknown cache op")
+    if rule is not None and (
+        len(node.input) != len(rule.slots) or len(node.output) != 1 or not all(node.input)
+    ):
+        raise UnsupportedPatternError(
+            f"{where(node)}: expects inputs ({', '.join(rule.slots)}) and one output, "
+            f"has {len(node.input)} inputs and {len(node.output)} outputs"
+        )
 
 
 def _refuse_dynamic_cache(graph: onnx.GraphProto) -> None:
