@@ -54,7 +54,7 @@ def rewrite(
         _blame_the_input(input_path)  # an invalid input explains the failure; else it is our bug
         raise
     report.input_path = str(input_path)
-    bound = options.bound_dims()  # with --ctx-len folded in, as the rewrite saw them
+    bound = report.bound_dims  # with --ctx-len bound onto the context dim, as the rewrite saw them
     sidecars = {
         "specializations": handoff.to_json(handoff.paged_specializations(report, entries, bound, num_blocks)),
     }

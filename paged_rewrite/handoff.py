@@ -71,8 +71,9 @@ def paged_specializations(
                 )
         known = {**bound, **entry["symbols"]}
         values = dict(known)
-        if "ctx_len" in known:
-            values["num_kv_blocks"] = math.ceil(known["ctx_len"] / report.kv_block_size)
+        context = report.context_dim or "ctx_len"
+        if context in known:
+            values["num_kv_blocks"] = math.ceil(known[context] / report.kv_block_size)
         if isinstance(report.num_kv_blocks, int):
             values.setdefault("num_kv_blocks", report.num_kv_blocks)
         rows = values.get("full_batch_size", values.get("batch_size"))
@@ -129,6 +130,8 @@ def manifest(report: RewriteReport, source: Path, version: str) -> dict[str, Any
         "inputs": [vars(spec) for spec in report.inputs],
         "outputs": [vars(spec) for spec in report.outputs],
         "removed_inputs": report.removed_inputs,
+        "kept_inputs": report.kept_inputs,
+        "left_alone": [vars(op) for op in report.left_alone],
         "caches": [
             {
                 "layer": c.layer,

@@ -10,16 +10,16 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from paged_rewrite.errors import UsageError
 from paged_rewrite.passes.add_paged_inputs import PagedLayout, add_paged_inputs
 from paged_rewrite.passes.cache_op_rules import rule_for
 from paged_rewrite.passes.finalize_model import finalize_model
-from paged_rewrite.passes.find_cache_sites import CacheSites, find_cache_sites
+from paged_rewrite.passes.find_cache_sites import find_cache_sites
 from paged_rewrite.passes.page_reads import page_reads
 from paged_rewrite.passes.page_writes import page_writes
 from paged_rewrite.passes.reshape_cache_io import reshape_cache_io
 from paged_rewrite.passes.rewire_logical_shape import rewire_logical_shape
-from paged_rewrite.report import CacheReport, RewriteReport, TensorSpec
+from paged_rewrite.passes.sites import CacheSites
+from paged_rewrite.report import CacheReport, LeftAloneReport, RewriteReport, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,6 @@ class RewriteOptions:
     num_blocks: int | None = None
     dims: Mapping[str, int] = field(default_factory=dict)
 
-    def bound_dims(self) -> dict[str, int]:
-        """``--dim`` values, with ``--ctx-len`` as shorthand for ``--dim ctx_len=...``."""
-        dims = dict(self.dims)
-        if self.ctx_len is not None and dims.setdefault("ctx_len", self.ctx_len) != self.ctx_len:
-            raise UsageError(f"--ctx-len {self.ctx_len} contradicts --dim ctx_len={dims['ctx_len']}")
-        return dims
-
 
 def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteReport:
     """Rewrite ``model`` in place into a paged-KV model and report what was done."""
@@ -45,12 +38,14 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
     caches = [CacheReport.of(tensor) for tensor in sites.tensors]
     rewritten = _rewrite_plan(sites)
 
-    layout = add_paged_inputs(model, sites, options.kv_block_size, options.bound_dims(), options.num_blocks)
+    layout = add_paged_inputs(
+        model, sites, options.kv_block_size, options.dims, options.num_blocks, options.ctx_len
+    )
     page_writes(sites, layout)
     page_reads(sites, layout)
     rewire_logical_shape(sites, layout)
     reshape_cache_io(sites, layout)
-    removed = finalize_model(sites, layout, metadata=_layout_metadata(layout))
+    removed, kept = finalize_model(sites, layout, metadata=_layout_metadata(layout))
 
     return RewriteReport(
         input_path="",
@@ -64,6 +59,10 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         windows={str(dim): ring for dim, ring in layout.windows.items()},
         added_inputs=[layout.block_table, layout.slot_id],
         removed_inputs=removed,
+        kept_inputs=kept,
+        left_alone=[LeftAloneReport(**vars(op)) for op in sites.left_alone],
+        context_dim=layout.context_dim if isinstance(layout.context_dim, str) else None,
+        bound_dims=dict(sorted(layout.bound_dims.items())),
         inputs=[TensorSpec.of(v) for v in model.graph.input],
         outputs=[TensorSpec.of(v) for v in model.graph.output],
     )
@@ -73,7 +72,7 @@ def _rewrite_plan(sites: CacheSites) -> dict[str, int]:
     """``"CtxScatter -> PagedCtxScatter": n`` per op pair, counting nodes (a shared function body once)."""
     plan: Counter[str] = Counter()
     for site in [*sites.writes, *sites.reads]:
-        rule = rule_for(site.node.domain, site.node.op_type)
+        rule = rule_for(site.node.domain, site.node.op_type, len(site.node.input))
         assert rule is not None
         plan[f"{site.node.op_type} -> {rule.emits}"] += 1
     plan["Shape(cache) -> logical shape"] += len(sites.shape_reads)

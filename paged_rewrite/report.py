@@ -8,7 +8,7 @@ from typing import Any
 import onnx
 
 from paged_rewrite.graph import dims_of
-from paged_rewrite.passes.find_cache_sites import CacheTensor, Dim
+from paged_rewrite.passes.sites import CacheTensor, Dim
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,17 @@ class CacheReport:
         )
 
 
+@dataclass(frozen=True)
+class LeftAloneReport:
+    """A Ctx op the rewrite left exactly as it was, and why it is not a KV cache op."""
+
+    node: str
+    op: str
+    function: str | None
+    data: str
+    reason: str
+
+
 @dataclass
 class RewriteReport:
     """The result of a rewrite: the caches found, the ops rewritten and the new interface."""
@@ -69,6 +80,10 @@ class RewriteReport:
     rewritten: dict[str, int] = field(default_factory=dict)
     added_inputs: list[str] = field(default_factory=list)
     removed_inputs: list[str] = field(default_factory=list)
+    kept_inputs: dict[str, str] = field(default_factory=dict)  # dropped by a paged op, still read by others
+    left_alone: list[LeftAloneReport] = field(default_factory=list)
+    context_dim: str | None = None  # the symbolic length dim of the full-context caches
+    bound_dims: dict[str, int] = field(default_factory=dict)  # every symbolic dim given a value
     functions: list[str] = field(default_factory=list)
     windows: dict[str, int] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # sidecar files written beside the output
@@ -96,6 +111,14 @@ class RewriteReport:
             lines.append(f"ring-buffer caches paged onto the first table columns: {self.windows}")
         if self.removed_inputs:
             lines.append(f"removed inputs (no longer used): {', '.join(self.removed_inputs)}")
+        for name, readers in self.kept_inputs.items():
+            lines.append(f"kept input {name}: still read by {readers}")
+        if self.left_alone:
+            reasons: dict[tuple[str, str], int] = {}
+            for op in self.left_alone:
+                reasons[(op.op, op.reason)] = reasons.get((op.op, op.reason), 0) + 1
+            lines.append(f"left {len(self.left_alone)} Ctx ops as they were (not KV caches):")
+            lines += [f"  {op} x{n}: {reason}" for (op, reason), n in sorted(reasons.items())]
         if self.output_path:
             lines.append(f"wrote {self.output_path}" + "".join(f", {path}" for path in self.files.values()))
         return "\n".join(lines)

@@ -1,6 +1,8 @@
-"""Shared test fixtures. The QEfficient fixture corpus lives outside the repo, in
-``../shared/fixtures/qeff`` (override with PAGED_REWRITE_FIXTURES); tests that need it skip,
-saying so, where it is absent."""
+"""Shared test fixtures. The QEfficient fixture corpora live outside the repo, in
+``../shared/fixtures/qeff`` and ``../shared/fixtures/qeff-features`` (override with
+PAGED_REWRITE_FIXTURES / PAGED_REWRITE_FEATURE_FIXTURES). Where they are absent the tests that
+need them skip, saying so — unless PAGED_REWRITE_REQUIRE_FIXTURES=1 (CI sets it), where a
+missing corpus fails them: CI must never pass without the real exports."""
 
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ from paged_rewrite import rewrite
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("PAGED_REWRITE_FIXTURES", REPO.parent / "shared" / "fixtures" / "qeff"))
+FEATURE_FIXTURES = Path(
+    os.environ.get("PAGED_REWRITE_FEATURE_FIXTURES", REPO.parent / "shared" / "fixtures" / "qeff-features")
+)
+REQUIRE_FIXTURES = os.environ.get("PAGED_REWRITE_REQUIRE_FIXTURES") == "1"
 CONTIGUOUS_FIXTURES = ["llama_default", "mistral_default", "qwen2_default", "gpt2_default", "gemma2_default"]
 VARIANT_FIXTURES = ["llama_blockedkv", "llama_cb", "llama_subfunctions", "gpt_oss_swa_moe"]
 ALL_FIXTURES = CONTIGUOUS_FIXTURES + VARIANT_FIXTURES
@@ -21,11 +27,20 @@ CTX_LEN = 128
 DIMS = {"gpt_oss_swa_moe": {"sliding_window": 32}}
 
 
-def fixture_model(name: str) -> Path:
-    path = FIXTURES / name / "model.onnx"
+def fixture_model(name: str, corpus: Path = FIXTURES) -> Path:
+    """``<corpus>/<name>/model.onnx``; skips (fails under PAGED_REWRITE_REQUIRE_FIXTURES=1) if absent."""
+    path = corpus / name / "model.onnx"
     if not path.is_file():
-        pytest.skip(f"QEfficient fixture corpus not found at {FIXTURES} (needs ../shared beside the repo)")
+        message = f"QEfficient fixture {path} not found (needs ../shared beside the repo)"
+        if REQUIRE_FIXTURES:
+            pytest.fail(message)
+        pytest.skip(message)
     return path
+
+
+def feature_fixture_model(name: str) -> Path:
+    """A fixture of the feature corpus (``name`` may be ``ort_failing/<name>``)."""
+    return fixture_model(name, FEATURE_FIXTURES)
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +56,59 @@ def paged_fixture(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
             out = folder / f"{name}_bs{kv_block_size}.onnx"
             report = rewrite(original, out, kv_block_size, ctx_len=CTX_LEN, dims=DIMS.get(name))
             cache[key] = (original, out, report)
+        return cache[key]
+
+    return make
+
+
+# The runnable fixtures of the feature corpus (its ort_failing/ exports do not run in onnxruntime).
+RUNNABLE_FEATURE_FIXTURES = [
+    "llama_ccl",
+    "llama_tlm",
+    "gpt_oss_prefill_only",
+    "gpt_oss_kv_prefix",
+    "qwen3_moe_decode_retain_full_kv",
+    "gemma2_ctx256",
+    "llama4_text",
+    "llava_lang_kv_offload",
+    "qwen2_cb",
+]
+
+
+def feature_manifest(name: str) -> dict:  # type: ignore[type-arg]
+    """``manifest.json`` of a feature fixture (fails or skips like ``feature_fixture_model``)."""
+    import json
+
+    return json.loads((feature_fixture_model(name).parent / "manifest.json").read_text())
+
+
+def feature_dims(manifest: dict) -> dict[str, int]:  # type: ignore[type-arg]
+    """Dims the rewrite must be told: a ring's length where the scenario feeds one."""
+    window = manifest["scenario"].get("sliding_window_kv_len")
+    return {"sliding_window": window} if window else {}
+
+
+@pytest.fixture(scope="session")
+def paged_feature_fixture(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """``paged_feature_fixture(name, kv_block_size)`` -> (original path, paged path), rewritten at
+    the scenario's ctx_len, cached per session."""
+    cache: dict[tuple[str, int], tuple[Path, Path]] = {}
+    folder = tmp_path_factory.mktemp("paged_features")
+
+    def make(name: str, kv_block_size: int):  # type: ignore[no-untyped-def]
+        key = (name, kv_block_size)
+        if key not in cache:
+            original = feature_fixture_model(name)
+            manifest = feature_manifest(name)
+            out = folder / f"{name}_bs{kv_block_size}.onnx"
+            rewrite(
+                original,
+                out,
+                kv_block_size,
+                ctx_len=manifest["scenario"]["ctx_len"],
+                dims=feature_dims(manifest),
+            )
+            cache[key] = (original, out)
         return cache[key]
 
     return make

@@ -14,7 +14,7 @@ from onnx import helper
 
 from paged_rewrite.errors import UnsupportedPatternError, UsageError
 from paged_rewrite.graph import Body
-from paged_rewrite.passes.find_cache_sites import CacheSites, Dim, where
+from paged_rewrite.passes.sites import CacheSites, Dim, where
 
 BLOCK_TABLE = "block_table"
 SLOT_ID = "slot_id"
@@ -56,8 +56,11 @@ def add_paged_inputs(
     kv_block_size: int,
     dims: Mapping[str, int] | None = None,
     num_blocks: int | None = None,
+    ctx_len: int | None = None,
 ) -> PagedLayout:
-    """Append ``block_table`` int64 ``[batch, num_kv_blocks]`` and ``slot_id`` int64 ``[batch]``."""
+    """Append ``block_table`` int64 ``[batch, num_kv_blocks]`` and ``slot_id`` int64 ``[batch]``.
+
+    ``ctx_len`` binds the length axis of the full-context caches, whatever that dim is named."""
     if kv_block_size < 1:
         raise UsageError(f"--kv-block-size must be a positive integer, got {kv_block_size}")
     if num_blocks is not None and num_blocks < 2:
@@ -66,7 +69,9 @@ def add_paged_inputs(
     for name, value in bound.items():
         if value < 1:
             raise UsageError(f"--dim {name}={value}: a dim must be a positive integer")
-    context_dim, context_len, windows = _lengths(sites, bound, kv_block_size)
+    if ctx_len is not None and ctx_len < 1:
+        raise UsageError(f"--ctx-len must be a positive integer, got {ctx_len}")
+    context_dim, context_len, windows = _lengths(sites, bound, kv_block_size, ctx_len)
     if context_len is not None and kv_block_size > context_len:
         raise UsageError(
             f"--kv-block-size {kv_block_size} is larger than the context ({context_dim}={context_len})"
@@ -108,22 +113,39 @@ def _refuse_name_clash(body: Body) -> None:
 
 
 def _lengths(
-    sites: CacheSites, bound: dict[str, int], kv_block_size: int
+    sites: CacheSites, bound: dict[str, int], kv_block_size: int, ctx_len: int | None
 ) -> tuple[Dim, int | None, dict[Dim, int]]:
     """Which length dim spans the whole table, its value if known, and the ring lengths.
 
     One length dim: every cache is full-context. Several (sliding-window layers): ``ctx_len``
-    (else the largest) is the full context; every other one is a ring whose length must be
-    bound, because the graph uses the buffer length as the window.
+    (else the one ``--ctx-len`` can only mean, else the largest) is the full context; every other
+    one is a ring whose length must be bound, because the graph uses the buffer length as the
+    window. ``ctx_len`` (the flag) is bound onto the context dim, whatever its name.
     """
 
     def value(dim: Dim) -> int | None:
         return dim if isinstance(dim, int) else bound.get(dim) if isinstance(dim, str) else None
 
     lengths = sites.length_dims
+    context: Dim
     if len(lengths) == 1:
-        return lengths[0], value(lengths[0]), {}
-    context: Dim = CTX_LEN if CTX_LEN in lengths else max(lengths, key=lambda d: value(d) or math.inf)
+        context = lengths[0]
+    elif CTX_LEN in lengths:
+        context = CTX_LEN
+    elif ctx_len is not None:
+        unbound = [d for d in lengths if value(d) is None]
+        if len(unbound) != 1:
+            raise UsageError(
+                f"--ctx-len is ambiguous: the caches have length dims {', '.join(map(repr, lengths))}; "
+                "bind the windows with --dim NAME=V, or the context with --dim instead of --ctx-len"
+            )
+        context = unbound[0]
+    else:
+        context = max(lengths, key=lambda d: value(d) or math.inf)
+    if ctx_len is not None:
+        _bind_context(context, ctx_len, bound)
+    if len(lengths) == 1:
+        return context, value(context), {}
     windows: dict[Dim, int] = {}
     for dim in lengths:
         if dim == context:
@@ -141,6 +163,17 @@ def _lengths(
         if context_len is not None and ring > math.ceil(context_len / kv_block_size) * kv_block_size:
             raise UsageError(f"--dim {dim}={ring} is longer than the context ({context}={context_len})")
     return context, context_len, windows
+
+
+def _bind_context(context: Dim, ctx_len: int, bound: dict[str, int]) -> None:
+    """``--ctx-len`` sets the context dim; a static length or ``--dim`` must agree with it."""
+    if isinstance(context, int) and context != ctx_len:
+        raise UsageError(f"--ctx-len {ctx_len} contradicts the caches' static length {context}")
+    if isinstance(context, str):
+        if bound.setdefault(context, ctx_len) != ctx_len:
+            raise UsageError(f"--ctx-len {ctx_len} contradicts --dim {context}={bound[context]}")
+    elif context is None:
+        raise UsageError("--ctx-len: the caches' length axis has no dim to bind")
 
 
 def _thread_into_function(model: onnx.ModelProto, function: Body) -> None:

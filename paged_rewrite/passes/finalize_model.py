@@ -1,6 +1,6 @@
 """Finish the model: embed the paged ops as model-local functions, record the layout in the
-metadata, and drop what no longer feeds anything (inputs such as ``batch_index``, the replaced
-ops' function definitions)."""
+metadata, and drop what no longer feeds anything (inputs such as ``batch_index``, the function
+definitions of replaced ops that nothing calls any more)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,19 @@ from typing import Any
 import onnx
 
 from paged_rewrite.custom_ops import PAGED_DOMAIN, paged_function_protos
-from paged_rewrite.graph import used_names
+from paged_rewrite.graph import function_key, used_names
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
-from paged_rewrite.passes.cache_op_rules import rule_for
-from paged_rewrite.passes.find_cache_sites import CacheSites, default_opset
+from paged_rewrite.passes.cache_op_rules import is_ctx_op
+from paged_rewrite.passes.find_cache_sites import default_opset
+from paged_rewrite.passes.sites import CacheSites
 
 
-def finalize_model(sites: CacheSites, layout: PagedLayout, metadata: dict[str, str]) -> list[str]:
-    """Returns the names of the original graph inputs that no longer feed anything and were removed."""
+def finalize_model(
+    sites: CacheSites, layout: PagedLayout, metadata: dict[str, str]
+) -> tuple[list[str], dict[str, str]]:
+    """Returns the original graph inputs that no longer feed anything and were removed, and those
+    a replaced op dropped that other nodes still read (``batch_index`` addressing sampler
+    buffers), each with the op types still reading it."""
     model = sites.model
     for body in sites.bodies:
         body.commit()
@@ -47,7 +52,14 @@ def finalize_model(sites: CacheSites, layout: PagedLayout, metadata: dict[str, s
     kept = [v for v in model.graph.input if v.name not in removed]
     del model.graph.input[:]
     model.graph.input.extend(kept)
-    return removed
+    still_read = {name: _readers(model, name) for name in sorted(candidates - set(removed))}
+    return removed, still_read
+
+
+def _readers(model: onnx.ModelProto, name: str) -> str:
+    """The op types of the main-graph nodes that read ``name``, for the report."""
+    ops = sorted({n.op_type for n in model.graph.node if name in n.input})
+    return ", ".join(ops) or "a local function"
 
 
 def _import_domain(imports: Any) -> None:  # a repeated OperatorSetIdProto field
@@ -57,8 +69,11 @@ def _import_domain(imports: Any) -> None:  # a repeated OperatorSetIdProto field
 
 
 def _remove_unused_functions(model: onnx.ModelProto) -> None:
-    """Drop the definitions of the replaced cache ops: every call to them was rewritten (the
-    finder refuses a model with any other use), so none is called any more."""
-    kept = [f for f in model.functions if rule_for(f.domain, f.name) is None]
-    del model.functions[:]
-    model.functions.extend(kept)
+    """Drop the definition of a Ctx op only when no node calls it any more: KV calls became paged
+    ops, but a LoRA ``CtxGatherCB`` on adapter weights still needs its definition."""
+    called = {function_key(n) for n in model.graph.node}
+    called |= {function_key(n) for f in model.functions for n in f.node}
+    kept = [f for f in model.functions if not is_ctx_op(f.domain, f.name) or (f.domain, f.name) in called]
+    if len(kept) != len(model.functions):
+        del model.functions[:]
+        model.functions.extend(kept)

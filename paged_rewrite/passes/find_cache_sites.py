@@ -1,26 +1,30 @@
-"""Find the KV-cache sites of a QEfficient export: which graph inputs are caches, which nodes
-write and read them (in the main graph or inside model-local functions), and which nodes look
-at their shape.
+"""Find the KV caches of a QEfficient export by structure, and every Ctx op that is not one.
 
-Matching is by op and structure (see ``cache_op_rules``): a cache is the ``cache`` operand of a
-write op that is a graph input — directly, or through the matching input of a call to a local
-function — and whose result is a graph output (the ``_RetainedState``). Names only order the
-layers. Anything else that touches a cache is refused, naming the node.
+A KV cache is a rank-4 float graph input written by a Ctx scatter whose rule indexes token
+positions on axis 2, whose result is a graph output (the retained state), and which only Ctx
+gathers and ``Shape`` read — in the main graph or through the matching input of a call to a local
+function. Only those are rewritten. Every other Ctx op — adapter weights gathered by LoRA, sampler
+penalty buffers, MoE activations — is left exactly as it is and listed with the reason. Each op
+that is rewritten must also *do* what its rule says (``ctx_op_body``). Names only order the layers.
 """
 
 from __future__ import annotations
-
-import re
-from dataclasses import dataclass, field
-from functools import cached_property
 
 import onnx
 
 from paged_rewrite.errors import NoCacheError, UnsupportedPatternError
 from paged_rewrite.graph import Body, dims_of, function_key, used_names
-from paged_rewrite.passes.cache_op_rules import QEFF_DOMAIN, is_cache_op_like, rule_for
+from paged_rewrite.passes.cache_op_rules import (
+    KV_POSITION_AXIS,
+    QEFF_DOMAIN,
+    CtxOpRule,
+    is_ctx_op,
+    known_arities,
+    rule_for,
+)
+from paged_rewrite.passes.ctx_op_body import body_mismatch
+from paged_rewrite.passes.sites import CacheSites, CacheTensor, Dim, LeftAlone, Site, where
 
-Dim = int | str | None
 SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
 ADDRESSING_NAMES = frozenset({"block_table", "slot_id"})  # watched so a clash can be refused
 FLOAT_TYPES = {
@@ -29,88 +33,6 @@ FLOAT_TYPES = {
     onnx.TensorProto.BFLOAT16,
     onnx.TensorProto.DOUBLE,
 }
-
-
-def where(node: onnx.NodeProto) -> str:
-    """How errors name a node: its name and ``domain::op``."""
-    return f"node {node.name!r} ({node.domain or 'ai.onnx'}::{node.op_type})"
-
-
-@dataclass
-class Site:
-    """A node to rewrite and the body (graph or function) it lives in."""
-
-    node: onnx.NodeProto
-    body: Body
-
-
-@dataclass
-class CacheTensor:
-    """One layer's K or V cache as the model's interface shows it."""
-
-    input: onnx.ValueInfoProto
-    output: onnx.ValueInfoProto
-    write: Site
-    call: onnx.NodeProto | None = None  # the call passing the cache into a local function, if any
-
-    @property
-    def name(self) -> str:
-        return self.input.name
-
-    @cached_property
-    def shape(self) -> tuple[Dim, ...]:
-        """The original shape (captured before the rewrite reshapes the input)."""
-        return tuple(dims_of(self.input))
-
-    @property
-    def kv_heads(self) -> int:
-        return int(self.shape[1])  # type: ignore[arg-type]
-
-    @property
-    def head_dim(self) -> int:
-        return int(self.shape[3])  # type: ignore[arg-type]
-
-    @property
-    def length_dim(self) -> Dim:
-        return self.shape[2]
-
-    @property
-    def layer(self) -> int:
-        match = re.search(r"(\d+)$", self.name)
-        return int(match.group(1)) if match else -1
-
-    @property
-    def kind(self) -> str:
-        return "value" if "value" in self.name else "key"
-
-
-@dataclass
-class CacheSites:
-    """Every cache of the model in layer order, and every node to rewrite (each once, even when
-    a shared function body serves several layers)."""
-
-    model: onnx.ModelProto
-    main: Body
-    tensors: list[CacheTensor] = field(default_factory=list)
-    writes: list[Site] = field(default_factory=list)
-    reads: list[Site] = field(default_factory=list)
-    shape_reads: list[tuple[Site, Dim]] = field(default_factory=list)  # Shape node, cache length dim
-    functions: list[Body] = field(default_factory=list)
-    row_dim: Dim = None  # batch dim of the token rows (block_table rows); see _row_dim
-
-    @property
-    def batch_dim(self) -> Dim:
-        return self.tensors[0].shape[0]
-
-    @property
-    def length_dims(self) -> list[Dim]:
-        return list(dict.fromkeys(t.length_dim for t in self.tensors))
-
-    @property
-    def bodies(self) -> list[Body]:
-        return [self.main, *self.functions]
-
-
 MIN_OPSET = 13  # the paged ops' bodies use ops whose signatures are stable from opset 13 on
 
 
@@ -118,43 +40,118 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
 
 
+class _Interface:
+    """The model's graph inputs, outputs and initializers, and the Ctx op definitions."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.inputs = {v.name: v for v in model.graph.input}
+        self.outputs = {v.name: v for v in model.graph.output}
+        self.initializers = {t.name for t in model.graph.initializer}
+        self.definitions = {(f.domain, f.name): f for f in model.functions}
+
+    def outer(self, name: str, body: Body, call: onnx.NodeProto | None, outputs: bool = False) -> str | None:
+        """``name`` of ``body`` as the main graph calls it (None when it is local to the function)."""
+        if call is None:
+            return name
+        formal = body.output_names if outputs else body.input_names
+        actual = call.output if outputs else call.input
+        index = formal.index(name) if name in formal else len(actual)
+        return actual[index] if index < len(actual) else None
+
+
 def find_cache_sites(model: onnx.ModelProto) -> CacheSites:
     """Return the cache sites of ``model`` or raise a refusal that names the offending node."""
     if default_opset(model) < MIN_OPSET:
         raise UnsupportedPatternError(f"default opset {default_opset(model)} is older than {MIN_OPSET}")
-    for function in model.functions:
-        for node in function.node:
-            _refuse_foreign_op(node)
-    with_cache = {
-        (f.domain, f.name): Body(f) for f in model.functions if any(_is_cache_op(n) for n in f.node)
-    }
-    _refuse_nested_calls(model, with_cache)
-    sites = CacheSites(model=model, main=Body(model.graph), functions=list(with_cache.values()))
-    graph_inputs = {v.name: v for v in model.graph.input}
-    graph_outputs = {v.name: v for v in model.graph.output}
+    for node in [n for f in model.functions for n in f.node] + list(model.graph.node):
+        if node.domain == QEFF_DOMAIN and node.op_type.startswith("Paged"):
+            raise UnsupportedPatternError(f"{where(node)}: the model is already paged")
+    interface = _Interface(model)
+    layers = {key: Body(f) for key, f in interface.definitions.items() if any(_is_ctx(n) for n in f.node)}
+    _refuse_nested_calls(model, layers)
+    sites = CacheSites(model=model, main=Body(model.graph))
     for node in model.graph.node:
-        _refuse_foreign_op(node)
-        rule = rule_for(node.domain, node.op_type)
-        if rule is not None and rule.role == "write":
-            site = Site(node, sites.main)
-            sites.tensors.append(
-                _interface_cache(graph_inputs, graph_outputs, node, node.input[0], node.output[0], site)
-            )
-        function = with_cache.get(function_key(node))
-        if function is not None:
-            sites.tensors += _caches_through_call(graph_inputs, graph_outputs, node, function)
+        if _is_ctx(node):
+            _classify_write(sites, interface, node, sites.main, None)
+        layer = layers.get(function_key(node))
+        if layer is not None:
+            for inner in layer:
+                if _is_ctx(inner):
+                    _classify_write(sites, interface, inner, layer, node)
+            if any(t.call is node for t in sites.tensors) and layer not in sites.functions:
+                sites.functions.append(layer)
     if not sites.tensors:
         _refuse_dynamic_cache(model.graph)
         raise NoCacheError("no KV cache found (no com.qualcomm.cloud::CtxScatter* writes a graph input)")
     sites.tensors.sort(key=lambda t: (t.layer, t.kind))
-    _check_shapes(sites.tensors)
+    _check_shapes(sites.tensors, model)
     cache_names = {name for t in sites.tensors for name in (t.input.name, t.output.name)}
     _refuse_subgraph_users(model.graph, cache_names)
     sites.main.watch(cache_names | ADDRESSING_NAMES)
     for tensor in sites.tensors:
-        _collect_users(sites, tensor)
+        _collect_users(sites, interface, tensor)
+    _list_left_alone(sites, interface, layers)
     sites.row_dim = _row_dim(model, sites)
     return sites
+
+
+def _classify_write(
+    sites: CacheSites, interface: _Interface, node: onnx.NodeProto, body: Body, call: onnx.NodeProto | None
+) -> None:
+    """Record ``node`` as a KV cache write if it is one; refuse it if it looks like one but cannot
+    be paged. Everything else is listed later, by ``_list_left_alone``."""
+    rule = rule_for(node.domain, node.op_type, len(node.input))
+    if rule is not None and (rule.role != "write" or not rule.may_move_kv):
+        return
+    data = interface.outer(node.input[0], body, call) if node.input else None
+    out = interface.outer(node.output[0], body, call, outputs=True) if node.output else None
+    kv_shaped = data in interface.inputs and len(dims_of(interface.inputs[data])) == 4
+    if rule is None:
+        if kv_shaped and out in interface.outputs:
+            arities = known_arities(node.op_type)
+            detail = f" with {len(node.input)} inputs (known: {arities})" if arities else ""
+            raise UnsupportedPatternError(f"{where(node)}: unknown cache op{detail} writes {data!r}")
+        return
+    if not kv_shaped:
+        return  # a computed value or a buffer of another rank: listed as left alone
+    if out not in interface.outputs:
+        raise UnsupportedPatternError(
+            f"{where(node)}: the cache it writes is not a graph input returned as a graph output"
+        )
+    _check_body(node, rule, interface)
+    assert data is not None and out is not None
+    tensor = CacheTensor(interface.inputs[data], interface.outputs[out], Site(node, body), call=call)
+    sites.tensors.append(tensor)
+
+
+def _check_body(node: onnx.NodeProto, rule: CtxOpRule, interface: _Interface) -> None:
+    if not all(node.input) or len(node.output) != 1:
+        raise UnsupportedPatternError(
+            f"{where(node)}: expects inputs ({', '.join(rule.slots)}) and one output, "
+            f"has {len(node.input)} inputs ({sum(1 for i in node.input if not i)} omitted) "
+            f"and {len(node.output)} outputs"
+        )
+    function = interface.definitions.get(function_key(node))
+    if function is None:
+        raise UnsupportedPatternError(f"{where(node)}: no model-local function defines {node.op_type}")
+    mismatch = body_mismatch(rule, function)
+    if mismatch is not None:
+        raise UnsupportedPatternError(f"{where(node)}: not the {rule.op_type} the rewrite knows: {mismatch}")
+
+
+def _is_ctx(node: onnx.NodeProto) -> bool:
+    return is_ctx_op(node.domain, node.op_type)
+
+
+def _refuse_nested_calls(model: onnx.ModelProto, layers: dict[tuple[str, str], Body]) -> None:
+    """Ctx ops are followed one call deep (QEfficient's layer functions); deeper is refused, not
+    missed."""
+    for function in model.functions:
+        for node in function.node:
+            if function_key(node) in layers:
+                raise UnsupportedPatternError(
+                    f"{where(node)} in function {function.name!r}: cache ops nested two functions deep"
+                )
 
 
 def _refuse_subgraph_users(graph: onnx.GraphProto, cache_names: set[str]) -> None:
@@ -172,13 +169,94 @@ def _refuse_subgraph_users(graph: onnx.GraphProto, cache_names: set[str]) -> Non
                 )
 
 
+def _collect_users(sites: CacheSites, interface: _Interface, tensor: CacheTensor) -> None:
+    """Record the readers of ``tensor``; refuse any user that is not a KV gather or ``Shape``."""
+    write = tensor.write
+    scopes = [(write.body, write.node.input[0], write.node.output[0])]
+    if tensor.call is not None:
+        scopes.append((sites.main, tensor.input.name, tensor.output.name))
+    for body, cache_in, cache_out in scopes:
+        for user, _ in body.consumers(cache_in):
+            if user is not write.node and user is not tensor.call:
+                _shape_or_refuse(
+                    sites, tensor, Site(user, body), f"reads cache input {tensor.name!r} directly"
+                )
+        for user, index in body.consumers(cache_out):
+            rule = rule_for(user.domain, user.op_type, len(user.input))
+            if rule is not None and rule.role == "read" and rule.may_move_kv and index == 0:
+                if not any(site.node is user for site in sites.reads):
+                    _check_body(user, rule, interface)
+                    sites.reads.append(Site(user, body))
+            else:
+                _shape_or_refuse(
+                    sites, tensor, Site(user, body), f"uses the written cache {cache_out!r} in an unknown way"
+                )
+    if not any(site.node is write.node for site in sites.writes):
+        sites.writes.append(write)
+
+
+def _shape_or_refuse(sites: CacheSites, tensor: CacheTensor, user: Site, why: str) -> None:
+    if user.node.op_type != "Shape" or user.node.domain != "":
+        if is_ctx_op(user.node.domain, user.node.op_type):
+            why = f"is an unknown cache op: it {why.split(' ', 1)[0]} cache {tensor.name!r} and is no known KV gather"
+        raise UnsupportedPatternError(f"{where(user.node)} {why}")
+    for site, length in sites.shape_reads:
+        if site.node is user.node:
+            if length != tensor.length_dim:
+                raise UnsupportedPatternError(
+                    f"{where(user.node)} serves caches of different lengths ({length!r} and {tensor.length_dim!r})"
+                )
+            return
+    sites.shape_reads.append((user, tensor.length_dim))
+
+
+def _list_left_alone(sites: CacheSites, interface: _Interface, layers: dict[tuple[str, str], Body]) -> None:
+    """Every Ctx op the rewrite does not touch, with the reason it is not a KV cache op."""
+    rewritten = {id(site.node) for site in [*sites.writes, *sites.reads]}
+    first_call: dict[tuple[str, str], onnx.NodeProto] = {}
+    for node in sites.model.graph.node:
+        first_call.setdefault(function_key(node), node)
+    places: list[tuple[onnx.NodeProto, Body, onnx.NodeProto | None]]
+    places = [(node, sites.main, None) for node in sites.model.graph.node]
+    for key, layer in layers.items():  # names resolved through the first call of a shared body
+        places += [(inner, layer, first_call.get(key)) for inner in layer]
+    for node, body, call in places:
+        if not _is_ctx(node) or id(node) in rewritten:
+            continue
+        local = node.input[0] if node.input else ""
+        data = (interface.outer(local, body, call) if local else None) or local
+        sites.left_alone.append(
+            LeftAlone(
+                node=node.name,
+                op=node.op_type,
+                function=body.name if body.is_function else None,
+                data=data,
+                reason=_why_not_kv(node, data, interface),
+            )
+        )
+
+
+def _why_not_kv(node: onnx.NodeProto, data: str, interface: _Interface) -> str:
+    rule = rule_for(node.domain, node.op_type, len(node.input))
+    if rule is None:
+        return "no rule knows this op, and it touches no KV cache"
+    if rule.position_axis != KV_POSITION_AXIS:
+        return f"indexes axis {rule.position_axis} (activations or per-sequence buffers), not token positions of a KV cache"
+    if data in interface.initializers:
+        return "its data operand is an initializer (weights), not a KV cache"
+    if data in interface.inputs:
+        rank = len(dims_of(interface.inputs[data]))
+        return f"its data operand is a rank-{rank} graph input; a KV cache has rank 4"
+    return "its data operand is a computed value, not a cache graph input"
+
+
 def _row_dim(model: onnx.ModelProto, sites: CacheSites) -> Dim:
     """The batch dim of the model's token rows: that of the rank-2 int64 graph input the first
     write's positions come from (``position_ids``). With continuous batching the cache's own
     batch dim is ``full_batch_size``, but ``block_table`` has one row per token row."""
     tensor = sites.tensors[0]
     node = tensor.write.node
-    rule = rule_for(node.domain, node.op_type)
+    rule = rule_for(node.domain, node.op_type, len(node.input))
     assert rule is not None
     name = node.input[rule.operand("positions")]
     if tensor.call is not None and name in tensor.write.body.input_names:
@@ -204,28 +282,6 @@ def _row_dim(model: onnx.ModelProto, sites: CacheSites) -> Dim:
     return sites.batch_dim
 
 
-def _is_cache_op(node: onnx.NodeProto) -> bool:
-    return rule_for(node.domain, node.op_type) is not None
-
-
-def _refuse_foreign_op(node: onnx.NodeProto) -> None:
-    """Refuse paged ops, unknown ``Ctx*`` ops and known ones with the wrong operands."""
-    if node.domain != QEFF_DOMAIN:
-        return
-    if node.op_type.startswith("Paged"):
-        raise UnsupportedPatternError(f"{where(node)}: the model is already paged")
-    rule = rule_for(node.domain, node.op_type)
-    if rule is None and is_cache_op_like(node.domain, node.op_type):
-        raise UnsupportedPatternError(f"{where(node)}: unknown cache op")
-    if rule is not None and (
-        len(node.input) != len(rule.slots) or len(node.output) != 1 or not all(node.input)
-    ):
-        raise UnsupportedPatternError(
-            f"{where(node)}: expects inputs ({', '.join(rule.slots)}) and one output, "
-            f"has {len(node.input)} inputs and {len(node.output)} outputs"
-        )
-
-
 def _refuse_dynamic_cache(graph: onnx.GraphProto) -> None:
     """A cache grown by ``Concat`` each step (a dynamic cache) cannot be paged: say so."""
     rank4_inputs = {v.name for v in graph.input if len(dims_of(v)) == 4}
@@ -239,102 +295,24 @@ def _refuse_dynamic_cache(graph: onnx.GraphProto) -> None:
             )
 
 
-def _refuse_nested_calls(model: onnx.ModelProto, with_cache: dict[tuple[str, str], Body]) -> None:
-    for function in model.functions:
-        for node in function.node:
-            if function_key(node) in with_cache:
-                raise UnsupportedPatternError(
-                    f"{where(node)} in function {function.name!r}: cache ops nested two functions deep"
-                )
+def _contradicts(declared: list[Dim], shape: list[Dim], known_dims: set[str]) -> bool:
+    """A retained output's declared shape contradicts its cache's only where both are known: the
+    exporter names dims it could not infer ``CtxScatter..._dim_0``; those say nothing."""
+    if not declared:
+        return False
+    if len(declared) != len(shape):
+        return True
+    return any(
+        out != dim and (isinstance(out, int) or out in known_dims) and dim is not None
+        for out, dim in zip(declared, shape, strict=True)
+    )
 
 
-def _interface_cache(
-    inputs: dict[str, onnx.ValueInfoProto],
-    outputs: dict[str, onnx.ValueInfoProto],
-    user: onnx.NodeProto,
-    data: str,
-    out: str,
-    write: Site,
-) -> CacheTensor:
-    if data not in inputs or out not in outputs:
-        raise UnsupportedPatternError(
-            f"{where(user)}: the cache it writes is not a graph input returned as a graph output"
-        )
-    return CacheTensor(inputs[data], outputs[out], write, call=None if user is write.node else user)
-
-
-def _caches_through_call(
-    inputs: dict[str, onnx.ValueInfoProto],
-    outputs: dict[str, onnx.ValueInfoProto],
-    call: onnx.NodeProto,
-    function: Body,
-) -> list[CacheTensor]:
-    tensors = []
-    formal_in, formal_out = function.input_names, function.output_names
-    for inner in function:
-        rule = rule_for(inner.domain, inner.op_type)
-        if rule is None or rule.role != "write":
-            continue
-        data, out = inner.input[0], inner.output[0]
-        if data not in formal_in or out not in formal_out:
-            raise UnsupportedPatternError(
-                f"{where(inner)} in function {function.name!r}: the cache must be a function input "
-                "returned as a function output"
-            )
-        position_in, position_out = formal_in.index(data), formal_out.index(out)
-        if position_in >= len(call.input) or position_out >= len(call.output):
-            raise UnsupportedPatternError(f"{where(call)}: the call does not pass the cache {data!r}")
-        outer_in, outer_out = call.input[position_in], call.output[position_out]
-        tensors.append(_interface_cache(inputs, outputs, call, outer_in, outer_out, Site(inner, function)))
-    return tensors
-
-
-def _collect_users(sites: CacheSites, tensor: CacheTensor) -> None:
-    """Record the readers of ``tensor``; refuse any user that is not a known cache op or Shape."""
-    write = tensor.write
-    scopes = [(write.body, write.node.input[0], write.node.output[0])]
-    if tensor.call is not None:
-        scopes.append((sites.main, tensor.input.name, tensor.output.name))
-    for body, cache_in, cache_out in scopes:
-        for user, _ in body.consumers(cache_in):
-            if user is not write.node and user is not tensor.call:
-                _shape_or_refuse(
-                    sites, tensor, Site(user, body), f"reads cache input {tensor.name!r} directly"
-                )
-        for user, index in body.consumers(cache_out):
-            rule = rule_for(user.domain, user.op_type)
-            if rule is not None and rule.role == "read" and index == 0:
-                if not any(site.node is user for site in sites.reads):
-                    sites.reads.append(Site(user, body))
-            else:
-                _shape_or_refuse(
-                    sites, tensor, Site(user, body), f"uses the written cache {cache_out!r} in an unknown way"
-                )
-    if not any(site.node is write.node for site in sites.writes):
-        sites.writes.append(write)
-
-
-def _shape_or_refuse(sites: CacheSites, tensor: CacheTensor, user: Site, why: str) -> None:
-    if user.node.op_type != "Shape" or user.node.domain != "":
-        raise UnsupportedPatternError(f"{where(user.node)} {why}")
-    for site, length in sites.shape_reads:
-        if site.node is user.node:
-            if length != tensor.length_dim:
-                raise UnsupportedPatternError(
-                    f"{where(user.node)} serves caches of different lengths ({length!r} and {tensor.length_dim!r})"
-                )
-            return
-    sites.shape_reads.append((user, tensor.length_dim))
-
-
-def _check_shapes(tensors: list[CacheTensor]) -> None:
+def _check_shapes(tensors: list[CacheTensor], model: onnx.ModelProto) -> None:
+    known_dims = {d for v in model.graph.input for d in dims_of(v) if isinstance(d, str)}
     first = tensors[0]
     for tensor in tensors:
         node = where(tensor.write.node)
-        if len(tensor.shape) != 4:
-            raise UnsupportedPatternError(
-                f"{node}: cache {tensor.name!r} must be rank 4 [batch, heads, len, head_dim]"
-            )
         if tensor.input.type.tensor_type.elem_type not in FLOAT_TYPES:
             raise UnsupportedPatternError(f"{node}: cache {tensor.name!r} is not a float tensor")
         if not isinstance(tensor.shape[1], int) or not isinstance(tensor.shape[3], int):
@@ -346,8 +324,7 @@ def _check_shapes(tensors: list[CacheTensor]) -> None:
                 f"{node}: cache {tensor.name!r} has batch dim {tensor.shape[0]!r} "
                 f"but {first.name!r} has {first.shape[0]!r}"
             )
-        out_dims = dims_of(tensor.output)
-        if out_dims and out_dims != list(tensor.shape):
+        if _contradicts(dims_of(tensor.output), list(tensor.shape), known_dims):
             raise UnsupportedPatternError(
                 f"{node}: retained output {tensor.output.name!r} does not have the shape of {tensor.name!r}"
             )

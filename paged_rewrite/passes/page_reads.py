@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from paged_rewrite.passes._edit import replace_by_rule
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
-from paged_rewrite.passes.find_cache_sites import CacheSites
+from paged_rewrite.passes.sites import CacheSites
 
 
 def page_reads(sites: CacheSites, layout: PagedLayout) -> int:

@@ -9,7 +9,7 @@ import math
 
 from paged_rewrite.passes._edit import replace_by_rule
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
-from paged_rewrite.passes.find_cache_sites import CacheSites, Dim
+from paged_rewrite.passes.sites import CacheSites, Dim
 
 
 def page_writes(sites: CacheSites, layout: PagedLayout) -> int:

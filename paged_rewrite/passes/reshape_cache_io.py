@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from paged_rewrite.graph import dims_of, set_dims
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
-from paged_rewrite.passes.find_cache_sites import CacheSites
+from paged_rewrite.passes.sites import CacheSites
 
 
 def reshape_cache_io(sites: CacheSites, layout: PagedLayout) -> None:

@@ -11,7 +11,7 @@ from onnx import helper
 from paged_rewrite.custom_ops import PAGED_DOMAIN
 from paged_rewrite.graph import become
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
-from paged_rewrite.passes.find_cache_sites import CacheSites, Dim, Site
+from paged_rewrite.passes.sites import CacheSites, Dim, Site
 
 
 def rewire_logical_shape(sites: CacheSites, layout: PagedLayout) -> int:
