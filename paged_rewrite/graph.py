@@ -145,3 +145,19 @@ def used_names(bodies: Sequence[onnx.GraphProto | onnx.FunctionProto]) -> set[st
                         stack.append(list(graph.node))
                         names.update(o.name for o in graph.output)
     return names
+
+
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "com.microsoft"})
+
+
+def undefined_ops(model: onnx.ModelProto) -> set[tuple[str, str]]:
+    """Custom-domain ops called in the graph or a function body that no model-local function
+    defines. The ONNX checker cannot see these (it does not know custom domains)."""
+    defined = {(f.domain, f.name) for f in model.functions}
+    bodies = [model.graph.node, *(f.node for f in model.functions)]
+    return {
+        (n.domain, n.op_type)
+        for body in bodies
+        for n in body
+        if n.domain not in STANDARD_DOMAINS and (n.domain, n.op_type) not in defined
+    }

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from paged_rewrite.errors import OutputError
+from paged_rewrite.graph import undefined_ops
 from paged_rewrite.passes.add_paged_inputs import PagedLayout, add_paged_inputs
 from paged_rewrite.passes.cache_op_rules import rule_for
 from paged_rewrite.passes.finalize_model import finalize_model
@@ -34,6 +36,7 @@ class RewriteOptions:
 
 def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteReport:
     """Rewrite ``model`` in place into a paged-KV model and report what was done."""
+    undefined_before = undefined_ops(model)
     sites = find_cache_sites(model)
     caches = [CacheReport.of(tensor) for tensor in sites.tensors]
     rewritten = _rewrite_plan(sites)
@@ -46,6 +49,11 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
     rewire_logical_shape(sites, layout)
     reshape_cache_io(sites, layout)
     removed, kept = finalize_model(sites, layout, metadata=_layout_metadata(layout))
+    dangling = sorted(undefined_ops(model) - undefined_before)
+    if dangling:  # a bug of ours, caught before anything is written
+        raise OutputError(
+            f"the rewritten model calls {dangling[0][0]}::{dangling[0][1]}, which no function defines"
+        )
 
     return RewriteReport(
         input_path="",
