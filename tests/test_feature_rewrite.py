@@ -46,7 +46,9 @@ FEATURE_EXPORTS = [
 def rewrite_options(name: str) -> dict[str, object]:
     """ctx_len and the ring length from the fixture's own scenario."""
     scenario = json.loads((FEATURE_FIXTURES / name / "manifest.json").read_text())["scenario"]
-    dims = {"sliding_window": scenario["sliding_window_kv_len"]} if "sliding_window_kv_len" in scenario else {}
+    dims = (
+        {"sliding_window": scenario["sliding_window_kv_len"]} if "sliding_window_kv_len" in scenario else {}
+    )
     return {"ctx_len": scenario["ctx_len"], "dims": dims}
 
 
@@ -108,9 +110,7 @@ def test_only_the_kv_caches_are_paged(tmp_path, name: str, kv_block_size: int) -
 
 def test_lora_keeps_the_adapter_gathers_and_their_definition(tmp_path) -> None:
     """The reported break: LoRA's CtxGatherCB on adapter weights must survive with its body."""
-    report = rewrite(
-        feature_fixture_model("ort_failing/llama_lora"), tmp_path / "p.onnx", 32, ctx_len=128
-    )
+    report = rewrite(feature_fixture_model("ort_failing/llama_lora"), tmp_path / "p.onnx", 32, ctx_len=128)
     model = onnx.load(tmp_path / "p.onnx")
     assert sum(n.op_type == "CtxGatherCB" for n in model.graph.node) == 12
     assert any(f.name == "CtxGatherCB" for f in model.functions)
@@ -120,9 +120,7 @@ def test_lora_keeps_the_adapter_gathers_and_their_definition(tmp_path) -> None:
 
 
 def test_sampler_buffers_stay_contiguous(tmp_path) -> None:
-    report = rewrite(
-        feature_fixture_model("ort_failing/llama_sampler"), tmp_path / "p.onnx", 32, ctx_len=128
-    )
+    report = rewrite(feature_fixture_model("ort_failing/llama_sampler"), tmp_path / "p.onnx", 32, ctx_len=128)
     assert {op.op for op in report.left_alone} == {"CtxScatterCB3D"}
     assert all("axis 1" in op.reason for op in report.left_alone)
     inputs = {spec.name: spec.shape for spec in report.inputs}
