@@ -1,0 +1,134 @@
+"""Variants of real QEfficient exports that the corpora do not hold, each derived from one by a
+small, documented edit: an older op form, a renamed dim, a mislabelled op body, an extra
+per-sequence state addressed by ``batch_index``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+QEFF = "com.qualcomm.cloud"
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def pre_ccl_gather(source: Path, path: Path) -> Path:
+    """``source`` with QEfficient's two-operand ``CtxGather(data, ctx_indices)`` of releases
+    before compute-context-length: the call loses ``comp_ctx_len`` and the body reads as many
+    positions as ``ctx_indices`` holds (what the three-operand form does when the length is the
+    full context, as in every non-CCL export)."""
+    model = onnx.load(source)
+    for node in model.graph.node:
+        if node.op_type == "CtxGather":
+            del node.input[2:]
+    body = [
+        helper.make_node("Shape", ["data"], ["data_shape"]),
+        helper.make_node("Constant", [], ["zero"], value_ints=[0]),
+        helper.make_node("Constant", [], ["two"], value_ints=[2]),
+        helper.make_node("Constant", [], ["three"], value_ints=[3]),
+        helper.make_node("Slice", ["data_shape", "zero", "two"], ["batch_heads"]),
+        helper.make_node("Shape", ["ctx_indices"], ["index_shape"]),
+        helper.make_node("Slice", ["index_shape", "two", "three"], ["length"]),
+        helper.make_node("Concat", ["batch_heads", "length"], ["target"], axis=0),
+        helper.make_node("Expand", ["ctx_indices", "target"], ["expanded"]),
+        helper.make_node("Constant", [], ["last"], value_ints=[-1]),
+        helper.make_node("Unsqueeze", ["expanded", "last"], ["indices"]),
+        helper.make_node("GatherND", ["data", "indices"], ["return_val"], batch_dims=2),
+    ]
+    gather = helper.make_function(QEFF, "CtxGather", ["data", "ctx_indices"], ["return_val"], body, OPSET)
+    _replace_function(model, gather)
+    onnx.save(model, path)
+    return path
+
+
+def scatter_on_heads(source: Path, path: Path) -> Path:
+    """``source`` whose ``CtxScatter`` body writes positions on axis 1 (heads) instead of axis 2:
+    named like the cache op, but not the op the rewrite knows."""
+    model = onnx.load(source)
+    function = next(f for f in model.functions if f.name == "CtxScatter")
+    concat = next(n for n in function.node if n.op_type == "Concat" and n.output[0] == "indices")
+    del concat.input[1]  # drop the head component: positions now index axis 1
+    onnx.save(model, path)
+    return path
+
+
+def renamed_dim(source: Path, path: Path, old: str, new: str) -> Path:
+    """``source`` with symbolic dim ``old`` renamed ``new`` on every graph input and output."""
+    model = onnx.load(source)
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == old:
+                dim.dim_param = new
+    onnx.save(model, path)
+    return path
+
+
+def cb_with_penalty_buffer(source: Path, path: Path, vocab: int = 256) -> Path:
+    """A continuous-batching export (``source``) with one more retained state that is not KV: a
+    sampler-style ``[full_batch_size, vocab]`` buffer written by ``CtxScatterCB3D(buffer,
+    batch_index, input_ids, ones)`` — the shape QEfficient's on-device sampler adds — so
+    ``batch_index`` keeps a reader after the KV ops are paged."""
+    model = onnx.load(source)
+    graph = model.graph
+    graph.input.append(
+        helper.make_tensor_value_info("past_seen_tokens", TensorProto.FLOAT, ["full_batch_size", vocab])
+    )
+    graph.output.append(
+        helper.make_tensor_value_info(
+            "past_seen_tokens_RetainedState", TensorProto.FLOAT, ["full_batch_size", vocab]
+        )
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Shape", ["input_ids"], ["/penalty/Shape_output_0"], name="/penalty/Shape"),
+            helper.make_node(
+                "ConstantOfShape",
+                ["/penalty/Shape_output_0"],
+                ["/penalty/ones"],
+                name="/penalty/ConstantOfShape",
+                value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
+            ),
+            helper.make_node(
+                "CtxScatterCB3D",
+                ["past_seen_tokens", "batch_index", "input_ids", "/penalty/ones"],
+                ["past_seen_tokens_RetainedState"],
+                name="/penalty/CtxScatterCB3D",
+                domain=QEFF,
+            ),
+        ]
+    )
+    body = [
+        helper.make_node("Shape", ["batch_index"], ["batch_shape"]),
+        helper.make_node("Constant", [], ["zero"], value_ints=[0]),
+        helper.make_node("Gather", ["batch_shape", "zero"], ["batch_size"]),
+        helper.make_node("Shape", ["position_ids"], ["position_shape"]),
+        helper.make_node("Constant", [], ["one"], value_ints=[1]),
+        helper.make_node("Gather", ["position_shape", "one"], ["seq_len"]),
+        helper.make_node("Concat", ["batch_size", "seq_len", "one"], ["exp_shape"], axis=0),
+        helper.make_node("Constant", [], ["two"], value_ints=[2]),
+        helper.make_node("Unsqueeze", ["batch_index", "two"], ["batch_column"]),
+        helper.make_node("Expand", ["batch_column", "exp_shape"], ["batch_idx"]),
+        helper.make_node("Unsqueeze", ["position_ids", "two"], ["position_column"]),
+        helper.make_node("Expand", ["position_column", "exp_shape"], ["ctx_idx"]),
+        helper.make_node("Concat", ["batch_idx", "ctx_idx"], ["indices"], axis=2),
+        helper.make_node("ScatterND", ["data", "indices", "updates"], ["return_val"]),
+    ]
+    model.functions.append(
+        helper.make_function(
+            QEFF,
+            "CtxScatterCB3D",
+            ["data", "batch_index", "position_ids", "updates"],
+            ["return_val"],
+            body,
+            OPSET,
+        )
+    )
+    onnx.save(model, path)
+    return path
+
+
+def _replace_function(model: onnx.ModelProto, function: onnx.FunctionProto) -> None:
+    kept = [f for f in model.functions if (f.domain, f.name) != (function.domain, function.name)]
+    del model.functions[:]
+    model.functions.extend([*kept, function])
