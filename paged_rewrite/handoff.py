@@ -131,6 +131,7 @@ def manifest(report: RewriteReport, source: Path, version: str) -> dict[str, Any
         "outputs": [vars(spec) for spec in report.outputs],
         "removed_inputs": report.removed_inputs,
         "kept_inputs": report.kept_inputs,
+        "other_retained_states": report.other_retained_states,
         "left_alone": [vars(op) for op in report.left_alone],
         "caches": [
             {

@@ -69,6 +69,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         removed_inputs=removed,
         kept_inputs=kept,
         left_alone=[LeftAloneReport(**vars(op)) for op in sites.left_alone],
+        other_retained_states=_other_retained_states(model, sites),
         context_dim=layout.context_dim if isinstance(layout.context_dim, str) else None,
         bound_dims=dict(sorted(layout.bound_dims.items())),
         inputs=[TensorSpec.of(v) for v in model.graph.input],
@@ -85,6 +86,14 @@ def _rewrite_plan(sites: CacheSites) -> dict[str, int]:
         plan[f"{site.node.op_type} -> {rule.emits}"] += 1
     plan["Shape(cache) -> logical shape"] += len(sites.shape_reads)
     return dict(sorted(plan.items()))
+
+
+def _other_retained_states(model: onnx.ModelProto, sites: CacheSites) -> list[str]:
+    """Inputs returned as ``<name>_RetainedState`` that are not paged caches (VLM vision embeds,
+    sampler buffers): a runtime keeps feeding them back as the original wanted."""
+    outputs = {v.name for v in model.graph.output}
+    paged = {t.name for t in sites.tensors}
+    return [v.name for v in model.graph.input if f"{v.name}_RetainedState" in outputs and v.name not in paged]
 
 
 def _layout_metadata(layout: PagedLayout) -> dict[str, str]:

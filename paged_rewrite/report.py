@@ -82,6 +82,9 @@ class RewriteReport:
     removed_inputs: list[str] = field(default_factory=list)
     kept_inputs: dict[str, str] = field(default_factory=dict)  # dropped by a paged op, still read by others
     left_alone: list[LeftAloneReport] = field(default_factory=list)
+    other_retained_states: list[str] = field(
+        default_factory=list
+    )  # X / X_RetainedState pairs that are not KV
     context_dim: str | None = None  # the symbolic length dim of the full-context caches
     bound_dims: dict[str, int] = field(default_factory=dict)  # every symbolic dim given a value
     functions: list[str] = field(default_factory=list)
@@ -113,6 +116,10 @@ class RewriteReport:
             lines.append(f"removed inputs (no longer used): {', '.join(self.removed_inputs)}")
         for name, readers in self.kept_inputs.items():
             lines.append(f"kept input {name}: still read by {readers}")
+        if self.other_retained_states:
+            lines.append(
+                f"retained states that are not KV (fed back as they are): {', '.join(self.other_retained_states)}"
+            )
         if self.left_alone:
             reasons: dict[tuple[str, str], int] = {}
             for op in self.left_alone:

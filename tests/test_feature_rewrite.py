@@ -72,6 +72,8 @@ def test_only_the_kv_caches_are_paged(tmp_path, name: str, kv_block_size: int) -
     # Exactly the manifest's KV tensors are paged, and only their Ctx ops are replaced.
     kv = set(manifest["cache_tensors"]["kv"])
     assert {c.input for c in report.caches} == kv
+    others = [entry["input"] for entry in manifest["cache_tensors"]["other_retained_states"]]
+    assert report.other_retained_states == others
     retained = {name: f"{name}_RetainedState" for name in kv}
     kv_values = kv | set(retained.values())
     kv_calls = [op for op in manifest["ctx_ops"] if op["inputs"][0] in kv_values]
