@@ -72,7 +72,7 @@ def rewrite(
         target = save_model(model, output_path, Path(input_path), copy_weights, full_check)
     except OutputError as error:
         if "fails the ONNX checker" in str(error):
-            _blame_the_input(input_path)
+            _blame_the_input(input_path, full_check)
         raise
     report.output_path = str(target)
     previous = handoff.previous_sidecars(paths["manifest"])
@@ -105,12 +105,14 @@ def _refuse_overwriting_inputs(outputs: list[Path], inputs: list[str | os.PathLi
             raise UsageError(f"{output}: the output would overwrite the input {protected[output.resolve()]}")
 
 
-def _blame_the_input(path: str | os.PathLike[str]) -> None:
-    """Raise ``NotAModelError`` if the input itself fails the ONNX checker (structural, by path).
+def _blame_the_input(path: str | os.PathLike[str], full_check: bool = False) -> None:
+    """Raise ``NotAModelError`` if the input itself fails the ONNX checker (by path; with the
+    strict shape inference too when the output was held to it: some real exports fail it, e.g.
+    QEfficient's ``CtxScatter3DInt`` scatters with int32 indices).
 
     Run only after something went wrong, so valid inputs pay nothing for it."""
     try:
-        onnx.checker.check_model(os.fspath(path))
+        onnx.checker.check_model(os.fspath(path), full_check=full_check)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, UnicodeDecodeError) as exc:
         text = str(exc).strip().splitlines()
         raise NotAModelError(

@@ -18,6 +18,7 @@ import pytest
 from conftest import FEATURE_FIXTURES, feature_fixture_model
 
 from paged_rewrite import rewrite
+from paged_rewrite.errors import NotAModelError
 
 QEFF = "com.qualcomm.cloud"
 PAGED_FORM = {  # the contract: what each KV op becomes
@@ -128,3 +129,13 @@ def test_sampler_buffers_stay_contiguous(tmp_path) -> None:
     inputs = {spec.name: spec.shape for spec in report.inputs}
     assert inputs["past_repetition_penalty_buffer"] == ["batch_size", 256]
     assert inputs["past_key.0"] == ["total_num_kv_blocks", 2, 32, 16]
+
+
+def test_full_check_blames_an_input_that_fails_strict_inference_itself(tmp_path) -> None:
+    """QEfficient's CtxScatter3DInt scatters with int32 indices, which strict shape inference
+    rejects in the original too: --full-check says the input is at fault, and writes nothing."""
+    source = feature_fixture_model("ort_failing/qwen3_moe_prefill_chunked")
+    with pytest.raises(NotAModelError, match="CtxScatter3DInt"):
+        rewrite(source, tmp_path / "p.onnx", 32, ctx_len=128, full_check=True)
+    assert list(tmp_path.iterdir()) == []
+    rewrite(source, tmp_path / "p.onnx", 32, ctx_len=128)  # the structural check passes
