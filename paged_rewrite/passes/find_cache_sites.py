@@ -198,7 +198,7 @@ def _collect_users(sites: CacheSites, interface: _Interface, tensor: CacheTensor
 def _shape_or_refuse(sites: CacheSites, tensor: CacheTensor, user: Site, why: str) -> None:
     if user.node.op_type != "Shape" or user.node.domain != "":
         if is_ctx_op(user.node.domain, user.node.op_type):
-            why = f"is an unknown cache op: it {why.split(' ', 1)[0]} cache {tensor.name!r} and is no known KV gather"
+            why = f"is an unknown cache op reading KV cache {tensor.name!r}"
         raise UnsupportedPatternError(f"{where(user.node)} {why}")
     for site, length in sites.shape_reads:
         if site.node is user.node:
