@@ -8,7 +8,12 @@
 * prefill-only: the same write, no read at all; attention over the chunk's fresh K/V;
 * continuous batching: the ``*CB`` form of each op, addressing cache row ``batch_index[b]``;
   positions of padding tokens are written at the INT32_MAX sentinel, as QEfficient's CB
-  exports do.
+  exports do;
+* sliding window: layer 0 is a ring buffer (``ring.py``), read whole with its window's mask,
+  whatever the other layers do;
+* subfunctions: the same nodes, in a layer function (``subfunctions.py``); as QEfficient's
+  ``InvalidIndexProvider`` does there, whole-context reads use index 0, not INT32_MAX, for slots
+  not written yet (BlockedKV reads and CB writes keep INT32_MAX).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 from paged_rewrite.builder.functions import QAIC_DOMAIN
 from paged_rewrite.builder.graph_builder import GraphBuilder
 from paged_rewrite.builder.layers import Prefix, apply_rope, causal_mask, repeat_kv
+from paged_rewrite.builder.ring import RING_LAYER, ring_positions
 
 if TYPE_CHECKING:
     from paged_rewrite.builder.qeff_export import ExportSpec
@@ -49,16 +55,18 @@ def attention(g: GraphBuilder, spec: ExportSpec, layer: int, x: str, pre: Prefix
     q = apply_rope(g, spec, heads("q_proj", wq, h), pre, s)
     k = apply_rope(g, spec, heads("k_proj", wk, kvh), pre, s)
     v = heads("v_proj", wv, kvh)
-    k_cache, v_cache = _write_cache(g, spec, layer, k, v, s)
+    ring = bool(spec.sliding_window) and layer == RING_LAYER
+    k_cache, v_cache = _write_cache(g, spec, layer, k, v, s, ring)
 
+    shared_mask = pre.window_mask if ring else pre.mask
     if spec.prefill_only:
-        assert pre.mask is not None
-        k_all, v_all, mask = k, v, pre.mask
-    elif spec.blocked_kv_num_blocks:
+        assert shared_mask is not None
+        k_all, v_all, mask = k, v, shared_mask
+    elif spec.blocked_kv_num_blocks and not ring:
         k_all, v_all, mask = _read_blocked(g, spec, k_cache, v_cache, s)
     else:
-        assert pre.mask is not None
-        k_all, v_all, mask = *_read_contiguous(g, spec, k_cache, v_cache, s), pre.mask
+        assert shared_mask is not None
+        k_all, v_all, mask = *_read_contiguous(g, spec, k_cache, v_cache, s), shared_mask
 
     k_all = repeat_kv(g, spec, k_all, s)
     v_all = repeat_kv(g, spec, v_all, s)
@@ -71,13 +79,15 @@ def attention(g: GraphBuilder, spec: ExportSpec, layer: int, x: str, pre: Prefix
     return g.op("MatMul", [out, wo], f"{s}/o_proj")
 
 
-def _write_cache(g: GraphBuilder, spec: ExportSpec, layer: int, k: str, v: str, s: str) -> tuple[str, str]:
+def _write_cache(
+    g: GraphBuilder, spec: ExportSpec, layer: int, k: str, v: str, s: str, ring: bool
+) -> tuple[str, str]:
     """``CtxScatter`` (``CtxScatterCB``) of the chunk's K and V; returns the retained states."""
-    positions = "position_ids"
+    positions = ring_positions(g, s) if ring else "position_ids"
     if spec.continuous_batching:
-        padding = g.op("Less", ["position_ids", g.const(s, np.array(0, np.int64))], s)
+        padding = g.op("Less", [positions, g.const(s, np.array(0, np.int64))], s)
         sentinel = g.const(s, np.array(INT32_MAX_SENTINEL, np.int64))
-        positions = g.op("Where", [padding, sentinel, "position_ids"], s)
+        positions = g.op("Where", [padding, sentinel, positions], s)
 
     def scatter(past: str, new: str) -> str:
         out = f"{past}.{layer}_RetainedState"
@@ -98,13 +108,14 @@ def _max_position(g: GraphBuilder, s: str) -> str:
 def _read_contiguous(
     g: GraphBuilder, spec: ExportSpec, k_cache: str, v_cache: str, s: str
 ) -> tuple[str, str]:
-    """The whole context ``[B, kv_heads, ctx_len, D]`` with one ``CtxGather`` (``CtxGatherCB``) per
-    K/V; slots beyond the row's last position are read at the sentinel and V is zeroed there."""
+    """The whole context ``[B, kv_heads, ctx_len, D]`` (a ring: ``[B, kv_heads, W, D]``) with one
+    ``CtxGather`` (``CtxGatherCB``) per K/V; slots beyond the row's last position are read at the
+    invalid index and V is zeroed there."""
     ctx_len = g.op("Gather", [g.op("Shape", [k_cache], s), g.const(s, np.array(2, np.int64))], s, axis=0)
     slots = g.op("Range", [g.const(s, np.array(0, np.int64)), ctx_len, g.const(s, np.array(1, np.int64))], s)
     slots = g.op("Reshape", [slots, g.ints(s, 1, 1, -1)], s)
     invalid = g.op("Greater", [slots, _max_position(g, s)], s)
-    sentinel = g.const(s, np.array(INT32_MAX_SENTINEL, np.int64))
+    sentinel = g.const(s, np.array(0 if spec.subfunctions else INT32_MAX_SENTINEL, np.int64))
     ctx_indices = g.op("Where", [invalid, sentinel, slots], s)
     if spec.continuous_batching:
         k_all = g.op("CtxGatherCB", [k_cache, "batch_index", ctx_indices, ctx_len], s, domain=QAIC_DOMAIN)

@@ -189,14 +189,15 @@ def ctx_gather_blocked_kv_cb() -> onnx.FunctionProto:
 
 
 def local_functions(
-    continuous_batching: bool, prefill_only: bool, blocked_kv: bool
+    continuous_batching: bool, prefill_only: bool, blocked_kv: bool, ring: bool = False
 ) -> list[onnx.FunctionProto]:
-    """The functions a model of that kind calls, and no others (as QEfficient emits them)."""
+    """The functions a model of that kind calls, and no others (as QEfficient emits them). A ring
+    layer is read whole even when the other layers use BlockedKV."""
     functions = [custom_rms_norm(), ctx_scatter_cb() if continuous_batching else ctx_scatter()]
     if prefill_only:
         return functions
     if blocked_kv:
         functions.append(ctx_gather_blocked_kv_cb() if continuous_batching else ctx_gather_blocked_kv())
-    else:
+    if ring or not blocked_kv:
         functions.append(ctx_gather_cb() if continuous_batching else ctx_gather())
     return functions

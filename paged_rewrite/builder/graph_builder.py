@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,16 @@ class GraphBuilder:
         node = helper.make_node(op_type, inputs, [out], name=name, domain=domain or None, **attrs)
         self.nodes.append(node)
         return out
+
+    @contextmanager
+    def capture(self) -> Iterator[list[NodeProto]]:
+        """Nodes appended inside the block go to the yielded list instead of the main graph (a
+        function body); weights still register on the builder, in the same order."""
+        saved, self.nodes = self.nodes, []
+        try:
+            yield self.nodes
+        finally:
+            self.nodes = saved
 
     def const(self, scope: str, value: npt.NDArray[Any]) -> str:
         """Append a ``Constant`` node holding ``value``; return its output."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from paged_rewrite.builder import ring
 from paged_rewrite.builder.functions import QTI_DOMAIN
 from paged_rewrite.builder.graph_builder import GraphBuilder
 
@@ -34,13 +35,14 @@ def _rope_tables(spec: ExportSpec) -> tuple[npt.NDArray[np.float32], npt.NDArray
 @dataclass(frozen=True)
 class Prefix:
     """What the layers take from the model's prefix: the embedded tokens, rope cos/sin
-    ``[B, 1, S, D]``, and the attention mask ``[B, 1, S, keys]`` (True = hidden) when all layers
-    share one (None: each layer builds its own)."""
+    ``[B, 1, S, D]``, the attention mask ``[B, 1, S, keys]`` (True = hidden) when the full-context
+    layers share one (None: each layer builds its own), and the ring layer's window mask."""
 
     hidden: str
     cos: str
     sin: str
     mask: str | None
+    window_mask: str | None = None
 
 
 def embeddings_and_rope(g: GraphBuilder, spec: ExportSpec) -> Prefix:
@@ -53,15 +55,24 @@ def embeddings_and_rope(g: GraphBuilder, spec: ExportSpec) -> Prefix:
 
     s = "/model"
     mask: str | None = None
+    window: str | None = None
     if spec.prefill_only:
         mask = _chunk_causal_mask(g, s)
-    elif not spec.blocked_kv_num_blocks:  # BlockedKV layers mask the positions their blocks cover
-        ctx = g.op("Gather", [g.op("Shape", ["past_key.0"], s), g.const(s, np.array(2, np.int64))], s, axis=0)
-        slots = g.op("Range", [g.const(s, np.array(0, np.int64)), ctx, g.const(s, np.array(1, np.int64))], s)
-        mask = causal_mask(g, g.op("Reshape", [slots, g.ints(s, 1, 1, -1)], s), s)
+        if spec.sliding_window:
+            window = ring.chunk_window_mask(g, mask, s)
+    else:
+        if not spec.blocked_kv_num_blocks:  # BlockedKV layers mask the positions their blocks cover
+            full = f"past_key.{ring.RING_LAYER + 1}" if spec.sliding_window else "past_key.0"
+            ctx = g.op("Gather", [g.op("Shape", [full], s), g.const(s, np.array(2, np.int64))], s, axis=0)
+            slots = g.op(
+                "Range", [g.const(s, np.array(0, np.int64)), ctx, g.const(s, np.array(1, np.int64))], s
+            )
+            mask = causal_mask(g, g.op("Reshape", [slots, g.ints(s, 1, 1, -1)], s), s)
+        if spec.sliding_window:
+            window = ring.window_mask(g, s)
     cos = g.op("Unsqueeze", [g.op("Gather", [cos_w, "position_ids"], s, axis=0), g.ints(s, 1)], s)
     sin = g.op("Unsqueeze", [g.op("Gather", [sin_w, "position_ids"], s, axis=0), g.ints(s, 1)], s)
-    return Prefix(hidden=hidden, cos=cos, sin=sin, mask=mask)
+    return Prefix(hidden=hidden, cos=cos, sin=sin, mask=mask, window_mask=window)
 
 
 def causal_mask(g: GraphBuilder, slots: str, scope: str) -> str:

@@ -12,15 +12,24 @@ export, as QEfficient's flags do:
 * ``continuous_batching``: caches ``[full_batch_size, ...]`` shared by the requests, an input
   ``batch_index`` ``[batch_size, 1]`` naming each request row's cache row, ``*CB`` ops;
 * ``blocked_kv_num_blocks = n``: the context read in ``n`` blocks (``CtxGatherBlockedKV`` or,
-  with continuous batching, ``CtxGatherBlockedKVCB``).
+  with continuous batching, ``CtxGatherBlockedKVCB``);
+* ``subfunctions``: each decoder layer is a call of one shared model-local function
+  (``QEffLlamaDecoderLayer``) holding its cache ops, as ``use_onnx_subfunctions`` exports;
+* ``sliding_window = W``: layer 0 is a sliding-window layer whose cache is a ring buffer of
+  symbolic length ``sliding_window`` (as gpt-oss exports it), ``W`` being the value to bind.
+
+The kinds combine freely, except ``prefill_only`` with BlockedKV (there is no read to block).
 
 Layout of the main graph (node names follow the torch exporter style ``{scope}/{Op}_{k}``, the
 output of a node is ``{node name}_output_0``):
 
-* ``/model/...``                       embeddings, rope cos/sin, attention mask (computed once);
+* ``/model/...``                       embeddings, rope cos/sin, attention masks (computed once);
 * ``/model/layers.{i}/self_attn/...``  attention of layer ``i`` (``attention.py``);
 * ``/model/layers.{i}/mlp/...``        SiLU-gated MLP of layer ``i``;
 * ``/model/norm/CustomRMSNorm``, ``/...`` (row selection), ``/lm_head/MatMul`` -> ``logits``.
+
+With ``subfunctions`` the layers' nodes live in the layer functions instead, and the main graph
+calls them as ``/model/layers.{i}/QEffLlamaDecoderLayer``.
 
 Projection weights are stored as ``[in_features, out_features]`` (right operand of ``MatMul``).
 Everything is emitted in a fixed order, so the same spec always serializes to the same bytes.
@@ -42,6 +51,8 @@ from paged_rewrite.builder import layers
 from paged_rewrite.builder.attention import INT32_MAX_SENTINEL, attention
 from paged_rewrite.builder.functions import OPSET, QAIC_DOMAIN, QTI_DOMAIN, local_functions
 from paged_rewrite.builder.graph_builder import GraphBuilder
+from paged_rewrite.builder.ring import RING_LAYER
+from paged_rewrite.builder.subfunctions import LAYER_DOMAIN, layers_as_functions
 
 __all__ = [
     "INT32_MAX_SENTINEL",
@@ -53,8 +64,8 @@ __all__ = [
 ]
 
 _IR_VERSION = 8
-_FLAGS = ("prefill_only", "continuous_batching")
-_MAY_BE_ZERO = ("seed", "blocked_kv_num_blocks")
+_FLAGS = ("prefill_only", "continuous_batching", "subfunctions")
+_MAY_BE_ZERO = ("seed", "blocked_kv_num_blocks", "sliding_window")
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,11 @@ class ExportSpec:
     ``continuous_batching``: QEfficient's ``continuous_batching=True``.
     ``blocked_kv_num_blocks``: QEfficient's ``qaic_config={"num_kv_blocks": n}`` (BlockedKV):
     the context is read in ``n`` blocks of ``ceil(ctx_len / n)`` positions; 0 reads it whole.
+    ``subfunctions``: QEfficient's ``use_onnx_subfunctions=True`` (``subfunctions.py``).
+    ``sliding_window``: 0, or the window ``W`` of layer 0, a ring buffer ``[rows, kv_heads,
+    sliding_window, head_dim]`` (``ring.py``). The graph takes the window from the buffer's
+    length, so ``W`` appears only in the metadata (``paged_rewrite.builder.sliding_window``): run
+    and rewrite the model with the dim ``sliding_window = W``. Needs a full-context layer too.
     Models of one seed hold the same weights whatever their kind.
     """
 
@@ -83,6 +99,8 @@ class ExportSpec:
     prefill_only: bool = False
     continuous_batching: bool = False
     blocked_kv_num_blocks: int = 0
+    subfunctions: bool = False
+    sliding_window: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,6 +135,11 @@ class ExportSpec:
             raise ValueError(
                 "ExportSpec.blocked_kv_num_blocks needs a cache read; a prefill_only graph has none"
             )
+        if self.sliding_window and self.num_layers < 2:
+            raise ValueError(
+                "ExportSpec.sliding_window makes layer 0 a ring buffer; it needs num_layers >= 2 "
+                f"(a full-context layer beside it), got {self.num_layers}"
+            )
 
 
 def _decoder_layer(g: GraphBuilder, spec: ExportSpec, layer: int, x: str, pre: layers.Prefix) -> str:
@@ -132,13 +155,14 @@ def _graph_io(spec: ExportSpec) -> tuple[list[onnx.ValueInfoProto], list[onnx.Va
     """Inputs and outputs in QEfficient's order (``batch_index`` after the caches)."""
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     cache_rows = "full_batch_size" if spec.continuous_batching else "batch_size"
-    kv_shape: list[str | int] = [cache_rows, spec.num_kv_heads, "ctx_len", spec.head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["batch_size", "seq_len"]),
         helper.make_tensor_value_info("position_ids", i64, ["batch_size", "seq_len"]),
     ]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", 1, spec.vocab_size])]
     for layer in range(spec.num_layers):
+        length = "sliding_window" if spec.sliding_window and layer == RING_LAYER else "ctx_len"
+        kv_shape: list[str | int] = [cache_rows, spec.num_kv_heads, length, spec.head_dim]
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}.{layer}", f32, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"past_{kind}.{layer}_RetainedState", f32, kv_shape))
@@ -162,24 +186,33 @@ def build_qeff_export(spec: ExportSpec = ExportSpec(), sparse_data: str | None =
     g = GraphBuilder(rng, sparse_data)
     pre = layers.embeddings_and_rope(g, spec)
     x = pre.hidden
-    for layer in range(spec.num_layers):
-        x = _decoder_layer(g, spec, layer, x, pre)
+    layer_functions: list[onnx.FunctionProto] = []
+    if spec.subfunctions:
+        x, layer_functions = layers_as_functions(g, spec, pre, _decoder_layer)
+    else:
+        for layer in range(spec.num_layers):
+            x = _decoder_layer(g, spec, layer, x, pre)
     layers.final_norm_and_head(g, spec, x)
 
     inputs, outputs = _graph_io(spec)
     graph = helper.make_graph(g.nodes, "qeff_causal_lm", inputs, outputs, initializer=g.initializers)
-    functions = local_functions(spec.continuous_batching, spec.prefill_only, spec.blocked_kv_num_blocks > 0)
+    functions = local_functions(
+        spec.continuous_batching, spec.prefill_only, spec.blocked_kv_num_blocks > 0, spec.sliding_window > 0
+    )
+    domains = [("", OPSET), (QAIC_DOMAIN, 1), (QTI_DOMAIN, 1)]
+    if spec.subfunctions:
+        domains.insert(1, (LAYER_DOMAIN, 1))
     model = helper.make_model(
         graph,
-        opset_imports=[
-            helper.make_opsetid(d, v) for d, v in (("", OPSET), (QAIC_DOMAIN, 1), (QTI_DOMAIN, 1))
-        ],
-        functions=functions,
+        opset_imports=[helper.make_opsetid(d, v) for d, v in domains],
+        functions=layer_functions + functions,
         producer_name="paged_rewrite.builder",
         producer_version="1",
     )
     model.ir_version = _IR_VERSION
-    if sparse_data is not None:
+    if spec.sliding_window:
+        model.metadata_props.add(key="paged_rewrite.builder.sliding_window", value=str(spec.sliding_window))
+    if sparse_data is not None:  # last: write_qeff_export reads it there
         model.metadata_props.add(key="paged_rewrite.builder.external_bytes", value=str(g.external_bytes))
     return model
 

@@ -9,7 +9,7 @@ from typing import Any
 import onnx
 
 from paged_rewrite.custom_ops import PAGED_DOMAIN, paged_function_protos
-from paged_rewrite.graph import function_key, used_names
+from paged_rewrite.graph import Body, function_key, used_names
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.cache_op_rules import is_ctx_op
 from paged_rewrite.passes.find_cache_sites import default_opset
@@ -25,6 +25,8 @@ def finalize_model(
     model = sites.model
     for body in sites.bodies:
         body.commit()
+    for function in sites.functions:
+        _drop_dead_function_inputs(model, function, layout)
     _remove_unused_functions(model)
     opset = default_opset(model)
     for function in paged_function_protos():
@@ -54,6 +56,24 @@ def finalize_model(
     model.graph.input.extend(kept)
     still_read = {name: _readers(model, name) for name in sorted(candidates - set(removed))}
     return removed, still_read
+
+
+def _drop_dead_function_inputs(model: onnx.ModelProto, function: Body, layout: PagedLayout) -> None:
+    """A layer function's input that only a replaced op read (``batch_index`` of a CB export with
+    subfunctions) leaves its signature and every call, so the graph input can go too."""
+    proto = function.proto
+    assert isinstance(proto, onnx.FunctionProto)
+    read = {name for node in proto.node for name in node.input} | set(proto.output)
+    dead = [i for i, name in enumerate(proto.input) if name in layout.dropped and name not in read]
+    if not dead:
+        return
+    calls = [n for n in model.graph.node if (n.domain, n.op_type) == (proto.domain, proto.name)]
+    for index in reversed(dead):
+        del proto.input[index]
+        for call in calls:
+            if index < len(call.input):
+                layout.dropped.add(call.input[index])
+                del call.input[index]
 
 
 def _readers(model: onnx.ModelProto, name: str) -> str:
