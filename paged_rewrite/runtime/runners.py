@@ -1,8 +1,9 @@
 """Run one model step for a batch of sequences, with the cache kept per sequence (original
 contiguous exports) or in a shared block pool (paged models).
 
-Both runners take the same rows and return the logits of each row's last valid token, so a
-driver can run them in lockstep and compare.
+Both runners take the same rows, feed the model's extra inputs through the same ``ExtraInputs``
+policy, keep its non-KV retained states the same way (``states.OtherStates``), and return the
+same logits (``kept_logits``), so a driver can run them in lockstep and compare.
 """
 
 from __future__ import annotations
@@ -13,10 +14,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from paged_rewrite.runtime.block_manager import NULL_BLOCK, BlockManager
+from paged_rewrite.runtime.block_manager import NULL_BLOCK, UNALLOCATED, BlockManager
+from paged_rewrite.runtime.extra_inputs import RUNNER_INPUTS, ExtraInputs, Phase, infer_phase
 from paged_rewrite.runtime.sessions import open_session
+from paged_rewrite.runtime.states import RETAINED, CacheIO, OtherStates, SlotMap, cache_io, retained_state_io
 
-RETAINED = "_RetainedState"
+__all__ = [
+    "RETAINED",
+    "CacheIO",
+    "ContiguousRunner",
+    "IsolationRecord",
+    "PagedRunner",
+    "Row",
+    "cache_io",
+    "foreign_changes",
+    "kept_logits",
+    "unexpected_writes",
+]
+
+DEFAULT_FULL_BATCH_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -39,54 +55,64 @@ class Row:
         return int((self.position_ids >= 0).sum())
 
 
-@dataclass(frozen=True)
-class CacheIO:
-    """A cache input of a model, its retained output, and its shape (dims as the model names them)."""
-
-    input: str
-    output: str
-    shape: tuple[int | str, ...]
-    dtype: type[np.floating] = np.float32
-
-    def sized(self, dims: Mapping[str, int], **axes: int) -> tuple[int, ...]:
-        """The concrete shape: symbolic dims from ``dims``, axes overridden as ``a0=..``, ``a2=..``."""
-        shape = list(self.shape)
-        for key, value in axes.items():
-            shape[int(key[1:])] = value
-        missing = [d for d in shape if isinstance(d, str) and d not in dims]
-        if missing:
-            raise ValueError(f"cache {self.input!r} needs a value for dim {missing[0]!r}")
-        return tuple(d if isinstance(d, int) else dims[d] for d in shape)
-
-
-def cache_io(session: object) -> list[CacheIO]:
-    """The cache inputs of an onnxruntime session: every input with a ``<name>_RetainedState`` output."""
-    outputs = {o.name for o in session.get_outputs()}  # type: ignore[attr-defined]
-    caches = []
-    for value in session.get_inputs():  # type: ignore[attr-defined]
-        if value.name + RETAINED in outputs:
-            dtype = np.float16 if "float16" in value.type else np.float32
-            caches.append(CacheIO(value.name, value.name + RETAINED, tuple(value.shape), dtype))
-    return caches
+def kept_logits(out: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The logits a step returns: ``[B, vocab]`` when the model keeps one position per row (the
+    last valid token, the normal case), ``[B, n, vocab]`` when it keeps ``n > 1`` (a TLM decode
+    step with ``num_logits_to_keep`` of ``n`` rows)."""
+    logits = out["logits"]
+    return logits[:, -1] if logits.ndim == 3 and logits.shape[1] == 1 else logits
 
 
 class _Runner:
-    def __init__(self, model_path: str | os.PathLike[str], patch_sentinels: bool) -> None:
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        patch_sentinels: bool,
+        dims: Mapping[str, int],
+        extra_inputs: ExtraInputs | None,
+    ) -> None:
         self.session = open_session(model_path, patch_sentinels=patch_sentinels)
         self.caches = cache_io(self.session)
-        self.input_names = {i.name for i in self.session.get_inputs()}
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = set(inputs)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.dims = dict(dims)
+        self.slots: SlotMap | None = None
+        if "batch_index" in self.input_names:
+            self.slots = SlotMap(self.dims.setdefault("full_batch_size", DEFAULT_FULL_BATCH_SIZE))
+        batch_dim = inputs["input_ids"].shape[0] if "input_ids" in inputs else "batch_size"
+        self.states = OtherStates(retained_state_io(self.session), batch_dim, self.dims)
+        kept = {c.input for c in self.caches} | {s.input for s in self.states.per_row + self.states.shared_io}
+        self.extra_names = sorted(self.input_names - kept - RUNNER_INPUTS)
+        self.extra_inputs = extra_inputs or ExtraInputs()
+        self.extra_inputs.check(self.extra_names, os.fspath(model_path))
+
+    @property
+    def context_len(self) -> int:
+        raise NotImplementedError
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
 
-    @staticmethod
-    def _tokens(rows: Sequence[Row]) -> dict[str, np.ndarray]:
-        return {
+    def _inputs(self, rows: Sequence[Row], phase: Phase | None) -> dict[str, np.ndarray]:
+        """Everything but the KV caches: tokens, the CB slots, extra inputs, other states."""
+        seqs = [row.seq for row in rows]
+        feeds = {
             "input_ids": np.stack([r.input_ids for r in rows]).astype(np.int64),
             "position_ids": np.stack([r.position_ids for r in rows]).astype(np.int64),
         }
+        if self.slots is not None:
+            feeds["batch_index"] = self.slots.batch_index(seqs)
+        phase = phase or infer_phase(rows)
+        feeds.update(self.extra_inputs.feeds(self.extra_names, rows, phase, self.context_len))
+        feeds.update(self.states.feeds(seqs))
+        return feeds
+
+    def _release_state(self, seq: Hashable) -> None:
+        self.states.release(seq)
+        if self.slots is not None:
+            self.slots.release(seq)
 
 
 class ContiguousRunner(_Runner):
@@ -96,7 +122,8 @@ class ContiguousRunner(_Runner):
     the rows' caches into one batch and splits the retained state back. Continuous-batching
     exports (a ``batch_index`` input): one shared ``[full_batch_size, ...]`` cache, each sequence
     in its own slot (``slots``, else the lowest free one), idle rows on the remaining slots.
-    ``dims`` gives the symbolic cache dims (``ctx_len``, ``sliding_window``, ``full_batch_size``).
+    ``dims`` gives the symbolic dims (``ctx_len``, ``sliding_window``, ``full_batch_size``, and
+    those of non-KV states such as ``vision_size``).
     """
 
     def __init__(
@@ -104,60 +131,60 @@ class ContiguousRunner(_Runner):
         model_path: str | os.PathLike[str],
         dims: Mapping[str, int],
         slots: Mapping[Hashable, int] | None = None,
+        extra_inputs: ExtraInputs | None = None,
     ) -> None:
-        super().__init__(model_path, patch_sentinels=True)
-        self.dims = dict(dims)
-        self.continuous_batching = "batch_index" in self.input_names
-        self.slots: dict[Hashable, int] = dict(slots or {})
-        self._cache: dict[Hashable, dict[str, np.ndarray]] = {}
-        if self.continuous_batching:
-            self.dims.setdefault("full_batch_size", 4)
+        super().__init__(model_path, True, dims, extra_inputs)
+        self.continuous_batching = self.slots is not None
+        if self.slots is not None:
+            self.slots.slots.update(slots or {})
             self._shared = {c.input: np.zeros(c.sized(self.dims), c.dtype) for c in self.caches}
+        self._cache: dict[Hashable, dict[str, np.ndarray]] = {}
 
-    def step(self, rows: Sequence[Row]) -> np.ndarray:
-        feeds = self._tokens(rows)
+    @property
+    def context_len(self) -> int:
+        return max(c.sized(self.dims, a0=1)[2] for c in self.caches)
+
+    def step(self, rows: Sequence[Row], phase: Phase | None = None) -> np.ndarray:
+        feeds = self._inputs(rows, phase)
+        seqs = [row.seq for row in rows]
         if self.continuous_batching:
-            feeds["batch_index"] = np.array([[s] for s in self._slots_of(rows)], dtype=np.int64)
             out = self._run({**feeds, **self._shared})
             self._shared = {c.input: out[c.output] for c in self.caches}
-            return out["logits"][:, -1]
-        caches = [self._own_cache(row.seq) for row in rows]
-        for c in self.caches:
-            feeds[c.input] = np.concatenate([cache[c.input] for cache in caches])
-        out = self._run(feeds)
-        for index, cache in enumerate(caches):
+        else:
+            caches = [self._own_cache(seq) for seq in seqs]
             for c in self.caches:
-                cache[c.input] = out[c.output][index : index + 1]
-        return out["logits"][:, -1]
+                feeds[c.input] = np.concatenate([cache[c.input] for cache in caches])
+            out = self._run(feeds)
+            for index, cache in enumerate(caches):
+                for c in self.caches:
+                    cache[c.input] = out[c.output][index : index + 1]
+        self.states.keep(seqs, out)
+        return kept_logits(out)
 
     def _own_cache(self, seq: Hashable | None) -> dict[str, np.ndarray]:
         fresh = {c.input: np.zeros(c.sized(self.dims, a0=1), c.dtype) for c in self.caches}
         return fresh if seq is None else self._cache.setdefault(seq, fresh)
 
-    def _slot_for(self, seq: Hashable) -> int:
-        """The cache row of ``seq``: given, or the lowest free one on first sight."""
-        if seq not in self.slots:
-            taken = set(self.slots.values())
-            self.slots[seq] = min(s for s in range(self.dims["full_batch_size"]) if s not in taken)
-        return self.slots[seq]
-
-    def _slots_of(self, rows: Sequence[Row]) -> list[int]:
-        busy = {self._slot_for(row.seq) for row in rows if row.seq is not None}
-        spare = iter(s for s in range(self.dims["full_batch_size"]) if s not in busy)
-        return [self.slots[row.seq] if row.seq is not None else next(spare) for row in rows]
+    def kv_view(self, seq: Hashable) -> dict[str, np.ndarray]:
+        """``seq``'s caches as the model holds them, ``[1, heads, length, head_dim]`` each."""
+        if self.slots is not None:
+            slot = self.slots.slot_for(seq)
+            return {c.input: self._shared[c.input][slot : slot + 1] for c in self.caches}
+        return dict(self._cache[seq])
 
     def release(self, seq: Hashable) -> None:
         self._cache.pop(seq, None)
-        self.slots.pop(seq, None)
+        self._release_state(seq)
 
     def fork(self, parent: Hashable, child: Hashable) -> None:
         """``child`` continues from a copy of ``parent``'s cache (a contiguous cache cannot share)."""
-        if self.continuous_batching:
-            source, target = self._slot_for(parent), self._slot_for(child)
+        if self.slots is not None:
+            source, target = self.slots.slot_for(parent), self.slots.slot_for(child)
             for c in self.caches:
                 self._shared[c.input][target] = self._shared[c.input][source]
         else:
             self._cache[child] = {name: cache.copy() for name, cache in self._cache[parent].items()}
+        self.states.fork(parent, child)
 
 
 @dataclass
@@ -172,11 +199,20 @@ class PagedRunner(_Runner):
     """A paged model: one block pool per cache tensor, shared by all sequences, addressed through
     ``block_table`` / ``slot_id`` from a ``BlockManager``. Every step also checks isolation, slot
     by slot: outside block 0, a pool slot may change only if some row of the step wrote that
-    logical position (or ring slot) through its own table row; any other change is recorded with
-    its block, so a row writing into another row's block is caught even within one batch."""
+    logical position through its own table row, or lies in that row's ring columns; any other
+    change is recorded with its block, so a row writing into another row's block is caught even
+    within one batch. ``dims`` and ``extra_inputs`` serve the non-KV inputs, as for
+    ``ContiguousRunner``."""
 
-    def __init__(self, model_path: str | os.PathLike[str], manager: BlockManager, num_kv_blocks: int) -> None:
-        super().__init__(model_path, patch_sentinels=False)
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        manager: BlockManager,
+        num_kv_blocks: int,
+        dims: Mapping[str, int] | None = None,
+        extra_inputs: ExtraInputs | None = None,
+    ) -> None:
+        super().__init__(model_path, False, dims or {}, extra_inputs)
         self.manager = manager
         self.num_kv_blocks = num_kv_blocks
         self.pools = {
@@ -186,7 +222,11 @@ class PagedRunner(_Runner):
         self.isolation: list[IsolationRecord] = []
         self.blocks_in_use: list[int] = []  # distinct pool blocks held after each step
 
-    def step(self, rows: Sequence[Row]) -> np.ndarray:
+    @property
+    def context_len(self) -> int:
+        return self.num_kv_blocks * self.manager.kv_block_size
+
+    def step(self, rows: Sequence[Row], phase: Phase | None = None) -> np.ndarray:
         manager = self.manager
         for row in rows:
             valid = row.position_ids[row.position_ids >= 0]
@@ -196,7 +236,7 @@ class PagedRunner(_Runner):
             for pool in self.pools.values():
                 pool[copy] = pool[source]
         seqs = [row.seq for row in rows]
-        feeds = self._tokens(rows)
+        feeds = self._inputs(rows, phase)
         feeds["block_table"] = manager.block_table(seqs, self.num_kv_blocks)
         feeds["slot_id"] = manager.slot_id(seqs)
         feeds.update(self.pools)
@@ -209,31 +249,58 @@ class PagedRunner(_Runner):
             self.pools[c.input] = after
         record.foreign_blocks_changed = sorted(set(record.foreign_blocks_changed))
         self.isolation.append(record)
+        self.states.keep(seqs, out)
         for row in rows:
             if row.seq is not None:
                 manager.append(row.seq, row.num_valid)
         self.blocks_in_use.append(manager.num_used_blocks)
-        return out["logits"][:, -1]
+        return kept_logits(out)
 
     def _expected_writes(self, rows: Sequence[Row], table: np.ndarray) -> set[tuple[int, int]]:
         """``(block, offset)`` of every position the rows write, by the contract's address rule,
-        for full-context caches and for each ring length the block manager knows."""
+        and every slot of their ring columns. A ring's slots are rewritten in an order the model
+        chooses (ring order ``p % window``, or, in a prefill-only graph, the last ``window``
+        tokens in order), so only the row that owns a ring block may change it, anywhere."""
         size = self.manager.kv_block_size
         allowed: set[tuple[int, int]] = set()
         for index, row in enumerate(rows):
+            if row.seq is None:
+                continue  # an idle row writes nothing but the null block
             for position in (int(p) for p in row.position_ids if 0 <= p < table.shape[1] * size):
-                for slot in {position, *(position % ring for ring in self.manager.ring_lengths)}:
-                    block = int(table[index, slot // size])
-                    if block > NULL_BLOCK:
-                        allowed.add((block, slot % size))
+                block = int(table[index, position // size])
+                if block > NULL_BLOCK:
+                    allowed.add((block, position % size))
+            for ring in self.manager.ring_lengths:
+                for block in (int(b) for b in table[index, : -(-ring // size)] if b > NULL_BLOCK):
+                    allowed.update((block, offset) for offset in range(size))
         return allowed
+
+    def kv_view(self, seq: Hashable, lengths: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+        """``seq``'s caches read back through its table: ``[1, heads, length, head_dim]`` each, the
+        logical view (logical position ``p`` at index ``p``; a ring's slot ``p % window`` at index
+        ``p % window``, with ``lengths[cache] = window``). ``lengths`` default to the table's
+        context. Unallocated columns read as zeros."""
+        size = self.manager.kv_block_size
+        row = self.manager.block_table([seq], self.num_kv_blocks)[0]
+        views = {}
+        for c in self.caches:
+            length = (lengths or {}).get(c.input, self.context_len)
+            pool = self.pools[c.input]
+            blocks = [
+                pool[b] if b != UNALLOCATED else np.zeros_like(pool[NULL_BLOCK])
+                for b in row[: -(-length // size)]
+            ]
+            views[c.input] = np.concatenate(blocks, axis=1)[None, :, :length]
+        return views
 
     def release(self, seq: Hashable) -> None:
         self.manager.free(seq)
+        self._release_state(seq)
 
     def fork(self, parent: Hashable, child: Hashable) -> None:
         """``child`` shares ``parent``'s blocks (prefix sharing, copy on write)."""
         self.manager.fork(parent, child)
+        self.states.fork(parent, child)
 
 
 def unexpected_writes(before: np.ndarray, after: np.ndarray, allowed: set[tuple[int, int]]) -> list[int]:

@@ -1,60 +1,44 @@
 """``verify``: drive an original export and its paged rewrite through the same scenario and
-prove they agree — per step max abs logit difference, greedy-token agreement, and isolation
-(no pool block outside the step's own rows and the null block ever changes)."""
+prove they agree — per step max abs logit difference, greedy-token agreement, isolation (no pool
+block outside the step's own rows and the null block ever changes), and at the end each
+sequence's KV cache read back through its block table against the original's cache.
+
+Both models get the same extra inputs (``extra_inputs.ExtraInputs``): CCL lengths that change as
+the sequences grow, ``num_logits_to_keep`` for TLM decode steps of several tokens, constants
+such as ``image_idx``. Non-KV retained states (``vision_embeds``) are zero-initialised and fed
+back by both runners alike.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
 
 from paged_rewrite.errors import PagedRewriteError, UnsupportedPatternError, VerificationError
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Scenario, drive, random_scenario
+from paged_rewrite.runtime.extra_inputs import CompCtxSchedule, ExtraInputs
+from paged_rewrite.runtime.geometry import PagedGeometry
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
 
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "PagedGeometry",
+    "StepCheck",
+    "VerifyReport",
+    "compare",
+    "final_kv_diff",
+    "verify",
+]
+
 DEFAULT_TOLERANCE = 1e-5
-
-
-@dataclass(frozen=True)
-class PagedGeometry:
-    """What a runtime must know of a paged model: page size, table width, vocabulary, and the
-    dims the rewrite bound (ring lengths among them), read from the model's metadata."""
-
-    kv_block_size: int
-    num_kv_blocks: int | None
-    vocab_size: int
-    dims: dict[str, int] = field(default_factory=dict)
-    windows: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, paged_path: str | os.PathLike[str]) -> PagedGeometry:
-        model = onnx.load(os.fspath(paged_path), load_external_data=False)
-        graph = model.graph
-        metadata = {p.key: p.value for p in model.metadata_props}
-        dims = {
-            v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in [*graph.input, *graph.output]
-        }
-        if "block_table" not in dims:
-            raise UnsupportedPatternError(f"{paged_path}: not a paged model (no block_table input)")
-        pools = [shape for name, shape in dims.items() if len(shape) == 4 and f"{name}_RetainedState" in dims]
-        block_size = pools[0][2] if pools else None
-        vocab = dims.get("logits", [None])[-1]
-        if not block_size or not vocab:
-            raise UnsupportedPatternError(f"{paged_path}: needs a static kv_block_size and vocab size")
-        return cls(
-            block_size,
-            dims["block_table"][1] or None,
-            vocab,
-            json.loads(metadata.get("paged_rewrite.dims", "{}")),
-            json.loads(metadata.get("paged_rewrite.windows", "{}")),
-        )
+# QEfficient's TLM verifies num_speculative_tokens (3 by default) draft tokens plus one per step.
+TLM_DECODE_WIDTH = 4
 
 
 @dataclass
@@ -69,7 +53,8 @@ class StepCheck:
 
 @dataclass
 class VerifyReport:
-    """Per-step comparison of the paged model against the original, and the verdict."""
+    """Per-step comparison of the paged model against the original, the final KV comparison
+    (max abs difference over every sequence's written slots), and the verdict."""
 
     kv_block_size: int
     ctx_len: int
@@ -77,6 +62,7 @@ class VerifyReport:
     block_order: str
     tolerance: float
     steps: list[StepCheck] = field(default_factory=list)
+    kv_max_abs_diff: float = 0.0
 
     @property
     def max_abs_diff(self) -> float:
@@ -84,7 +70,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return all(
+        return self.kv_max_abs_diff <= self.tolerance and all(
             s.max_abs_diff <= self.tolerance and s.greedy_agree and not s.foreign_blocks_changed
             for s in self.steps
         )
@@ -100,7 +86,7 @@ class VerifyReport:
             f"pool={self.num_blocks} blocks ({self.block_order})",
             f"max abs logit diff {self.max_abs_diff:.3g} (tolerance {self.tolerance:g}); "
             f"greedy tokens agree on {sum(s.greedy_agree for s in self.steps)}/{len(self.steps)} steps; "
-            f"isolation breaches: {len(breaches)}",
+            f"isolation breaches: {len(breaches)}; final KV max abs diff {self.kv_max_abs_diff:.3g}",
         ]
         lines += [
             f"  step {s.step} ({s.kind}, {','.join(s.sequences)}): diff {s.max_abs_diff:.3g}" for s in bad[:5]
@@ -108,6 +94,30 @@ class VerifyReport:
         lines += [f"  step {s.step}: foreign blocks changed {s.foreign_blocks_changed}" for s in breaches[:5]]
         lines.append("OK" if self.ok else "MISMATCH")
         return "\n".join(lines)
+
+
+def _abs_diff(want: np.ndarray, got: np.ndarray) -> float:
+    """Max abs difference; NaN in both at the same place counts as equal, NaN in one as inf."""
+    want, got = want.astype(np.float64), got.astype(np.float64)
+    both_nan = np.isnan(want) & np.isnan(got)
+    diff = np.where(both_nan, 0.0, np.abs(want - got))
+    return float(np.nan_to_num(diff, nan=np.inf).max(initial=0.0))
+
+
+def final_kv_diff(original: ContiguousRunner, paged: PagedRunner, scenario: Scenario) -> float:
+    """Max abs difference between each sequence's caches in the original and its paged caches
+    read back through the block table, over the slots the sequence wrote: ``p % length`` for
+    its positions ``p`` (``length`` the original's cache length: a ring's window, or the
+    context). Other slots may differ by design: the original writes padding into its last slot,
+    the paged model into the null block."""
+    worst = 0.0
+    for script in scenario.sequences:
+        want = original.kv_view(script.name)
+        got = paged.kv_view(script.name, {name: view.shape[2] for name, view in want.items()})
+        for name, view in want.items():
+            slots = sorted({p % view.shape[2] for p in range(script.length)})
+            worst = max(worst, _abs_diff(view[:, :, slots], got[name][:, :, slots]))
+    return worst
 
 
 def compare(
@@ -120,9 +130,13 @@ def compare(
     tolerance: float = DEFAULT_TOLERANCE,
     spare_blocks: int = 3,
     geometry: PagedGeometry | None = None,
+    dims: Mapping[str, int] | None = None,
+    extra_inputs: ExtraInputs | None = None,
 ) -> VerifyReport:
     """Drive both models through ``scenario``; the pool has ``spare_blocks`` never-used blocks
-    beyond what the sequences need, so isolation is checked against untouched neighbours too."""
+    beyond what the sequences need, so isolation is checked against untouched neighbours too.
+    ``dims`` binds symbolic dims the models leave open (e.g. ``vision_size``); ``extra_inputs``
+    defaults to CCL lengths of a quarter, half and all of ``ctx_len``."""
     geometry = geometry or PagedGeometry.of(paged)
     bs = geometry.kv_block_size
     num_kv_blocks = geometry.num_kv_blocks or math.ceil(ctx_len / bs)
@@ -131,30 +145,32 @@ def compare(
             f"ctx_len {ctx_len} must equal num_kv_blocks*kv_block_size = {num_kv_blocks}*{bs} "
             "for a like-for-like run"
         )
-    needed = sum(math.ceil((len(s.prompt) + s.num_decode) / bs) for s in scenario.sequences)
+    needed = sum(math.ceil(s.length / bs) for s in scenario.sequences)
     num_blocks = 1 + needed + spare_blocks
     order = shuffled_order(num_blocks, seed) if block_order == "shuffled" else None
-    manager = BlockManager(num_blocks, bs, order, ring_lengths=list(geometry.windows.values()))
-    paged_runner = PagedRunner(paged, manager, num_kv_blocks)
-    dims = {**geometry.dims, "ctx_len": ctx_len}
+    manager = BlockManager(num_blocks, bs, order, ring_lengths=geometry.ring_lengths)
+    extra_inputs = extra_inputs or ExtraInputs(comp_ctx_lengths=CompCtxSchedule.spread(ctx_len))
+    all_dims = {**geometry.dims, "ctx_len": ctx_len, **(dims or {})}
     try:
-        steps = drive([ContiguousRunner(original, dims), paged_runner], scenario)
+        paged_runner = PagedRunner(paged, manager, num_kv_blocks, all_dims, extra_inputs)
+        original_runner = ContiguousRunner(original, all_dims, extra_inputs=extra_inputs)
+        steps = drive([original_runner, paged_runner], scenario)
+        kv_diff = final_kv_diff(original_runner, paged_runner, scenario)
     except PagedRewriteError:
         raise
     except Exception as exc:  # onnxruntime refused a call: the models do not agree on their interface
         first = str(exc).strip().splitlines()
         reason = first[0] if first else type(exc).__name__
         raise VerificationError(f"{paged}: running the scenario failed: {reason}") from None
-    report = VerifyReport(bs, ctx_len, num_blocks, block_order, tolerance)
+    report = VerifyReport(bs, ctx_len, num_blocks, block_order, tolerance, kv_max_abs_diff=kv_diff)
     for step, isolation in zip(steps, paged_runner.isolation, strict=True):
         want, got = step.logits
-        diff = np.abs(want.astype(np.float64) - got.astype(np.float64))
         report.steps.append(
             StepCheck(
                 step=step.index,
                 kind=step.kind,
                 sequences=step.sequences,
-                max_abs_diff=float(np.nan_to_num(diff, nan=np.inf).max()),
+                max_abs_diff=_abs_diff(want, got),
                 greedy_agree=bool((want.argmax(-1) == got.argmax(-1)).all()),
                 foreign_blocks_changed=isolation.foreign_blocks_changed,
             )
@@ -171,22 +187,45 @@ def verify(
     num_decode: int = 16,
     chunk_len: int = 32,
     tolerance: float = DEFAULT_TOLERANCE,
+    dims: Mapping[str, int] | None = None,
+    extra_inputs: ExtraInputs | None = None,
 ) -> VerifyReport:
     """The default check: two sequences of different lengths, padded prefill chunks that cross
-    block boundaries (for blocks smaller than the chunk), then ``num_decode`` batched steps."""
+    block boundaries (for blocks smaller than the chunk), then ``num_decode`` batched steps —
+    of ``TLM_DECODE_WIDTH`` tokens each for a TLM (``num_logits_to_keep``). A prefill-only
+    (write-only) model gets one whole-context chunk per sequence and no decode: QEfficient
+    exports it for ``seq_len = ctx_len``, and its cache is checked at the end."""
     geometry = PagedGeometry.of(paged)
     bs = geometry.kv_block_size
     if ctx_len is None:
         ctx_len = geometry.num_kv_blocks * bs if geometry.num_kv_blocks else max(128, bs)
-    # A ring buffer must not see a padded prefill chunk once it is full: the originals write
-    # padding into the ring's last slot (a fault the paged model does not copy), so prompts stay
-    # shorter than the smallest window; decode then wraps the ring.
-    longest = min([ctx_len - num_decode, *(w - 1 for w in geometry.windows.values())])
-    long_prompt = max(2, min(longest, chunk_len + chunk_len // 2 - 3))
+    width = TLM_DECODE_WIDTH if "num_logits_to_keep" in geometry.inputs else 1
+    prompt_len = chunk_len + chunk_len // 2 - 3  # two chunks, the second one padded
+    if geometry.write_only:
+        chunk_len, num_decode, longest = ctx_len, 0, ctx_len - 1
+    else:
+        # A ring buffer must not see a padded prefill chunk once it is full: the originals write
+        # padding into the ring's last slot (a fault the paged model does not copy), so prompts
+        # stay shorter than the smallest window; decode then wraps the ring.
+        longest = min([ctx_len - num_decode * width, *(w - 1 for w in geometry.windows.values())])
+    long_prompt = max(2, min(longest, prompt_len))
     short_prompt = max(1, min(long_prompt - 1, 7))
-    scenario = random_scenario(geometry.vocab_size, [long_prompt, short_prompt], num_decode, chunk_len, seed)
+    scenario = random_scenario(
+        geometry.vocab_size, [long_prompt, short_prompt], num_decode, chunk_len, seed, decode_width=width
+    )
     if scenario.max_length > ctx_len:
         raise UnsupportedPatternError(
             f"ctx_len {ctx_len} is too short for a {scenario.max_length}-token scenario"
         )
-    return compare(original, paged, scenario, ctx_len, block_order, seed, tolerance, geometry=geometry)
+    return compare(
+        original,
+        paged,
+        scenario,
+        ctx_len,
+        block_order,
+        seed,
+        tolerance,
+        geometry=geometry,
+        dims=dims,
+        extra_inputs=extra_inputs,
+    )

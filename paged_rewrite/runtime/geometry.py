@@ -1,0 +1,106 @@
+"""What a runtime must know of a paged model before driving it, read from the model file: page
+size, table width, vocabulary, bound dims, ring lengths, and whether it ever reads its cache."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import numpy_helper
+
+from paged_rewrite.errors import UnsupportedPatternError
+
+PAGED_DOMAIN = "com.qualcomm.cloud"
+_SCATTER_POSITIONS = 3  # PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_period)
+_SEARCH_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class PagedGeometry:
+    """Page size, table width, vocabulary, the dims the rewrite bound, the ring lengths a runtime
+    must know (for copy on write and isolation), ``write_only``: the model never reads its
+    cache (a prefill-only graph, whose attention uses the chunk's fresh K/V), and its inputs."""
+
+    kv_block_size: int
+    num_kv_blocks: int | None
+    vocab_size: int
+    dims: dict[str, int] = field(default_factory=dict)
+    windows: dict[str, int] = field(default_factory=dict)
+    position_rings: tuple[int, ...] = ()
+    write_only: bool = False
+    inputs: tuple[str, ...] = ()
+
+    @property
+    def ring_lengths(self) -> list[int]:
+        """Every ring a write may wrap around: the sliding windows the rewrite paged as rings and
+        the rings the model computes itself (see ``position_rings``)."""
+        return sorted({*self.windows.values(), *self.position_rings})
+
+    @classmethod
+    def of(cls, paged_path: str | os.PathLike[str]) -> PagedGeometry:
+        model = onnx.load(os.fspath(paged_path), load_external_data=False)
+        graph = model.graph
+        metadata = {p.key: p.value for p in model.metadata_props}
+        dims = {
+            v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.input, *graph.output]
+        }
+        if "block_table" not in dims:
+            raise UnsupportedPatternError(f"{paged_path}: not a paged model (no block_table input)")
+        pools = [shape for name, shape in dims.items() if len(shape) == 4 and f"{name}_RetainedState" in dims]
+        block_size = pools[0][2] if pools else None
+        vocab = dims.get("logits", [None])[-1]
+        if not block_size or not vocab:
+            raise UnsupportedPatternError(f"{paged_path}: needs a static kv_block_size and vocab size")
+        ops = [node.op_type for node in _model_nodes(model)]
+        return cls(
+            block_size,
+            dims["block_table"][1] or None,
+            vocab,
+            json.loads(metadata.get("paged_rewrite.dims", "{}")),
+            json.loads(metadata.get("paged_rewrite.windows", "{}")),
+            tuple(position_rings(model)),
+            write_only=not any(op.startswith("PagedCtxGather") for op in ops),
+            inputs=tuple(v.name for v in graph.input),
+        )
+
+
+def _model_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    """The nodes of the main graph and of the model's own functions, not the bodies of the paged
+    ops (they define the ops; they are not uses of them)."""
+    yield from model.graph.node
+    for function in model.functions:
+        if not (function.domain == PAGED_DOMAIN and function.name.startswith("Paged")):
+            yield from function.node
+
+
+def position_rings(model: onnx.ModelProto) -> list[int]:
+    """Ring lengths a model computes itself: a paged write whose positions come from
+    ``Mod(position_ids, C)`` with a constant ``C`` (Llama 4's chunked attention keeps each chunk
+    of ``attention_chunk_size`` tokens at slots ``p % C`` of a full-length cache). The rewrite
+    pages such a cache like any other, so position ``p`` is written at logical position
+    ``p % C``, in the first columns of the table: a runtime must know it as a ring."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    rings = set()
+    for node in model.graph.node:
+        if node.op_type != "PagedCtxScatter" or len(node.input) <= _SCATTER_POSITIONS:
+            continue
+        queue = deque([(node.input[_SCATTER_POSITIONS], 0)])
+        while queue:
+            name, depth = queue.popleft()
+            producer = producers.get(name)
+            if producer is None or depth > _SEARCH_DEPTH:
+                continue
+            divisor = constants.get(producer.input[1]) if producer.op_type == "Mod" else None
+            if divisor is not None and divisor.size == 1 and int(divisor.reshape(())) > 0:
+                rings.add(int(divisor.reshape(())))
+            queue.extend((source, depth + 1) for source in producer.input)
+    return sorted(rings)
