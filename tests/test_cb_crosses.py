@@ -27,6 +27,7 @@ from paged_rewrite.builder import ExportSpec, build_qeff_export
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Runner, Scenario, SequenceScript, drive
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
+from paged_rewrite.runtime.verify import verify
 
 CTX_LEN = 128
 FULL_BATCH_SIZE = 4
@@ -66,22 +67,6 @@ def _scenario(seed: int) -> Scenario:
 def _ops(model: onnx.ModelProto) -> Counter[str]:
     """Op types of the main graph and every function body."""
     return Counter(n.op_type for body in [model.graph, *model.functions] for n in body.node)
-
-
-def _runnable_original(path: Path) -> Path:
-    """``path``, or for a subfunctions export a copy with its layer functions inlined.
-
-    QEfficient keeps INT32_MAX inside the layer function for CB writes and BlockedKV reads; the
-    runner overrides sentinels by name in the main graph only, so onnxruntime would reject the
-    original as it is. Inlining only the layer functions changes no computation.
-    """
-    model = onnx.load(path)
-    layers = [(f.domain, f.name) for f in model.functions if f.domain == LAYER_DOMAIN]
-    if not layers:
-        return path
-    inlined = path.with_name(path.stem + "_inlined.onnx")
-    onnx.save(onnx.inliner.inline_selected_functions(model, layers), inlined)
-    return inlined
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +141,7 @@ def test_paged_matches_original(
     slots: dict[Hashable, int] = {name: DECODE_ROWS.index(name) for name in PROMPTS}
     reference = ContiguousRunner(exports["ring" if ring else "plain"], DIMS)
     runners: list[Runner] = [
-        ContiguousRunner(_runnable_original(exports[kind]), DIMS, slots),
+        ContiguousRunner(exports[kind], DIMS, slots),
         paged_runner,
         reference,
     ]
@@ -217,3 +202,15 @@ def test_spec_validation() -> None:
         ExportSpec(subfunctions=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="sliding_window must be >= 0"):
         ExportSpec(sliding_window=-1)
+
+
+@pytest.mark.parametrize("kind", ["cb_subfunctions", "cb_subfunctions_ring_blockedkv"])
+def test_verify_runs_originals_with_sentinels_inside_layer_functions(
+    exports: dict[str, Path], tmp_path: Path, kind: str
+) -> None:
+    """QEfficient keeps the CB write and BlockedKV read sentinels inside the layer function; the
+    runtime must still run such an original in onnxruntime (it inlines the layer functions)."""
+    paged = tmp_path / "paged.onnx"
+    rewrite(exports[kind], paged, 16, ctx_len=CTX_LEN, dims=RING if "ring" in kind else None)
+    report = verify(exports[kind], paged)
+    assert report.ok and report.max_abs_diff == 0.0, report.summary()

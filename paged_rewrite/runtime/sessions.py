@@ -15,6 +15,7 @@ from collections import deque
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnxruntime as ort
 from onnx import numpy_helper
 
@@ -22,9 +23,11 @@ INT32_MAX = 2**31 - 1
 _SEARCH_DEPTH = 4
 
 
-def sentinel_overrides(model_path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Constant outputs of ``model_path``'s main graph to override for onnxruntime, by name."""
-    graph = onnx.load(os.fspath(model_path), load_external_data=False).graph
+def sentinel_overrides(model: str | os.PathLike[str] | onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Constant outputs of the model's main graph to override for onnxruntime, by name."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -55,16 +58,46 @@ def _first_cache_op(name: str, consumers: dict[str, list[onnx.NodeProto]]) -> st
     return None
 
 
+def _layer_functions_with_sentinels(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """Local functions that call a ``Ctx*`` op and hold an INT32_MAX constant."""
+    found = []
+    for function in model.functions:
+        calls_ctx = any(n.op_type.startswith("Ctx") for n in function.node)
+        if calls_ctx and any(_is_sentinel(n) for n in function.node):
+            found.append((function.domain, function.name))
+    return found
+
+
+def _is_sentinel(node: onnx.NodeProto) -> bool:
+    if node.op_type != "Constant" or not node.attribute or node.attribute[0].name != "value":
+        return False
+    value = numpy_helper.to_array(node.attribute[0].t)
+    return value.dtype == np.int64 and value.size == 1 and int(value.reshape(())) == INT32_MAX
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 def open_session(model_path: str | os.PathLike[str], patch_sentinels: bool = False) -> ort.InferenceSession:
     """A CPU session; with ``patch_sentinels`` the INT32_MAX constants are overridden first."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     keep_alive = []
+    source: str | bytes = os.fspath(model_path)
     if patch_sentinels:
-        for name, value in sentinel_overrides(model_path).items():
+        model = onnx.load(os.fspath(model_path), load_external_data=False)
+        layers = _layer_functions_with_sentinels(model)
+        if layers and not _has_external_data(model):
+            # Overrides are by value name in the main graph; sentinels inside a shared layer
+            # function (CB writes, BlockedKV reads of subfunction exports) get names there once
+            # the layer functions are inlined, which changes no computation.
+            model = onnx.inliner.inline_selected_functions(model, layers)
+            source = model.SerializeToString()
+        for name, value in sentinel_overrides(model).items():
             ort_value = ort.OrtValue.ortvalue_from_numpy(value)
             keep_alive.append(ort_value)
             options.add_initializer(name, ort_value)
-    session = ort.InferenceSession(os.fspath(model_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     session._paged_rewrite_keep_alive = keep_alive  # must outlive the session
     return session
