@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from paged_rewrite.errors import OutputError
+from paged_rewrite.errors import NotAModelError, OutputError
 from paged_rewrite.graph import undefined_ops
 from paged_rewrite.passes.add_paged_inputs import PagedLayout, add_paged_inputs
-from paged_rewrite.passes.cache_op_rules import rule_for
+from paged_rewrite.passes.cache_op_rules import QEFF_DOMAIN, rule_for
 from paged_rewrite.passes.finalize_model import finalize_model
 from paged_rewrite.passes.find_cache_sites import find_cache_sites
 from paged_rewrite.passes.page_reads import page_reads
@@ -37,6 +37,7 @@ class RewriteOptions:
 def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteReport:
     """Rewrite ``model`` in place into a paged-KV model and report what was done."""
     undefined_before = undefined_ops(model)
+    _refuse_undefined_qeff_ops(undefined_before)
     sites = find_cache_sites(model)
     caches = [CacheReport.of(tensor) for tensor in sites.tensors]
     rewritten = _rewrite_plan(sites)
@@ -75,6 +76,15 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         inputs=[TensorSpec.of(v) for v in model.graph.input],
         outputs=[TensorSpec.of(v) for v in model.graph.output],
     )
+
+
+def _refuse_undefined_qeff_ops(undefined: set[tuple[str, str]]) -> None:
+    """QEfficient's cache ops are model-local functions the QAIC compiler inlines (only
+    CustomRMSNorm and CastToUInt4 are registered ops, in another domain); an input calling one
+    it does not define cannot run anywhere, and passing it through would hide that."""
+    missing = sorted(op for domain, op in undefined if domain == QEFF_DOMAIN)
+    if missing:
+        raise NotAModelError(f"calls {QEFF_DOMAIN}::{missing[0]}, which no model-local function defines")
 
 
 def _rewrite_plan(sites: CacheSites) -> dict[str, int]:

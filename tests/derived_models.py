@@ -132,3 +132,42 @@ def _replace_function(model: onnx.ModelProto, function: onnx.FunctionProto) -> N
     kept = [f for f in model.functions if (f.domain, f.name) != (function.domain, function.name)]
     del model.functions[:]
     model.functions.extend([*kept, function])
+
+
+def cb_with_adapter_gather(source: Path, path: Path) -> Path:
+    """A continuous-batching export (``source``) that also gathers rows of a stacked adapter
+    weight with ``CtxGatherCB(weights, lora_ids, indices, length)``, as QEfficient's LoRA does
+    next to the KV gathers: the definition must stay (a parameter of it is named
+    ``batch_index``), while the graph's ``batch_index`` no longer feeds anything once paged."""
+    model = onnx.load(source)
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info("lora_ids", TensorProto.INT64, ["batch_size", 1]))
+    graph.initializer.extend(
+        [
+            helper.make_tensor("adapter_weights", TensorProto.FLOAT, [3, 1, 4, 8], [0.5] * 96),
+            helper.make_tensor("adapter_rows", TensorProto.INT64, [1, 1, 4], [0, 1, 2, 3]),
+            helper.make_tensor("adapter_length", TensorProto.INT64, [], [4]),
+        ]
+    )
+    graph.node.append(
+        helper.make_node(
+            "CtxGatherCB",
+            ["adapter_weights", "lora_ids", "adapter_rows", "adapter_length"],
+            ["adapter"],
+            name="/lora/CtxGatherCB",
+            domain=QEFF,
+        )
+    )
+    graph.output.append(helper.make_tensor_value_info("adapter", TensorProto.FLOAT, ["batch_size", 1, 4, 8]))
+    onnx.save(model, path)
+    return path
+
+
+def without_function(source: Path, path: Path, name: str) -> Path:
+    """``source`` with the model-local function ``name`` deleted (its calls stay)."""
+    model = onnx.load(source)
+    kept = [f for f in model.functions if f.name != name]
+    del model.functions[:]
+    model.functions.extend(kept)
+    onnx.save(model, path)
+    return path

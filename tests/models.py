@@ -27,11 +27,15 @@ def no_cache_model(path: Path) -> Path:
 
 
 def with_renamed_op(source: Path, path: Path, old: str, new: str) -> Path:
-    """``source`` with every node of op ``old`` renamed to op ``new`` (e.g. an unknown Ctx variant)."""
+    """``source`` with op ``old`` renamed ``new``, calls and definition (e.g. an unknown Ctx
+    variant, as a new exporter release would ship it: with its model-local function)."""
     model = onnx.load(source)
     for node in model.graph.node:
         if node.op_type == old:
             node.op_type = new
+    for function in model.functions:
+        if function.name == old:
+            function.name = new
     onnx.save(model, path)
     return path
 

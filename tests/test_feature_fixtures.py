@@ -32,6 +32,7 @@ from conftest import (
 )
 from onnx import TensorProto, helper
 
+from paged_rewrite import rewrite
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Scenario, SequenceScript, drive, prefill_rows
 from paged_rewrite.runtime.extra_inputs import CompCtxSchedule, ExtraInputs, UnknownInputError
@@ -349,3 +350,14 @@ def test_other_states_are_kept_per_row_or_shared() -> None:
     )
     assert states.feeds(["B", "A"])["penalty"][:, 5].tolist() == [False, True]
     assert states.of("A")["vision_embeds"].sum() == 12
+
+
+def test_prefill_only_at_block_128_with_a_context_of_one_block(tmp_path: Path) -> None:
+    """The prefill-only export's scenario context (64) is smaller than a 128-token block, so the
+    block-128 case runs at a context of one block: the original at ctx_len 128 against its paged
+    rewrite, through verify's whole-context prefill."""
+    original = feature_fixture_model("gpt_oss_prefill_only")
+    paged = tmp_path / "paged.onnx"
+    rewrite(original, paged, 128, ctx_len=128, dims={"sliding_window": 32})
+    report = verify(original, paged, seed=128)
+    assert report.ok and report.max_abs_diff == 0.0 and report.kv_max_abs_diff == 0.0, report.summary()

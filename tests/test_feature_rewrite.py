@@ -15,7 +15,7 @@ from collections import Counter
 
 import onnx
 import pytest
-from conftest import FEATURE_FIXTURES, feature_fixture_model
+from conftest import FEATURE_FIXTURES, RUNNABLE_FEATURE_FIXTURES, feature_fixture_model
 
 from paged_rewrite import rewrite
 from paged_rewrite.errors import NotAModelError
@@ -61,13 +61,34 @@ def _called(model: onnx.ModelProto) -> set[str]:
     return {n.op_type for body in [model.graph.node, *(f.node for f in model.functions)] for n in body}
 
 
+# Why each corpus export's other Ctx ops are not KV, in the words of the corpus README.
+LEFT_ALONE_BECAUSE = {
+    "ort_failing/llama_lora": ("initializer", "computed value"),  # adapter weights (some transposed)
+    "ort_failing/llama_sampler": ("axis 1",),  # [batch, vocab] penalty buffers
+    "ort_failing/qwen3_moe_prefill_chunked": ("axis 1",),  # MoE activations
+}
+
+
+def test_the_lists_cover_the_whole_corpus() -> None:
+    """A fixture added to the corpus must not go untested unnoticed."""
+    on_disk = sorted(
+        str(p.parent.relative_to(FEATURE_FIXTURES)) for p in FEATURE_FIXTURES.glob("**/model.onnx")
+    )
+    if not on_disk:
+        feature_fixture_model(FEATURE_EXPORTS[0])  # skips, or fails when the corpus is required
+    assert sorted(FEATURE_EXPORTS) == on_disk
+    assert sorted(RUNNABLE_FEATURE_FIXTURES) == sorted(n for n in on_disk if not n.startswith("ort_failing/"))
+
+
 @pytest.mark.parametrize("name", FEATURE_EXPORTS)
-@pytest.mark.parametrize("kv_block_size", [16, 32])
+@pytest.mark.parametrize("kv_block_size", [16, 32, 128])
 def test_only_the_kv_caches_are_paged(tmp_path, name: str, kv_block_size: int) -> None:
     source = feature_fixture_model(name)
     manifest = json.loads((FEATURE_FIXTURES / name / "manifest.json").read_text())
     paged = tmp_path / "paged.onnx"
-    report = rewrite(source, paged, kv_block_size, **rewrite_options(name))  # type: ignore[arg-type]
+    options = rewrite_options(name)
+    options["ctx_len"] = max(int(options["ctx_len"]), kv_block_size)  # type: ignore[call-overload]
+    report = rewrite(source, paged, kv_block_size, **options)  # type: ignore[arg-type]
     before, after = onnx.load(source), onnx.load(paged)
 
     # Exactly the manifest's KV tensors are paged, and only their Ctx ops are replaced.
@@ -81,7 +102,8 @@ def test_only_the_kv_caches_are_paged(tmp_path, name: str, kv_block_size: int) -
     other_calls = [op for op in manifest["ctx_ops"] if op["inputs"][0] not in kv_values]
     assert len(report.left_alone) == len(other_calls)
     assert Counter(op.op for op in report.left_alone) == Counter(op["op"] for op in other_calls)
-    assert all(op.reason for op in report.left_alone)
+    reasons = LEFT_ALONE_BECAUSE.get(name, ())
+    assert all(any(word in op.reason for word in reasons) for op in report.left_alone), report.left_alone
 
     # Every node outside the KV path is unchanged, byte for byte (matched by its outputs).
     paged_nodes = {tuple(n.output): n for n in after.graph.node}

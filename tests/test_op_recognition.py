@@ -11,10 +11,17 @@ import numpy as np
 import onnx
 import pytest
 from conftest import fixture_model
-from derived_models import cb_with_penalty_buffer, pre_ccl_gather, renamed_dim, scatter_on_heads
+from derived_models import (
+    cb_with_adapter_gather,
+    cb_with_penalty_buffer,
+    pre_ccl_gather,
+    renamed_dim,
+    scatter_on_heads,
+    without_function,
+)
 
 from paged_rewrite import rewrite
-from paged_rewrite.errors import UnsupportedPatternError, UsageError
+from paged_rewrite.errors import NotAModelError, UnsupportedPatternError, UsageError
 from paged_rewrite.runtime.sessions import open_session
 from paged_rewrite.runtime.verify import verify
 
@@ -100,3 +107,24 @@ def _paged_feeds(
     feeds["block_table"] = np.array([[1] + [-1] * (feeds["block_table"].shape[1] - 1)], np.int64)
     feeds["slot_id"] = np.zeros(1, np.int64)
     return feeds
+
+
+def test_batch_index_goes_when_only_a_kept_definition_names_a_parameter_so(tmp_path: Path) -> None:
+    """CB with a LoRA-style adapter gather: CtxGatherCB's definition stays for the adapter, and
+    its parameter called batch_index must not keep the graph's dead batch_index alive."""
+    source = cb_with_adapter_gather(fixture_model("llama_cb"), tmp_path / "cb_lora.onnx")
+    report = rewrite(source, tmp_path / "paged.onnx", 16, ctx_len=128)
+    assert report.removed_inputs == ["batch_index"] and report.kept_inputs == {}
+    assert [(op.op, op.data) for op in report.left_alone] == [("CtxGatherCB", "adapter_weights")]
+    model = onnx.load(tmp_path / "paged.onnx")
+    assert "CtxGatherCB" in {f.name for f in model.functions}
+    assert "batch_index" not in {v.name for v in model.graph.input}
+
+
+def test_an_input_calling_an_undefined_cache_op_is_not_a_model(tmp_path: Path) -> None:
+    source = without_function(fixture_model("llama_default"), tmp_path / "broken.onnx", "CtxGather")
+    with pytest.raises(
+        NotAModelError, match=r"calls com\.qualcomm\.cloud::CtxGather, which no model-local function defines"
+    ):
+        rewrite(source, tmp_path / "paged.onnx", 16, ctx_len=128)
+    assert not (tmp_path / "paged.onnx").exists()

@@ -45,11 +45,9 @@ def finalize_model(
         entry.key, entry.value = key, value
     # Only an input whose last reader was a replaced cache op (batch_index) can have become dead.
     candidates = layout.dropped & {v.name for v in model.graph.input}
-    used = (
-        used_names([model.graph, *model.functions]) | {o.name for o in model.graph.output}
-        if candidates
-        else set()
-    )
+    # Function bodies cannot see graph values (a parameter of a kept CtxGatherCB definition
+    # may be called batch_index too), so only the graph's own nodes keep an input alive.
+    used = used_names([model.graph]) | {o.name for o in model.graph.output} if candidates else set()
     removed = [v.name for v in model.graph.input if v.name in candidates and v.name not in used]
     kept = [v for v in model.graph.input if v.name not in removed]
     del model.graph.input[:]
@@ -79,7 +77,7 @@ def _drop_dead_function_inputs(model: onnx.ModelProto, function: Body, layout: P
 def _readers(model: onnx.ModelProto, name: str) -> str:
     """The op types of the main-graph nodes that read ``name``, for the report."""
     ops = sorted({n.op_type for n in model.graph.node if name in n.input})
-    return ", ".join(ops) or "a local function"
+    return ", ".join(ops)
 
 
 def _import_domain(imports: Any) -> None:  # a repeated OperatorSetIdProto field

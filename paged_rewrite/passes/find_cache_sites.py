@@ -63,7 +63,7 @@ def find_cache_sites(model: onnx.ModelProto) -> CacheSites:
     """Return the cache sites of ``model`` or raise a refusal that names the offending node."""
     if default_opset(model) < MIN_OPSET:
         raise UnsupportedPatternError(f"default opset {default_opset(model)} is older than {MIN_OPSET}")
-    for node in [n for f in model.functions for n in f.node] + list(model.graph.node):
+    for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:
         if node.domain == QEFF_DOMAIN and node.op_type.startswith("Paged"):
             raise UnsupportedPatternError(f"{where(node)}: the model is already paged")
     interface = _Interface(model)
@@ -105,7 +105,10 @@ def _classify_write(
         return
     data = interface.outer(node.input[0], body, call) if node.input else None
     out = interface.outer(node.output[0], body, call, outputs=True) if node.output else None
-    kv_shaped = data in interface.inputs and len(dims_of(interface.inputs[data])) == 4
+    value = interface.inputs.get(data) if data is not None else None
+    kv_shaped = (
+        value is not None and len(dims_of(value)) == 4 and value.type.tensor_type.elem_type in FLOAT_TYPES
+    )
     if rule is None:
         if kv_shaped and out in interface.outputs:
             arities = known_arities(node.op_type)
@@ -197,7 +200,15 @@ def _collect_users(sites: CacheSites, interface: _Interface, tensor: CacheTensor
 
 def _shape_or_refuse(sites: CacheSites, tensor: CacheTensor, user: Site, why: str) -> None:
     if user.node.op_type != "Shape" or user.node.domain != "":
-        if is_ctx_op(user.node.domain, user.node.op_type):
+        known = rule_for(user.node.domain, user.node.op_type, len(user.node.input))
+        if known is not None:
+            why = (
+                f"reads KV cache {tensor.name!r}, but {known.op_type} indexes axis {known.position_axis}, "
+                "not token positions: it cannot be paged"
+                if not known.may_move_kv
+                else f"uses KV cache {tensor.name!r} in a way the rewrite does not know"
+            )
+        elif is_ctx_op(user.node.domain, user.node.op_type):
             why = f"is an unknown cache op reading KV cache {tensor.name!r}"
         raise UnsupportedPatternError(f"{where(user.node)} {why}")
     for site, length in sites.shape_reads:
@@ -245,8 +256,13 @@ def _why_not_kv(node: onnx.NodeProto, data: str, interface: _Interface) -> str:
     if data in interface.initializers:
         return "its data operand is an initializer (weights), not a KV cache"
     if data in interface.inputs:
-        rank = len(dims_of(interface.inputs[data]))
-        return f"its data operand is a rank-{rank} graph input; a KV cache has rank 4"
+        value = interface.inputs[data]
+        rank = len(dims_of(value))
+        if rank != 4:
+            return f"its data operand is a rank-{rank} graph input; a KV cache has rank 4"
+        if value.type.tensor_type.elem_type not in FLOAT_TYPES:
+            return "its data operand is not a float tensor; a KV cache is"
+        return "its data operand is a graph input that no KV scatter writes and returns as a retained state"
     return "its data operand is a computed value, not a cache graph input"
 
 

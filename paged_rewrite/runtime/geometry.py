@@ -53,7 +53,12 @@ class PagedGeometry:
             raise UnsupportedPatternError(f"{paged_path}: not a paged model (no block_table input)")
         pools = [shape for name, shape in dims.items() if len(shape) == 4 and f"{name}_RetainedState" in dims]
         block_size = pools[0][2] if pools else None
-        vocab = dims.get("logits", [None])[-1]
+        if "logits" not in dims:
+            returned = ", ".join(v.name for v in graph.output if not v.name.endswith("_RetainedState"))
+            raise UnsupportedPatternError(
+                f"{paged_path}: verify compares logits, and this model returns none (it returns {returned})"
+            )
+        vocab = dims["logits"][-1]
         if not block_size or not vocab:
             raise UnsupportedPatternError(f"{paged_path}: needs a static kv_block_size and vocab size")
         ops = [node.op_type for node in _model_nodes(model)]

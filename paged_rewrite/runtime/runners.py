@@ -63,6 +63,16 @@ def kept_logits(out: Mapping[str, np.ndarray]) -> np.ndarray:
     return logits[:, -1] if logits.ndim == 3 and logits.shape[1] == 1 else logits
 
 
+class ModelRunError(RuntimeError):
+    """onnxruntime refused a call of one model; ``reason`` is the first line of its message."""
+
+    def __init__(self, model_path: str, error: Exception) -> None:
+        lines = str(error).strip().splitlines()
+        self.model_path = model_path
+        self.reason = lines[0] if lines else type(error).__name__
+        super().__init__(f"{model_path}: {self.reason}")
+
+
 class _Runner:
     def __init__(
         self,
@@ -71,6 +81,7 @@ class _Runner:
         dims: Mapping[str, int],
         extra_inputs: ExtraInputs | None,
     ) -> None:
+        self.model_path = os.fspath(model_path)
         self.session = open_session(model_path, patch_sentinels=patch_sentinels)
         self.caches = cache_io(self.session)
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -93,7 +104,11 @@ class _Runner:
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+        try:
+            outputs = self.session.run(self.output_names, feeds)
+        except Exception as exc:  # onnxruntime's own error types: name the model that failed
+            raise ModelRunError(self.model_path, exc) from exc
+        return dict(zip(self.output_names, outputs, strict=True))
 
     def _inputs(self, rows: Sequence[Row], phase: Phase | None) -> dict[str, np.ndarray]:
         """Everything but the KV caches: tokens, the CB slots, extra inputs, other states."""

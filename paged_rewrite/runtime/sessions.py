@@ -20,6 +20,9 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 INT32_MAX = 2**31 - 1
+# onnxruntime logs its own errors to stderr before raising them; the tool reports each failure in
+# one line of its own, so only fatal messages may pass.
+ort.set_default_logger_severity(4)
 _SEARCH_DEPTH = 4
 
 
@@ -82,7 +85,7 @@ def _has_external_data(model: onnx.ModelProto) -> bool:
 def open_session(model_path: str | os.PathLike[str], patch_sentinels: bool = False) -> ort.InferenceSession:
     """A CPU session; with ``patch_sentinels`` the INT32_MAX constants are overridden first."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures are reported by the caller, in one line
     keep_alive = []
     source: str | bytes = os.fspath(model_path)
     if patch_sentinels:

@@ -24,7 +24,7 @@ from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Scenario, drive, random_scenario
 from paged_rewrite.runtime.extra_inputs import CompCtxSchedule, ExtraInputs
 from paged_rewrite.runtime.geometry import PagedGeometry
-from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
+from paged_rewrite.runtime.runners import ContiguousRunner, ModelRunError, PagedRunner
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -158,7 +158,9 @@ def compare(
         kv_diff = final_kv_diff(original_runner, paged_runner, scenario)
     except PagedRewriteError:
         raise
-    except Exception as exc:  # onnxruntime refused a call: the models do not agree on their interface
+    except ModelRunError as exc:  # onnxruntime refused a call of one of the two models
+        raise VerificationError(f"{exc.model_path}: running the scenario failed: {exc.reason}") from None
+    except Exception as exc:  # the models do not agree on their interface
         first = str(exc).strip().splitlines()
         reason = first[0] if first else type(exc).__name__
         raise VerificationError(f"{paged}: running the scenario failed: {reason}") from None
