@@ -11,6 +11,10 @@
   exports do;
 * sliding window: layer 0 is a ring buffer (``ring.py``), read whole with its window's mask,
   whatever the other layers do;
+* compute-context-length (``ccl``): as QEfficient's CCL export, each full-context layer slices
+  the shared mask to its first ``L = len(comp_ctx_lengths)`` slots, and the read covers those
+  slots only: ``comp_ctx_len``, the gather's last operand, is the sliced mask's length
+  ``min(L, ctx_len)``; the write is unchanged;
 * subfunctions: the same nodes, in a layer function (``subfunctions.py``); as QEfficient's
   ``InvalidIndexProvider`` does there, whole-context reads use index 0, not INT32_MAX, for slots
   not written yet (BlockedKV reads and CB writes keep INT32_MAX).
@@ -56,9 +60,13 @@ def attention(g: GraphBuilder, spec: ExportSpec, layer: int, x: str, pre: Prefix
     k = apply_rope(g, spec, heads("k_proj", wk, kvh), pre, s)
     v = heads("v_proj", wv, kvh)
     ring = bool(spec.sliding_window) and layer == RING_LAYER
+    shared_mask = pre.window_mask if ring else pre.mask
+    read_len: str | None = None
+    if spec.ccl and not ring:
+        assert shared_mask is not None
+        shared_mask, read_len = _compute_context(g, shared_mask, s)
     k_cache, v_cache = _write_cache(g, spec, layer, k, v, s, ring)
 
-    shared_mask = pre.window_mask if ring else pre.mask
     if spec.prefill_only:
         assert shared_mask is not None
         k_all, v_all, mask = k, v, shared_mask
@@ -66,7 +74,7 @@ def attention(g: GraphBuilder, spec: ExportSpec, layer: int, x: str, pre: Prefix
         k_all, v_all, mask = _read_blocked(g, spec, k_cache, v_cache, s)
     else:
         assert shared_mask is not None
-        k_all, v_all, mask = *_read_contiguous(g, spec, k_cache, v_cache, s), shared_mask
+        k_all, v_all, mask = *_read_contiguous(g, spec, k_cache, v_cache, s, read_len), shared_mask
 
     k_all = repeat_kv(g, spec, k_all, s)
     v_all = repeat_kv(g, spec, v_all, s)
@@ -105,13 +113,28 @@ def _max_position(g: GraphBuilder, s: str) -> str:
     return g.op("Unsqueeze", [max_pos, g.ints(s, 2)], s)
 
 
+def _compute_context(g: GraphBuilder, mask: str, s: str) -> tuple[str, str]:
+    """CCL: ``mask`` ``[B, 1, S, ctx_len]`` cut to its first ``L = len(comp_ctx_lengths)`` slots,
+    and its length ``min(L, ctx_len)``, the number of slots the layer reads."""
+    length = g.op(
+        "Gather", [g.op("Shape", ["comp_ctx_lengths"], s), g.const(s, np.array(0, np.int64))], s, axis=0
+    )
+    end = g.op("Unsqueeze", [length, g.ints(s, 0)], s)
+    mask = g.op("Slice", [mask, g.ints(s, 0), end, g.ints(s, 3)], s)
+    read_len = g.op("Gather", [g.op("Shape", [mask], s), g.const(s, np.array(3, np.int64))], s, axis=0)
+    return mask, read_len
+
+
 def _read_contiguous(
-    g: GraphBuilder, spec: ExportSpec, k_cache: str, v_cache: str, s: str
+    g: GraphBuilder, spec: ExportSpec, k_cache: str, v_cache: str, s: str, read_len: str | None = None
 ) -> tuple[str, str]:
-    """The whole context ``[B, kv_heads, ctx_len, D]`` (a ring: ``[B, kv_heads, W, D]``) with one
-    ``CtxGather`` (``CtxGatherCB``) per K/V; slots beyond the row's last position are read at the
-    invalid index and V is zeroed there."""
-    ctx_len = g.op("Gather", [g.op("Shape", [k_cache], s), g.const(s, np.array(2, np.int64))], s, axis=0)
+    """The whole context ``[B, kv_heads, ctx_len, D]`` (a ring: ``[B, kv_heads, W, D]``; with CCL
+    its first ``read_len`` slots) with one ``CtxGather`` (``CtxGatherCB``) per K/V, ``comp_ctx_len``
+    being that length; slots beyond the row's last position are read at the invalid index and V
+    is zeroed there."""
+    ctx_len = read_len or g.op(
+        "Gather", [g.op("Shape", [k_cache], s), g.const(s, np.array(2, np.int64))], s, axis=0
+    )
     slots = g.op("Range", [g.const(s, np.array(0, np.int64)), ctx_len, g.const(s, np.array(1, np.int64))], s)
     slots = g.op("Reshape", [slots, g.ints(s, 1, 1, -1)], s)
     invalid = g.op("Greater", [slots, _max_position(g, s)], s)

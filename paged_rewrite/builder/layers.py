@@ -137,11 +137,26 @@ def mlp(g: GraphBuilder, spec: ExportSpec, layer: int, x: str) -> str:
 
 
 def final_norm_and_head(g: GraphBuilder, spec: ExportSpec, x: str) -> str:
-    """Final norm, pick the hidden state at ``argmax(position_ids)`` per row, lm_head -> ``logits``."""
+    """Final norm, pick the hidden state at ``argmax(position_ids)`` per row (TLM: the ``n`` states
+    ending there), lm_head -> ``logits``."""
     x = rms_norm(g, spec, x, "/model/norm")
     lm_head = g.normal("lm_head.weight", spec.hidden_size, spec.vocab_size)
     s = ""
     last = g.op("ArgMax", ["position_ids"], s, axis=1, keepdims=1)
+    if spec.num_logits_to_keep:
+        last = _kept_positions(g, last, s)
     last = g.op("Unsqueeze", [last, g.ints(s, -1)], s)
     x = g.op("GatherND", [x, last], s, batch_dims=1)
     return g.op("MatMul", [x, lm_head], "/lm_head", output="logits")
+
+
+def _kept_positions(g: GraphBuilder, last: str, s: str) -> str:
+    """TLM: ``[B, n]`` indices ``first .. first + n - 1`` into the sequence axis, ``n`` the length of
+    ``num_logits_to_keep`` and ``first = last + 1 - n`` (0 where that is negative), ``last``
+    ``[B, 1]`` being each row's ``argmax(position_ids)``; as QEfficient's TLM export picks them."""
+    zero, one = g.const(s, np.array(0, np.int64)), g.const(s, np.array(1, np.int64))
+    keep = g.op("Gather", [g.op("Shape", ["num_logits_to_keep"], s), zero], s, axis=0)
+    first = g.op("Sub", [g.op("Add", [last, one], s), keep], s)
+    first = g.op("Where", [g.op("Less", [last, keep], s), zero, first], s)
+    offsets = g.op("Reshape", [g.op("Range", [zero, keep, one], s), g.ints(s, 1, -1)], s)
+    return g.op("Add", [first, offsets], s)

@@ -16,9 +16,15 @@ export, as QEfficient's flags do:
 * ``subfunctions``: each decoder layer is a call of one shared model-local function
   (``QEffLlamaDecoderLayer``) holding its cache ops, as ``use_onnx_subfunctions`` exports;
 * ``sliding_window = W``: layer 0 is a sliding-window layer whose cache is a ring buffer of
-  symbolic length ``sliding_window`` (as gpt-oss exports it), ``W`` being the value to bind.
+  symbolic length ``sliding_window`` (as gpt-oss exports it), ``W`` being the value to bind;
+* ``ccl``: compute-context-length, an input ``comp_ctx_lengths`` ``[comp_ctx_lengths]`` whose
+  length ``L`` bounds every full-context read to slots ``[0, L)`` (``attention.py``);
+* ``num_logits_to_keep``: the speculative-decoding target model (TLM), an input
+  ``num_logits_to_keep`` ``[n, 1]``; logits ``[batch, n, vocab]`` of each row's last ``n``
+  positions (``layers.final_norm_and_head``).
 
-The kinds combine freely, except ``prefill_only`` with BlockedKV (there is no read to block).
+The kinds combine freely, except ``prefill_only`` with BlockedKV or CCL (there is no read to
+block or bound), and CCL with BlockedKV.
 
 Layout of the main graph (node names follow the torch exporter style ``{scope}/{Op}_{k}``, the
 output of a node is ``{node name}_output_0``):
@@ -64,7 +70,7 @@ __all__ = [
 ]
 
 _IR_VERSION = 8
-_FLAGS = ("prefill_only", "continuous_batching", "subfunctions")
+_FLAGS = ("prefill_only", "continuous_batching", "subfunctions", "ccl", "num_logits_to_keep")
 _MAY_BE_ZERO = ("seed", "blocked_kv_num_blocks", "sliding_window")
 
 
@@ -83,6 +89,16 @@ class ExportSpec:
     sliding_window, head_dim]`` (``ring.py``). The graph takes the window from the buffer's
     length, so ``W`` appears only in the metadata (``paged_rewrite.builder.sliding_window``): run
     and rewrite the model with the dim ``sliding_window = W``. Needs a full-context layer too.
+    ``ccl``: QEfficient's ``qaic_config={"ccl_enabled": True}``: input ``comp_ctx_lengths``
+    int64 ``[comp_ctx_lengths]``, of which only the length ``L`` is read. Each full-context
+    layer slices the attention mask to its first ``L`` slots and reads those slots only
+    (``comp_ctx_len``, the last operand of ``CtxGather`` / ``CtxGatherCB``, is ``L`` clamped
+    to the cache length); writes still address the whole cache. A ring layer reads its whole
+    ring. Needs a whole-context read: not with ``prefill_only`` or BlockedKV.
+    ``num_logits_to_keep``: QEfficient's ``qaic_config={"speculative_model_type": "target"}``:
+    input ``num_logits_to_keep`` int64 ``[n, 1]`` (only ``n`` is read), logits
+    ``[batch_size, n, vocab]`` of positions ``max(0, last - n + 1) ..`` of each row, ``last``
+    being the row's ``argmax(position_ids)``.
     Models of one seed hold the same weights whatever their kind.
     """
 
@@ -101,6 +117,8 @@ class ExportSpec:
     blocked_kv_num_blocks: int = 0
     subfunctions: bool = False
     sliding_window: int = 0
+    ccl: bool = False
+    num_logits_to_keep: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -135,6 +153,9 @@ class ExportSpec:
             raise ValueError(
                 "ExportSpec.blocked_kv_num_blocks needs a cache read; a prefill_only graph has none"
             )
+        if self.ccl and (self.prefill_only or self.blocked_kv_num_blocks):
+            other = "prefill_only" if self.prefill_only else "blocked_kv_num_blocks"
+            raise ValueError(f"ExportSpec.ccl bounds a whole-context read; it does not combine with {other}")
         if self.sliding_window and self.num_layers < 2:
             raise ValueError(
                 "ExportSpec.sliding_window makes layer 0 a ring buffer; it needs num_layers >= 2 "
@@ -152,14 +173,16 @@ def _decoder_layer(g: GraphBuilder, spec: ExportSpec, layer: int, x: str, pre: l
 
 
 def _graph_io(spec: ExportSpec) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
-    """Inputs and outputs in QEfficient's order (``batch_index`` after the caches)."""
+    """Inputs and outputs in QEfficient's order (``batch_index``, ``comp_ctx_lengths``,
+    ``num_logits_to_keep`` after the caches)."""
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     cache_rows = "full_batch_size" if spec.continuous_batching else "batch_size"
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["batch_size", "seq_len"]),
         helper.make_tensor_value_info("position_ids", i64, ["batch_size", "seq_len"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", 1, spec.vocab_size])]
+    kept: str | int = "num_logits_to_keep" if spec.num_logits_to_keep else 1
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", kept, spec.vocab_size])]
     for layer in range(spec.num_layers):
         length = "sliding_window" if spec.sliding_window and layer == RING_LAYER else "ctx_len"
         kv_shape: list[str | int] = [cache_rows, spec.num_kv_heads, length, spec.head_dim]
@@ -168,6 +191,10 @@ def _graph_io(spec: ExportSpec) -> tuple[list[onnx.ValueInfoProto], list[onnx.Va
             outputs.append(helper.make_tensor_value_info(f"past_{kind}.{layer}_RetainedState", f32, kv_shape))
     if spec.continuous_batching:
         inputs.append(helper.make_tensor_value_info("batch_index", i64, ["batch_size", 1]))
+    if spec.ccl:
+        inputs.append(helper.make_tensor_value_info("comp_ctx_lengths", i64, ["comp_ctx_lengths"]))
+    if spec.num_logits_to_keep:
+        inputs.append(helper.make_tensor_value_info("num_logits_to_keep", i64, ["num_logits_to_keep", 1]))
     return inputs, outputs
 
 

@@ -7,7 +7,8 @@ the function's first two outputs (``past_key.{i}_RetainedState``, ``past_value.{
 at the call, ``..._InternalRetainedState`` in the body), the layer's hidden state third. Its
 inputs, in QEfficient's order, are those of the following the body uses: ``hidden_states``,
 ``cos_cached``, ``sin_cached``, ``past_key.{i}``, ``batch_index``, ``position_ids``,
-``past_value.{i}``, ``attention_mask`` (the mask the prefix computes once), then the layer's
+``past_value.{i}``, ``attention_mask`` (the mask the prefix computes once), ``comp_ctx_lengths``
+(CCL: each layer cuts the mask to its compute context itself), then the layer's
 weights in the order the layer draws them. With a sliding window, the ring layer and the
 full-context layers trace differently, so each has its own function.
 """
@@ -53,6 +54,7 @@ def _operands(layer: int, weights: list[str]) -> list[str]:
         "position_ids",
         f"past_value.{layer}",
         "attention_mask",
+        "comp_ctx_lengths",
         *weights,
     ]
 
