@@ -88,6 +88,7 @@ class RewriteReport:
     context_dim: str | None = None  # the symbolic length dim of the full-context caches
     bound_dims: dict[str, int] = field(default_factory=dict)  # every symbolic dim given a value
     functions: list[str] = field(default_factory=list)
+    paged_op_nodes: dict[str, int] = field(default_factory=dict)  # emitted paged op -> nodes in its flat body
     windows: dict[str, int] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # sidecar files written beside the output
     inputs: list[TensorSpec] = field(default_factory=list)

@@ -7,6 +7,12 @@ Each op is emitted into the rewritten model as a model-local function in the dom
 ``com.qualcomm.cloud``; its body uses only standard opset-17 ops, so any ONNX runtime can run
 it and the QAIC compiler can inline it. The docstring of each function is its specification.
 
+The sources are factored (``PagedBlockAddress`` is the one place the address rule is written),
+but what is emitted is flat: ``emit.py`` expands every helper call into the calling body, so
+no emitted body calls another function. Bodies use only ops of QEfficient's own exports (``qeff_op_vocabulary.txt``): hence
+``Greater(x, -1)`` for ``x >= 0`` and a ``Gather`` from the flattened table instead of
+``GatherElements``.
+
 Shared vocabulary
 -----------------
 ``pool``         float ``[total_num_kv_blocks, kv_heads, kv_block_size, head_dim]``: one layer's
@@ -32,7 +38,7 @@ paged = Opset(PAGED_DOMAIN, 1)
 
 @script(paged, default_opset=op)
 def PagedBlockAddress(pool, block_table, positions):
-    """Physical address of logical cache positions.
+    """Physical address of logical cache positions (a source helper, expanded where called).
 
     Inputs:
       pool         ``[N, H, kv_block_size, D]`` (only its shape is read).
@@ -46,14 +52,20 @@ def PagedBlockAddress(pool, block_table, positions):
     table entry outside ``[0, N)`` (``-1`` = unallocated, or a block the pool does not have).
     """
     pool_shape = op.Shape(pool)
-    num_pool_blocks = op.Gather(pool_shape, 0)
     block_size = op.Gather(pool_shape, 2)
     num_columns = op.Gather(op.Shape(block_table), 1)
     zero = op.Constant(value_int=0)
-    in_range = op.And(op.GreaterOrEqual(positions, zero), op.Less(positions, op.Mul(num_columns, block_size)))
+    negative = op.Constant(value_int=-1)  # x > -1 is x >= 0 for integers (GreaterOrEqual: see above)
+    in_range = op.And(op.Greater(positions, negative), op.Less(positions, op.Mul(num_columns, block_size)))
     safe_position = op.Where(in_range, positions, zero)
-    entry = op.GatherElements(block_table, op.Div(safe_position, block_size), axis=1)
-    valid = op.And(in_range, op.And(op.GreaterOrEqual(entry, zero), op.Less(entry, num_pool_blocks)))
+    # block_table[b, column] read from the flattened table at b * num_kv_blocks + column.
+    row = op.Unsqueeze(
+        op.Range(zero, op.Gather(op.Shape(positions), 0), op.Constant(value_int=1)),
+        op.Constant(value_ints=[1]),
+    )
+    flat_table = op.Reshape(block_table, op.Constant(value_ints=[-1]))
+    entry = op.Gather(flat_table, op.Add(op.Mul(row, num_columns), op.Div(safe_position, block_size)))
+    valid = op.And(in_range, op.And(op.Greater(entry, negative), op.Less(entry, op.Gather(pool_shape, 0))))
     block = op.Where(valid, entry, zero)
     offset = op.Where(valid, op.Mod(safe_position, block_size), zero)
     return block, offset
@@ -61,7 +73,7 @@ def PagedBlockAddress(pool, block_table, positions):
 
 @script(paged, default_opset=op)
 def PagedRowIndex(pool, block, offset):
-    """Row numbers of the pool seen as ``[N * H * kv_block_size, D]``.
+    """Row numbers of the pool seen as ``[N * H * kv_block_size, D]`` (a source helper).
 
     Inputs:
       pool    ``[N, H, kv_block_size, D]`` (only its shape is read).
@@ -110,16 +122,23 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_peri
     """
     block, offset = PagedBlockAddress(pool, block_table, position_ids)
     pool_shape = op.Shape(pool)
+    position_shape = op.Shape(position_ids)
     zero = op.Constant(value_int=0)
+    negative = op.Constant(value_int=-1)
     block_size = op.Gather(pool_shape, 2)
     capacity = op.Mul(op.Gather(op.Shape(block_table), 1), block_size)
-    in_range = op.And(op.GreaterOrEqual(position_ids, zero), op.Less(position_ids, capacity))
-    # The row's first position inside the table (ArgMax picks the first maximum).
+    in_range = op.And(op.Greater(position_ids, negative), op.Less(position_ids, capacity))
+    # The row's first position inside the table: ArgMax picks the first maximum, read from the
+    # flattened positions at b * S + index. A row with none reads a position outside the table.
     first_index = op.ArgMax(op.Cast(in_range, to=6), axis=1, keepdims=1)
-    first = op.GatherElements(position_ids, first_index, axis=1)
-    has_valid = op.Cast(op.GatherElements(op.Cast(in_range, to=6), first_index, axis=1), to=9)
+    row = op.Unsqueeze(
+        op.Range(zero, op.Gather(position_shape, 0), op.Constant(value_int=1)), op.Constant(value_ints=[1])
+    )
+    flat_positions = op.Reshape(position_ids, op.Constant(value_ints=[-1]))
+    first = op.Gather(flat_positions, op.Add(op.Mul(row, op.Gather(position_shape, 1)), first_index))
+    has_valid = op.And(op.Greater(first, negative), op.Less(first, capacity))
     given = op.Unsqueeze(slot_id, op.Constant(value_ints=[1]))
-    slot_in_block = op.And(op.GreaterOrEqual(given, zero), op.Less(given, block_size))
+    slot_in_block = op.And(op.Greater(given, negative), op.Less(given, block_size))
     slot_agrees = op.Equal(op.Mod(given, slot_period), op.Mod(first, slot_period))
     slot_ok = op.And(slot_in_block, op.Or(op.Not(has_valid), slot_agrees))
     block = op.Where(slot_ok, block, zero)
@@ -127,7 +146,6 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_peri
 
     # ScatterND straight into the 4-D pool: its result is the graph's retained-state output, and
     # a Reshape between the two would cost a full copy of the pool (measured: as much as the scatter).
-    position_shape = op.Shape(position_ids)
     one = op.Constant(value_ints=[1])
     index_shape = op.Concat(
         op.Slice(position_shape, op.Constant(value_ints=[0]), one),
@@ -136,7 +154,7 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_peri
         one,
         axis=0,
     )
-    head_index = op.Range(op.Constant(value_int=0), op.Gather(pool_shape, 1), op.Constant(value_int=1))
+    head_index = op.Range(zero, op.Gather(pool_shape, 1), op.Constant(value_int=1))
     indices = op.Concat(
         op.Expand(op.Unsqueeze(block, op.Constant(value_ints=[1, 3])), index_shape),
         op.Expand(op.Unsqueeze(head_index, op.Constant(value_ints=[0, 2, 3])), index_shape),
