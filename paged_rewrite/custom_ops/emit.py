@@ -7,6 +7,8 @@ what a compiler team would write by hand:
 - **flat**: every helper call is expanded into the calling body (``onnx.inliner`` on a scratch
   model), then identical nodes are merged and unused ones dropped, so a body that calls
   ``PagedBlockAddress`` and ``PagedRowIndex`` reads ``Shape(pool)`` once, not three times;
+- **typed**: ``CastLike(x, pool)`` becomes ``Cast(x, to=<the caches' type>)``, since QEfficient's
+  exports never use ``CastLike``;
 - **checked**: no body may call a function, reach ``MAX_BODY_NODES`` nodes, or use an op
   outside QEfficient's own op vocabulary (``vocabulary.py``).
 """
@@ -54,8 +56,11 @@ EMITTED_OPS = (
 MAX_BODY_NODES = 100
 
 
-def paged_function_protos(names: Iterable[str] = EMITTED_OPS) -> list[onnx.FunctionProto]:
-    """The flat bodies of the named ops (fresh copies, in ``EMITTED_OPS`` order)."""
+def paged_function_protos(
+    names: Iterable[str] = EMITTED_OPS, cache_type: int = onnx.TensorProto.FLOAT
+) -> list[onnx.FunctionProto]:
+    """The flat bodies of the named ops, for caches of element type ``cache_type`` (fresh copies,
+    in ``EMITTED_OPS`` order)."""
     wanted = set(names)
     unknown = wanted - set(EMITTED_OPS)
     if unknown:
@@ -63,7 +68,9 @@ def paged_function_protos(names: Iterable[str] = EMITTED_OPS) -> list[onnx.Funct
     protos = []
     for name, data in _flat_bodies():
         if name in wanted:
-            protos.append(onnx.FunctionProto.FromString(data))
+            proto = onnx.FunctionProto.FromString(data)
+            _type_cast_like(proto, cache_type)
+            protos.append(proto)
     return protos
 
 
@@ -89,7 +96,9 @@ def _flat_bodies() -> tuple[tuple[str, bytes], ...]:
     bodies = []
     for name in EMITTED_OPS:
         data = _flatten(by_name[name], library).SerializeToString()
-        problems = compiler_problems(onnx.FunctionProto.FromString(data))
+        typed = onnx.FunctionProto.FromString(data)
+        _type_cast_like(typed, onnx.TensorProto.FLOAT)
+        problems = compiler_problems(typed)
         if problems:  # a bug of ours in paged_ops.py: no model may ship it
             raise AssertionError(f"{name}: {'; '.join(problems)}")
         bodies.append((name, data))
@@ -151,3 +160,15 @@ def _drop_unused(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.No
             needed.update(node.input)
             kept.append(node)
     return kept[::-1]
+
+
+def _type_cast_like(function: onnx.FunctionProto, cache_type: int) -> None:
+    """``CastLike(x, pool)`` -> ``Cast(x, to=cache_type)``: the sources take zeros of the pool's
+    type; QEfficient's op vocabulary has ``Cast`` only, and every cache of a model has one type."""
+    for node in function.node:
+        if node.op_type == "CastLike" and node.domain in ("", "ai.onnx"):
+            assert node.input[1] == function.input[0], f"{function.name}: CastLike must follow the pool"
+            node.op_type = "Cast"
+            del node.input[1:]
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("to", cache_type))

@@ -9,7 +9,8 @@ it and the QAIC compiler can inline it. The docstring of each function is its sp
 
 The sources are factored (``PagedBlockAddress`` is the one place the address rule is written),
 but what is emitted is flat: ``emit.py`` expands every helper call into the calling body, so
-no emitted body calls another function. Bodies use only ops of QEfficient's own exports (``qeff_op_vocabulary.txt``): hence
+no emitted body calls another function, and lowers ``CastLike`` to a ``Cast`` to the caches'
+type. Bodies use only ops of QEfficient's own exports (``qeff_op_vocabulary.txt``): hence
 ``Greater(x, -1)`` for ``x >= 0`` and a ``Gather`` from the flattened table instead of
 ``GatherElements``.
 
@@ -21,7 +22,8 @@ Shared vocabulary
                  holds logical positions ``[j*kv_block_size, (j+1)*kv_block_size)`` of row ``b``;
                  ``-1`` means unallocated.
 Null block       physical block 0. A runtime never hands it to a sequence. Every write that must
-                 not land goes there, and every read of an unallocated entry reads it.
+                 not land goes there; nothing is ever read from it: a read whose address is
+                 invalid, or is block 0 itself, returns zeros, whatever block 0 holds.
 Address          logical position ``p`` of row ``b`` lives at
                  ``pool[block_table[b, p // kv_block_size], :, p % kv_block_size, :]``.
 """
@@ -178,9 +180,10 @@ def PagedCtxGatherPositions(pool, block_table, ctx_indices):
       ``ctx_indices[b, h (or 0), k]`` (see ``PagedBlockAddress``). One Gather of rows: it moves exactly
       the bytes it returns.
 
-    An invalid index (padding, the INT32_MAX "don't care" sentinel of QEfficient exports, an
-    unallocated entry) reads the null block, so no index is ever out of range for the runtime.
-    The model masks those positions with a select, so their values never reach the output.
+    Nothing is read from the null block: an invalid index (padding, the INT32_MAX "don't care"
+    sentinel of QEfficient exports, a position beyond the table, an unallocated or out-of-pool
+    entry) and a table entry naming block 0 read zeros, whatever block 0 holds (invalid writes
+    leave garbage there, NaN included). No index is ever out of range for the runtime.
     """
     pool_shape = op.Shape(pool)
     index_shape = op.Shape(ctx_indices)
@@ -200,7 +203,11 @@ def PagedCtxGatherPositions(pool, block_table, ctx_indices):
             axis=0,
         ),
     )
-    return op.Gather(flat_pool, rows, axis=0)
+    # A select, not a product: 0 * NaN is NaN, and block 0 may hold anything.
+    readable = op.Unsqueeze(op.Greater(block, op.Constant(value_int=0)), op.Constant(value_ints=[3]))
+    return op.Where(
+        readable, op.Gather(flat_pool, rows, axis=0), op.CastLike(op.Constant(value_float=0.0), pool)
+    )
 
 
 @script(paged, default_opset=op)
@@ -214,8 +221,8 @@ def PagedCtxGather(pool, block_table, ctx_indices, comp_ctx_len):
       comp_ctx_len  int64 scalar: number of positions to read; ``ctx_indices`` is broadcast to
                     ``[B, ., comp_ctx_len]`` first (``C`` is 1 or ``comp_ctx_len``).
     Output:
-      ``[B, H, comp_ctx_len, D]``, read as ``PagedCtxGatherPositions`` reads; invalid indices
-      read the null block.
+      ``[B, H, comp_ctx_len, D]``, read as ``PagedCtxGatherPositions`` reads: invalid indices
+      and the null block read zeros.
     """
     length = op.Reshape(comp_ctx_len, op.Constant(value_ints=[1]))
     broadcast = op.Concat(op.Constant(value_ints=[1, 1]), length, axis=0)

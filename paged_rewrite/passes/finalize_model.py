@@ -1,5 +1,5 @@
-"""Finish the model: embed the paged ops it calls as model-local functions (flat bodies),
-record the layout in the metadata, and drop what no longer feeds anything
+"""Finish the model: embed the paged ops it calls as model-local functions (flat bodies, typed
+for its caches), record the layout in the metadata, and drop what no longer feeds anything
 (inputs such as ``batch_index``, the function definitions of replaced ops that nothing calls
 any more)."""
 
@@ -34,7 +34,9 @@ def finalize_model(sites: CacheSites, layout: PagedLayout, metadata: dict[str, s
         body.commit()
     _remove_unused_functions(model)
     opset = default_opset(model)
-    emitted = paged_function_protos(_called_paged_ops(model))
+    emitted = paged_function_protos(
+        _called_paged_ops(model), sites.tensors[0].input.type.tensor_type.elem_type
+    )
     for function in emitted:
         for entry in function.opset_import:  # bodies use ops unchanged from opset 13 on
             if entry.domain == "":
