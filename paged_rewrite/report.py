@@ -9,6 +9,7 @@ import onnx
 
 from paged_rewrite.graph import dims_of
 from paged_rewrite.passes.sites import CacheTensor, Dim
+from paged_rewrite.static_shapes import StaticShapeReport
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class RewriteReport:
     files: dict[str, str] = field(default_factory=dict)  # sidecar files written beside the output
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
+    static_shapes: list[StaticShapeReport] = field(default_factory=list)  # per specialization, --full-check
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +129,14 @@ class RewriteReport:
                 reasons[(op.op, op.reason)] = reasons.get((op.op, op.reason), 0) + 1
             lines.append(f"left {len(self.left_alone)} Ctx ops as they were (not KV caches):")
             lines += [f"  {op} x{n}: {reason}" for (op, reason), n in sorted(reasons.items())]
+        for check in self.static_shapes:
+            static = check.values - len(check.already_non_static) - len(check.made_non_static)
+            inherited = f"; non-static as in the input: {len(check.already_non_static)}"
+            lines.append(
+                f"specialization {check.specialization!r}: {static} of {check.values} values static"
+                + (inherited if check.already_non_static else "")
+                + (f" (open symbols checked at {check.placeholders})" if check.placeholders else "")
+            )
         if self.output_path:
             lines.append(f"wrote {self.output_path}" + "".join(f", {path}" for path in self.files.values()))
         return "\n".join(lines)
