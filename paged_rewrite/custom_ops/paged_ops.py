@@ -177,8 +177,8 @@ def PagedCtxGatherPositions(pool, block_table, ctx_indices):
       ctx_indices   int64 ``[B, 1 or H, C]``: logical positions to read, per head or shared.
     Output:
       ``[B, H, C, D]`` with ``out[b, h, k, :] = pool[block, h, offset, :]`` at the address of
-      ``ctx_indices[b, h (or 0), k]`` (see ``PagedBlockAddress``). One Gather of rows: it moves exactly
-      the bytes it returns.
+      ``ctx_indices[b, h (or 0), k]`` (see ``PagedBlockAddress``). Rows are gathered, not
+      indices expanded: it moves the bytes it returns, twice (see the zeros below).
 
     Nothing is read from the null block: an invalid index (padding, the INT32_MAX "don't care"
     sentinel of QEfficient exports, a position beyond the table, an unallocated or out-of-pool
@@ -195,19 +195,21 @@ def PagedCtxGatherPositions(pool, block_table, ctx_indices):
     offset = op.Reshape(offset, index_shape)
 
     rows = PagedRowIndex(pool, block, offset)
-    flat_pool = op.Reshape(
-        pool,
-        op.Concat(
-            op.Constant(value_ints=[-1]),
-            op.Slice(pool_shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[4])),
-            axis=0,
-        ),
+    head_dim = op.Slice(pool_shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[4]))
+    row_shape = op.Concat(op.Constant(value_ints=[-1]), head_dim, axis=0)
+    gathered = op.Gather(op.Reshape(pool, row_shape), op.Reshape(rows, op.Constant(value_ints=[-1])), axis=0)
+    # Zeros by selection, not by a product (0 * NaN is NaN, and block 0 may hold anything): the
+    # gathered rows follow one zero row, which every position that is not readable takes. Two
+    # copies of the rows; a Where would cost more in onnxruntime, whose Where makes three passes.
+    zero_row = op.Expand(op.CastLike(op.Constant(value_float=0.0), pool), op.Concat(one, head_dim, axis=0))
+    rows_after_zero = op.Concat(zero_row, gathered, axis=0)
+    count = op.Gather(op.Shape(gathered), op.Constant(value_int=0))
+    row_number = op.Reshape(
+        op.Range(op.Constant(value_int=1), op.Add(count, op.Constant(value_int=1)), op.Constant(value_int=1)),
+        op.Shape(rows),
     )
-    # A select, not a product: 0 * NaN is NaN, and block 0 may hold anything.
-    readable = op.Unsqueeze(op.Greater(block, op.Constant(value_int=0)), op.Constant(value_ints=[3]))
-    return op.Where(
-        readable, op.Gather(flat_pool, rows, axis=0), op.CastLike(op.Constant(value_float=0.0), pool)
-    )
+    readable = op.Cast(op.Greater(block, op.Constant(value_int=0)), to=7)  # 1 or 0, int64
+    return op.Gather(rows_after_zero, op.Mul(row_number, readable), axis=0)
 
 
 @script(paged, default_opset=op)
