@@ -109,6 +109,9 @@ class RewriteReport:
             f"total_num_kv_blocks={self.total_num_kv_blocks} (block {self.null_block} is the null block)",
             f"added inputs: {', '.join(self.added_inputs)}",
         ]
+        if self.paged_op_nodes:
+            nodes = ", ".join(f"{op} {count}" for op, count in self.paged_op_nodes.items())
+            lines.append(f"paged ops emitted (nodes in each flat body): {nodes}")
         if self.functions:
             lines.append(
                 f"rewrote inside local functions (one shared body each): {', '.join(self.functions)}"

@@ -56,6 +56,7 @@ def test_node_counts_are_in_the_report_and_its_json(tmp_path) -> None:
     counts = report.to_dict()["paged_op_nodes"]
     assert set(counts) == {"PagedCtxScatter", "PagedCtxGather", "PagedLogicalShape", "PagedWindowShape"}
     assert counts == {p.name: len(p.node) for p in paged_function_protos(counts)}
+    assert "paged ops emitted (nodes in each flat body): PagedCtxScatter" in report.summary()
 
 
 def test_a_float16_pool_reads_float16_zeros() -> None:
