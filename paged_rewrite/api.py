@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -14,6 +15,7 @@ from paged_rewrite.errors import NotAModelError, OutputError, PagedRewriteError,
 from paged_rewrite.model_io import data_files, load_model, save_model, write_text_atomically
 from paged_rewrite.pipeline import RewriteOptions, rewrite_model
 from paged_rewrite.report import RewriteReport
+from paged_rewrite.static_shapes import check_specializations
 
 VERSION = "0.1.0"
 
@@ -36,8 +38,11 @@ def rewrite(
     shorthand for ``dims={"ctx_len": ...}``; the values a ``specializations`` file gives every
     entry bind dims too. Beside the output go its manifest (``<output>.json``), the paged
     ``<stem>.specializations.json`` and, with ``custom_io``, ``<stem>.custom_io.yaml``.
-    The output is checked by path with the ONNX checker (``full_check`` adds strict shape
-    inference). The input is only read. With ``output_path=None`` nothing is written (a dry run).
+    The output is checked by path with the ONNX checker. ``full_check`` adds strict shape
+    inference, and shows that every value gets a static shape under every entry of the paged
+    specializations (``report.static_shapes``); a value the rewrite made non-static fails the
+    rewrite, naming it. The input is only read. With ``output_path=None`` nothing is written (a
+    dry run).
     Raises a ``PagedRewriteError`` subclass (with its exit code) on bad input.
     """
     entries = handoff.read_specializations(specializations) if specializations else None
@@ -55,9 +60,10 @@ def rewrite(
         raise
     report.input_path = str(input_path)
     bound = report.bound_dims  # with --ctx-len bound onto the context dim, as the rewrite saw them
-    sidecars = {
-        "specializations": handoff.to_json(handoff.paged_specializations(report, entries, bound, num_blocks)),
-    }
+    specialized = handoff.paged_specializations(report, entries, bound, num_blocks)
+    sidecars = {"specializations": handoff.to_json(specialized)}
+    if full_check:
+        _check_static_shapes(model, report, specialized, entries, input_path)
     if precisions is not None and custom_io is not None:
         sidecars["custom_io"] = handoff.paged_custom_io(precisions, report, custom_io)
     if output_path is None:
@@ -95,6 +101,26 @@ def rewrite(
             paths[kind].unlink()
     report.files = {kind: str(paths[kind]) for kind in sorted(sidecars)}
     return report
+
+
+def _check_static_shapes(
+    model: onnx.ModelProto,
+    report: RewriteReport,
+    specialized: dict[str, Any],
+    entries: list[handoff.Entry] | None,
+    input_path: str | os.PathLike[str],
+) -> None:
+    """Every value static under every specialization written, or a one-line error naming the
+    first value the rewrite made non-static (values already non-static in the input are reported)."""
+    report.static_shapes = check_specializations(
+        model, report, specialized, entries, lambda: load_model(input_path, check_data_paths=False)
+    )
+    for result in report.static_shapes:
+        if not result.ok:
+            raise OutputError(
+                f"{input_path}: under specialization {result.specialization!r} the rewrite leaves "
+                f"{result.made_non_static[0].describe()} without a static shape"
+            )
 
 
 def _refuse_overwriting_inputs(outputs: list[Path], inputs: list[str | os.PathLike[str] | None]) -> None:

@@ -141,7 +141,12 @@ def main() -> None:
     is_flag=True,
     help="Copy external weights into <output>.data instead of referencing the input's data files.",
 )
-@click.option("--full-check", is_flag=True, help="Also run the ONNX checker's strict shape inference.")
+@click.option(
+    "--full-check",
+    is_flag=True,
+    help="Also run the ONNX checker's strict shape inference, and show every value static under "
+    "every specialization written.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_guarded
 def rewrite_command(

@@ -49,7 +49,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
     page_reads(sites, layout)
     rewire_logical_shape(sites, layout)
     reshape_cache_io(sites, layout)
-    removed, kept = finalize_model(sites, layout, metadata=_layout_metadata(layout))
+    finalized = finalize_model(sites, layout, metadata=_layout_metadata(layout))
     dangling = sorted(undefined_ops(model) - undefined_before)
     if dangling:  # a bug of ours, caught before anything is written
         raise OutputError(
@@ -67,8 +67,9 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         functions=[body.name for body in sites.functions],
         windows={str(dim): ring for dim, ring in layout.windows.items()},
         added_inputs=[layout.block_table, layout.slot_id],
-        removed_inputs=removed,
-        kept_inputs=kept,
+        removed_inputs=finalized.removed_inputs,
+        kept_inputs=finalized.kept_inputs,
+        paged_op_nodes=finalized.paged_op_nodes,
         left_alone=[LeftAloneReport(**vars(op)) for op in sites.left_alone],
         other_retained_states=_other_retained_states(model, sites),
         context_dim=layout.context_dim if isinstance(layout.context_dim, str) else None,

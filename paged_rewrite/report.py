@@ -9,6 +9,7 @@ import onnx
 
 from paged_rewrite.graph import dims_of
 from paged_rewrite.passes.sites import CacheTensor, Dim
+from paged_rewrite.static_shapes import StaticShapeReport
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,12 @@ class RewriteReport:
     context_dim: str | None = None  # the symbolic length dim of the full-context caches
     bound_dims: dict[str, int] = field(default_factory=dict)  # every symbolic dim given a value
     functions: list[str] = field(default_factory=list)
+    paged_op_nodes: dict[str, int] = field(default_factory=dict)  # emitted paged op -> nodes in its flat body
     windows: dict[str, int] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # sidecar files written beside the output
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
+    static_shapes: list[StaticShapeReport] = field(default_factory=list)  # per specialization, --full-check
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +109,9 @@ class RewriteReport:
             f"total_num_kv_blocks={self.total_num_kv_blocks} (block {self.null_block} is the null block)",
             f"added inputs: {', '.join(self.added_inputs)}",
         ]
+        if self.paged_op_nodes:
+            nodes = ", ".join(f"{op} {count}" for op, count in self.paged_op_nodes.items())
+            lines.append(f"paged ops emitted (nodes in each flat body): {nodes}")
         if self.functions:
             lines.append(
                 f"rewrote inside local functions (one shared body each): {', '.join(self.functions)}"
@@ -126,6 +132,14 @@ class RewriteReport:
                 reasons[(op.op, op.reason)] = reasons.get((op.op, op.reason), 0) + 1
             lines.append(f"left {len(self.left_alone)} Ctx ops as they were (not KV caches):")
             lines += [f"  {op} x{n}: {reason}" for (op, reason), n in sorted(reasons.items())]
+        for check in self.static_shapes:
+            static = check.values - len(check.already_non_static) - len(check.made_non_static)
+            inherited = f"; non-static as in the input: {len(check.already_non_static)}"
+            lines.append(
+                f"specialization {check.specialization!r}: {static} of {check.values} values static"
+                + (inherited if check.already_non_static else "")
+                + (f" (open symbols checked at {check.placeholders})" if check.placeholders else "")
+            )
         if self.output_path:
             lines.append(f"wrote {self.output_path}" + "".join(f", {path}" for path in self.files.values()))
         return "\n".join(lines)

@@ -3,7 +3,7 @@
 Whatever the inputs — random block tables with -1, duplicate and out-of-pool entries, random
 slot_id, positions out of range or -1 — a write lands only in block 0 or in a block listed in
 the writer's own block_table row; valid writes land at the contract's address; reads return the
-contract's value (the null block for anything invalid)."""
+contract's value: zeros for anything invalid and for the null block, whatever block 0 holds."""
 
 from __future__ import annotations
 
@@ -137,7 +137,8 @@ def test_writes_stay_in_own_blocks_and_land_at_the_contract_address(feeds: dict[
     for b in range(pos.shape[0]):
         for k, p in enumerate(feeds["ctx_indices"][b, 0]):
             block, offset = _address(table, b, int(p), num_pool, bs) or (0, 0)
-            assert np.array_equal(read[b, :, k], new_pool[block, :, offset])
+            want = new_pool[block, :, offset] if block != 0 else np.zeros((HEADS, HEAD_DIM), np.float32)
+            assert np.array_equal(read[b, :, k], want)
 
 
 def test_rewritten_model_keeps_rows_apart(paged_fixture) -> None:
@@ -171,24 +172,33 @@ def test_rewritten_model_keeps_rows_apart(paged_fixture) -> None:
             assert unexpected_writes(before, out[f"{name}_RetainedState"], allowed) == [], name
 
 
-@pytest.mark.parametrize("bad_block", [-1, 99])
-def test_unallocated_or_missing_block_reads_the_null_block(bad_block: int) -> None:
-    pool = np.arange(4 * HEADS * 2 * HEAD_DIM, dtype=np.float32).reshape(4, HEADS, 2, HEAD_DIM)
+@pytest.mark.parametrize("garbage", [np.nan, np.inf, -1e30])
+def test_invalid_reads_are_exact_zeros_whatever_block_0_holds(garbage: float) -> None:
+    """Padding, INT32_MAX sentinels, positions beyond the table, unallocated (-1), out-of-pool and
+    null-block (0) entries all read +0.0 — not block 0's contents, which here are NaN, inf or
+    huge — while valid positions read their block. So a model need not mask V to stay finite."""
+    pool = np.arange(5 * HEADS * 2 * HEAD_DIM, dtype=np.float32).reshape(5, HEADS, 2, HEAD_DIM) + 1
+    pool[0] = garbage
     feeds = {
         "pool": pool,
-        "block_table": np.array([[2, bad_block]], np.int64),
+        "block_table": np.array([[2, -1, 99, 0, 4]], np.int64),
         "slot_id": np.array([0], np.int64),
-        "position_ids": np.array([[-1]], np.int64),
-        "updates": np.zeros((1, HEADS, 1, HEAD_DIM), np.float32),
-        "ctx_indices": np.array([[[0, 1, 2, 3]]], np.int64),
-        "comp_ctx_len": np.array(4, np.int64),
+        "position_ids": np.array([[-1]], np.int64),  # padding: written to the null block only
+        "updates": np.full((1, HEADS, 1, HEAD_DIM), garbage, np.float32),
+        "ctx_indices": np.array([[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, -1, 10, 2**31 - 1, -7]]], np.int64),
+        "comp_ctx_len": np.array(14, np.int64),
         "slot_period": np.array(2, np.int64),
     }
     new_pool, read = SESSION.run(None, feeds)
-    assert np.array_equal(read[0, :, 0], pool[2, :, 0]) and np.array_equal(read[0, :, 1], pool[2, :, 1])
-    assert np.array_equal(read[0, :, 2], new_pool[0, :, 0]) and np.array_equal(
-        read[0, :, 3], new_pool[0, :, 0]
-    )
+    assert np.array_equal(new_pool[1:], pool[1:])
+    valid = {0: (2, 0), 1: (2, 1), 8: (4, 0), 9: (4, 1)}  # position -> (block, offset)
+    for k, position in enumerate(feeds["ctx_indices"][0, 0]):
+        if int(position) in valid:
+            block, offset = valid[int(position)]
+            assert np.array_equal(read[0, :, k], pool[block, :, offset]), position
+        else:
+            assert np.array_equal(read[0, :, k], np.zeros((HEADS, HEAD_DIM))), position
+            assert not np.signbit(read[0, :, k]).any(), position
 
 
 @pytest.mark.parametrize("comp_ctx_len", [1, 3, 6])

@@ -7,6 +7,13 @@ Each op is emitted into the rewritten model as a model-local function in the dom
 ``com.qualcomm.cloud``; its body uses only standard opset-17 ops, so any ONNX runtime can run
 it and the QAIC compiler can inline it. The docstring of each function is its specification.
 
+The sources are factored (``PagedBlockAddress`` is the one place the address rule is written),
+but what is emitted is flat: ``emit.py`` expands every helper call into the calling body, so
+no emitted body calls another function, and lowers ``CastLike`` to a ``Cast`` to the caches'
+type. Bodies use only ops of QEfficient's own exports (``qeff_op_vocabulary.txt``): hence
+``Greater(x, -1)`` for ``x >= 0`` and a ``Gather`` from the flattened table instead of
+``GatherElements``.
+
 Shared vocabulary
 -----------------
 ``pool``         float ``[total_num_kv_blocks, kv_heads, kv_block_size, head_dim]``: one layer's
@@ -15,7 +22,8 @@ Shared vocabulary
                  holds logical positions ``[j*kv_block_size, (j+1)*kv_block_size)`` of row ``b``;
                  ``-1`` means unallocated.
 Null block       physical block 0. A runtime never hands it to a sequence. Every write that must
-                 not land goes there, and every read of an unallocated entry reads it.
+                 not land goes there; nothing is ever read from it: a read whose address is
+                 invalid, or is block 0 itself, returns zeros, whatever block 0 holds.
 Address          logical position ``p`` of row ``b`` lives at
                  ``pool[block_table[b, p // kv_block_size], :, p % kv_block_size, :]``.
 """
@@ -32,7 +40,7 @@ paged = Opset(PAGED_DOMAIN, 1)
 
 @script(paged, default_opset=op)
 def PagedBlockAddress(pool, block_table, positions):
-    """Physical address of logical cache positions.
+    """Physical address of logical cache positions (a source helper, expanded where called).
 
     Inputs:
       pool         ``[N, H, kv_block_size, D]`` (only its shape is read).
@@ -46,14 +54,20 @@ def PagedBlockAddress(pool, block_table, positions):
     table entry outside ``[0, N)`` (``-1`` = unallocated, or a block the pool does not have).
     """
     pool_shape = op.Shape(pool)
-    num_pool_blocks = op.Gather(pool_shape, 0)
     block_size = op.Gather(pool_shape, 2)
     num_columns = op.Gather(op.Shape(block_table), 1)
     zero = op.Constant(value_int=0)
-    in_range = op.And(op.GreaterOrEqual(positions, zero), op.Less(positions, op.Mul(num_columns, block_size)))
+    negative = op.Constant(value_int=-1)  # x > -1 is x >= 0 for integers (GreaterOrEqual: see above)
+    in_range = op.And(op.Greater(positions, negative), op.Less(positions, op.Mul(num_columns, block_size)))
     safe_position = op.Where(in_range, positions, zero)
-    entry = op.GatherElements(block_table, op.Div(safe_position, block_size), axis=1)
-    valid = op.And(in_range, op.And(op.GreaterOrEqual(entry, zero), op.Less(entry, num_pool_blocks)))
+    # block_table[b, column] read from the flattened table at b * num_kv_blocks + column.
+    row = op.Unsqueeze(
+        op.Range(zero, op.Gather(op.Shape(positions), 0), op.Constant(value_int=1)),
+        op.Constant(value_ints=[1]),
+    )
+    flat_table = op.Reshape(block_table, op.Constant(value_ints=[-1]))
+    entry = op.Gather(flat_table, op.Add(op.Mul(row, num_columns), op.Div(safe_position, block_size)))
+    valid = op.And(in_range, op.And(op.Greater(entry, negative), op.Less(entry, op.Gather(pool_shape, 0))))
     block = op.Where(valid, entry, zero)
     offset = op.Where(valid, op.Mod(safe_position, block_size), zero)
     return block, offset
@@ -61,7 +75,7 @@ def PagedBlockAddress(pool, block_table, positions):
 
 @script(paged, default_opset=op)
 def PagedRowIndex(pool, block, offset):
-    """Row numbers of the pool seen as ``[N * H * kv_block_size, D]``.
+    """Row numbers of the pool seen as ``[N * H * kv_block_size, D]`` (a source helper).
 
     Inputs:
       pool    ``[N, H, kv_block_size, D]`` (only its shape is read).
@@ -110,16 +124,23 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_peri
     """
     block, offset = PagedBlockAddress(pool, block_table, position_ids)
     pool_shape = op.Shape(pool)
+    position_shape = op.Shape(position_ids)
     zero = op.Constant(value_int=0)
+    negative = op.Constant(value_int=-1)
     block_size = op.Gather(pool_shape, 2)
     capacity = op.Mul(op.Gather(op.Shape(block_table), 1), block_size)
-    in_range = op.And(op.GreaterOrEqual(position_ids, zero), op.Less(position_ids, capacity))
-    # The row's first position inside the table (ArgMax picks the first maximum).
+    in_range = op.And(op.Greater(position_ids, negative), op.Less(position_ids, capacity))
+    # The row's first position inside the table: ArgMax picks the first maximum, read from the
+    # flattened positions at b * S + index. A row with none reads a position outside the table.
     first_index = op.ArgMax(op.Cast(in_range, to=6), axis=1, keepdims=1)
-    first = op.GatherElements(position_ids, first_index, axis=1)
-    has_valid = op.Cast(op.GatherElements(op.Cast(in_range, to=6), first_index, axis=1), to=9)
+    row = op.Unsqueeze(
+        op.Range(zero, op.Gather(position_shape, 0), op.Constant(value_int=1)), op.Constant(value_ints=[1])
+    )
+    flat_positions = op.Reshape(position_ids, op.Constant(value_ints=[-1]))
+    first = op.Gather(flat_positions, op.Add(op.Mul(row, op.Gather(position_shape, 1)), first_index))
+    has_valid = op.And(op.Greater(first, negative), op.Less(first, capacity))
     given = op.Unsqueeze(slot_id, op.Constant(value_ints=[1]))
-    slot_in_block = op.And(op.GreaterOrEqual(given, zero), op.Less(given, block_size))
+    slot_in_block = op.And(op.Greater(given, negative), op.Less(given, block_size))
     slot_agrees = op.Equal(op.Mod(given, slot_period), op.Mod(first, slot_period))
     slot_ok = op.And(slot_in_block, op.Or(op.Not(has_valid), slot_agrees))
     block = op.Where(slot_ok, block, zero)
@@ -127,7 +148,6 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_peri
 
     # ScatterND straight into the 4-D pool: its result is the graph's retained-state output, and
     # a Reshape between the two would cost a full copy of the pool (measured: as much as the scatter).
-    position_shape = op.Shape(position_ids)
     one = op.Constant(value_ints=[1])
     index_shape = op.Concat(
         op.Slice(position_shape, op.Constant(value_ints=[0]), one),
@@ -136,7 +156,7 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_peri
         one,
         axis=0,
     )
-    head_index = op.Range(op.Constant(value_int=0), op.Gather(pool_shape, 1), op.Constant(value_int=1))
+    head_index = op.Range(zero, op.Gather(pool_shape, 1), op.Constant(value_int=1))
     indices = op.Concat(
         op.Expand(op.Unsqueeze(block, op.Constant(value_ints=[1, 3])), index_shape),
         op.Expand(op.Unsqueeze(head_index, op.Constant(value_ints=[0, 2, 3])), index_shape),
@@ -157,12 +177,13 @@ def PagedCtxGatherPositions(pool, block_table, ctx_indices):
       ctx_indices   int64 ``[B, 1 or H, C]``: logical positions to read, per head or shared.
     Output:
       ``[B, H, C, D]`` with ``out[b, h, k, :] = pool[block, h, offset, :]`` at the address of
-      ``ctx_indices[b, h (or 0), k]`` (see ``PagedBlockAddress``). One Gather of rows: it moves exactly
-      the bytes it returns.
+      ``ctx_indices[b, h (or 0), k]`` (see ``PagedBlockAddress``). Rows are gathered, not
+      indices expanded: it moves the bytes it returns, twice (see the zeros below).
 
-    An invalid index (padding, the INT32_MAX "don't care" sentinel of QEfficient exports, an
-    unallocated entry) reads the null block, so no index is ever out of range for the runtime.
-    The model masks those positions with a select, so their values never reach the output.
+    Nothing is read from the null block: an invalid index (padding, the INT32_MAX "don't care"
+    sentinel of QEfficient exports, a position beyond the table, an unallocated or out-of-pool
+    entry) and a table entry naming block 0 read zeros, whatever block 0 holds (invalid writes
+    leave garbage there, NaN included). No index is ever out of range for the runtime.
     """
     pool_shape = op.Shape(pool)
     index_shape = op.Shape(ctx_indices)
@@ -174,15 +195,21 @@ def PagedCtxGatherPositions(pool, block_table, ctx_indices):
     offset = op.Reshape(offset, index_shape)
 
     rows = PagedRowIndex(pool, block, offset)
-    flat_pool = op.Reshape(
-        pool,
-        op.Concat(
-            op.Constant(value_ints=[-1]),
-            op.Slice(pool_shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[4])),
-            axis=0,
-        ),
+    head_dim = op.Slice(pool_shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[4]))
+    row_shape = op.Concat(op.Constant(value_ints=[-1]), head_dim, axis=0)
+    gathered = op.Gather(op.Reshape(pool, row_shape), op.Reshape(rows, op.Constant(value_ints=[-1])), axis=0)
+    # Zeros by selection, not by a product (0 * NaN is NaN, and block 0 may hold anything): the
+    # gathered rows follow one zero row, which every position that is not readable takes. Two
+    # copies of the rows; a Where would cost more in onnxruntime, whose Where makes three passes.
+    zero_row = op.Expand(op.CastLike(op.Constant(value_float=0.0), pool), op.Concat(one, head_dim, axis=0))
+    rows_after_zero = op.Concat(zero_row, gathered, axis=0)
+    count = op.Gather(op.Shape(gathered), op.Constant(value_int=0))
+    row_number = op.Reshape(
+        op.Range(op.Constant(value_int=1), op.Add(count, op.Constant(value_int=1)), op.Constant(value_int=1)),
+        op.Shape(rows),
     )
-    return op.Gather(flat_pool, rows, axis=0)
+    readable = op.Cast(op.Greater(block, op.Constant(value_int=0)), to=7)  # 1 or 0, int64
+    return op.Gather(rows_after_zero, op.Mul(row_number, readable), axis=0)
 
 
 @script(paged, default_opset=op)
@@ -196,8 +223,8 @@ def PagedCtxGather(pool, block_table, ctx_indices, comp_ctx_len):
       comp_ctx_len  int64 scalar: number of positions to read; ``ctx_indices`` is broadcast to
                     ``[B, ., comp_ctx_len]`` first (``C`` is 1 or ``comp_ctx_len``).
     Output:
-      ``[B, H, comp_ctx_len, D]``, read as ``PagedCtxGatherPositions`` reads; invalid indices
-      read the null block.
+      ``[B, H, comp_ctx_len, D]``, read as ``PagedCtxGatherPositions`` reads: invalid indices
+      and the null block read zeros.
     """
     length = op.Reshape(comp_ctx_len, op.Constant(value_ints=[1]))
     broadcast = op.Concat(op.Constant(value_ints=[1, 1]), length, axis=0)

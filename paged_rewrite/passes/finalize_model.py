@@ -1,14 +1,16 @@
-"""Finish the model: embed the paged ops as model-local functions, record the layout in the
-metadata, and drop what no longer feeds anything (inputs such as ``batch_index``, the function
-definitions of replaced ops that nothing calls any more)."""
+"""Finish the model: embed the paged ops it calls as model-local functions (flat bodies, typed
+for its caches), record the layout in the metadata, and drop what no longer feeds anything
+(inputs such as ``batch_index``, the function definitions of replaced ops that nothing calls
+any more)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import onnx
 
-from paged_rewrite.custom_ops import PAGED_DOMAIN, paged_function_protos
+from paged_rewrite.custom_ops import EMITTED_OPS, PAGED_DOMAIN, paged_function_protos
 from paged_rewrite.graph import Body, function_key, used_names
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.cache_op_rules import is_ctx_op
@@ -16,12 +18,17 @@ from paged_rewrite.passes.find_cache_sites import default_opset
 from paged_rewrite.passes.sites import CacheSites
 
 
-def finalize_model(
-    sites: CacheSites, layout: PagedLayout, metadata: dict[str, str]
-) -> tuple[list[str], dict[str, str]]:
-    """Returns the original graph inputs that no longer feed anything and were removed, and those
-    a replaced op dropped that other nodes still read (``batch_index`` addressing sampler
-    buffers), each with the op types still reading it."""
+@dataclass(frozen=True)
+class Finalized:
+    """What finishing the model changed beyond the cache ops."""
+
+    removed_inputs: list[str]  # original graph inputs that no longer feed anything
+    kept_inputs: dict[str, str]  # dropped by a replaced op but still read (by these op types)
+    paged_op_nodes: dict[str, int]  # node count of each emitted paged-op body
+
+
+def finalize_model(sites: CacheSites, layout: PagedLayout, metadata: dict[str, str]) -> Finalized:
+    """Commit the edits, emit the paged ops and tidy up (see the module doc)."""
     model = sites.model
     for body in sites.bodies:
         body.commit()
@@ -29,7 +36,10 @@ def finalize_model(
         _drop_dead_function_inputs(model, function, layout)
     _remove_unused_functions(model)
     opset = default_opset(model)
-    for function in paged_function_protos():
+    emitted = paged_function_protos(
+        _called_paged_ops(model), sites.tensors[0].input.type.tensor_type.elem_type
+    )
+    for function in emitted:
         for entry in function.opset_import:  # bodies use ops unchanged from opset 13 on
             if entry.domain == "":
                 entry.version = opset
@@ -53,7 +63,16 @@ def finalize_model(
     del model.graph.input[:]
     model.graph.input.extend(kept)
     still_read = {name: _readers(model, name) for name in sorted(candidates - set(removed))}
-    return removed, still_read
+    return Finalized(removed, still_read, {f.name: len(f.node) for f in emitted})
+
+
+def _called_paged_ops(model: onnx.ModelProto) -> set[str]:
+    """The paged ops some node calls: only those are emitted (the domain is QEfficient's, whose
+    own ops a model may still call: LoRA's ``CtxGatherCB``, the sampler's ``CtxScatterCB3D``)."""
+    bodies = [model.graph.node, *(f.node for f in model.functions)]
+    return {
+        n.op_type for body in bodies for n in body if n.domain == PAGED_DOMAIN and n.op_type in EMITTED_OPS
+    }
 
 
 def _drop_dead_function_inputs(model: onnx.ModelProto, function: Body, layout: PagedLayout) -> None:

@@ -331,6 +331,14 @@ def _check_shapes(tensors: list[CacheTensor], model: onnx.ModelProto) -> None:
         node = where(tensor.write.node)
         if tensor.input.type.tensor_type.elem_type not in FLOAT_TYPES:
             raise UnsupportedPatternError(f"{node}: cache {tensor.name!r} is not a float tensor")
+        if tensor.input.type.tensor_type.elem_type != first.input.type.tensor_type.elem_type:
+            types = [
+                onnx.TensorProto.DataType.Name(t.input.type.tensor_type.elem_type) for t in (tensor, first)
+            ]
+            raise UnsupportedPatternError(
+                f"{node}: cache {tensor.name!r} is {types[0]} but {first.name!r} is {types[1]} "
+                "(the paged ops are emitted for one cache type)"
+            )
         if not isinstance(tensor.shape[1], int) or not isinstance(tensor.shape[3], int):
             raise UnsupportedPatternError(
                 f"{node}: cache {tensor.name!r} needs static heads and head_dim, got {list(tensor.shape)}"
