@@ -15,15 +15,14 @@ what a compiler team would write by hand:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from functools import cache
 
 import onnx
 import onnx.inliner
 from onnx import helper
 
+from paged_rewrite.custom_ops.library import EMITTED_OPS, PAGED_DOMAIN, compiler_problems, type_cast_like
 from paged_rewrite.custom_ops.paged_ops import (
-    PAGED_DOMAIN,
     PagedBlockAddress,
     PagedCtxGather,
     PagedCtxGatherPositions,
@@ -32,7 +31,6 @@ from paged_rewrite.custom_ops.paged_ops import (
     PagedRowIndex,
     PagedWindowShape,
 )
-from paged_rewrite.custom_ops.vocabulary import op_vocabulary
 
 # Every onnxscript function: the ops the rewrite calls, and the helpers they are written with.
 SOURCES = (
@@ -44,48 +42,16 @@ SOURCES = (
     PagedLogicalShape,
     PagedWindowShape,
 )
-# The ops a rewritten model may call, in the order they are emitted.
-EMITTED_OPS = (
-    "PagedCtxScatter",
-    "PagedCtxGather",
-    "PagedCtxGatherPositions",
-    "PagedLogicalShape",
-    "PagedWindowShape",
-)
-# QEfficient's compile/mdp_generator.py: the compiler inlines a local function below this size.
-MAX_BODY_NODES = 100
 
 
-def paged_function_protos(
-    names: Iterable[str] = EMITTED_OPS, cache_type: int = onnx.TensorProto.FLOAT
-) -> list[onnx.FunctionProto]:
-    """The flat bodies of the named ops, for caches of element type ``cache_type`` (fresh copies,
-    in ``EMITTED_OPS`` order)."""
-    wanted = set(names)
-    unknown = wanted - set(EMITTED_OPS)
-    if unknown:
-        raise ValueError(f"not an emitted paged op: {', '.join(sorted(unknown))}")
-    protos = []
-    for name, data in _flat_bodies():
-        if name in wanted:
-            proto = onnx.FunctionProto.FromString(data)
-            _type_cast_like(proto, cache_type)
-            protos.append(proto)
-    return protos
-
-
-def compiler_problems(function: onnx.FunctionProto) -> list[str]:
-    """What keeps ``function`` from being a body the QAIC compiler is known to take, if anything."""
-    problems = []
-    if len(function.node) >= MAX_BODY_NODES:
-        problems.append(f"{len(function.node)} nodes (the compiler inlines fewer than {MAX_BODY_NODES})")
-    vocabulary = op_vocabulary()
-    for node in function.node:
-        if node.domain not in ("", "ai.onnx"):
-            problems.append(f"calls {node.domain}::{node.op_type}")
-        elif ("ai.onnx", node.op_type) not in vocabulary:
-            problems.append(f"uses {node.op_type}, which no QEfficient export of the corpus uses")
-    return problems
+def build_library() -> bytes:
+    """The shipped library (``library.LIBRARY_FILE``) as built from the sources: a ModelProto
+    holding only the flat bodies, in ``EMITTED_OPS`` order. ``scripts/build_paged_ops.py`` writes
+    it; a test builds it again and compares bytes, so the sources stay the spec."""
+    holder = onnx.ModelProto()
+    holder.functions.extend(onnx.FunctionProto.FromString(data) for _, data in _flat_bodies())
+    data: bytes = holder.SerializeToString(deterministic=True)
+    return data
 
 
 @cache
@@ -97,7 +63,7 @@ def _flat_bodies() -> tuple[tuple[str, bytes], ...]:
     for name in EMITTED_OPS:
         data = _flatten(by_name[name], library).SerializeToString()
         typed = onnx.FunctionProto.FromString(data)
-        _type_cast_like(typed, onnx.TensorProto.FLOAT)
+        type_cast_like(typed, onnx.TensorProto.FLOAT)
         problems = compiler_problems(typed)
         if problems:  # a bug of ours in paged_ops.py: no model may ship it
             raise AssertionError(f"{name}: {'; '.join(problems)}")
@@ -160,15 +126,3 @@ def _drop_unused(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.No
             needed.update(node.input)
             kept.append(node)
     return kept[::-1]
-
-
-def _type_cast_like(function: onnx.FunctionProto, cache_type: int) -> None:
-    """``CastLike(x, pool)`` -> ``Cast(x, to=cache_type)``: the sources take zeros of the pool's
-    type; QEfficient's op vocabulary has ``Cast`` only, and every cache of a model has one type."""
-    for node in function.node:
-        if node.op_type == "CastLike" and node.domain in ("", "ai.onnx"):
-            assert node.input[1] == function.input[0], f"{function.name}: CastLike must follow the pool"
-            node.op_type = "Cast"
-            del node.input[1:]
-            del node.attribute[:]
-            node.attribute.append(helper.make_attribute("to", cache_type))

@@ -34,7 +34,8 @@ from onnxscript import opset17 as op
 from onnxscript import script
 from onnxscript.values import Opset
 
-PAGED_DOMAIN = "com.qualcomm.cloud"
+from paged_rewrite.custom_ops.library import PAGED_DOMAIN
+
 paged = Opset(PAGED_DOMAIN, 1)
 
 
