@@ -76,6 +76,7 @@ class RewriteReport:
     num_kv_blocks: int | str
     total_num_kv_blocks: int | str
     null_block: int = 0
+    ctx_buckets: list[int] = field(default_factory=list)  # table widths in tokens (buckets.py)
     caches: list[CacheReport] = field(default_factory=list)
     rewritten: dict[str, int] = field(default_factory=dict)
     added_inputs: list[str] = field(default_factory=list)
@@ -106,6 +107,9 @@ class RewriteReport:
             f"total_num_kv_blocks={self.total_num_kv_blocks} (block {self.null_block} is the null block)",
             f"added inputs: {', '.join(self.added_inputs)}",
         ]
+        if self.ctx_buckets:
+            widths = ", ".join(f"{b} ({-(-b // self.kv_block_size)})" for b in self.ctx_buckets)
+            lines.append(f"context buckets, tokens (num_kv_blocks): {widths}")
         if self.functions:
             lines.append(
                 f"rewrote inside local functions (one shared body each): {', '.join(self.functions)}"

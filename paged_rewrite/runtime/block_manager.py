@@ -146,17 +146,22 @@ class BlockManager:
         for block in reversed(state.blocks):
             self._release(block)
 
-    def block_table(self, seqs: Sequence[Hashable | None], num_columns: int) -> np.ndarray:
-        """int64 ``[len(seqs), num_columns]``; ``-1`` where unallocated. ``None`` is an empty row."""
+    def block_table(
+        self, seqs: Sequence[Hashable | None], num_columns: int, truncate: bool = False
+    ) -> np.ndarray:
+        """int64 ``[len(seqs), num_columns]``; ``-1`` where unallocated. ``None`` is an empty row.
+        A sequence holding more blocks than the table has columns is an error, unless
+        ``truncate``: then its first ``num_columns`` blocks are listed (a narrowed table)."""
         table = np.full((len(seqs), num_columns), UNALLOCATED, dtype=np.int64)
         for row, seq in enumerate(seqs):
             if seq is None:
                 continue
             blocks = self._sequences[seq].blocks
-            if len(blocks) > num_columns:
+            if len(blocks) > num_columns and not truncate:
                 raise ValueError(
                     f"sequence {seq!r} holds {len(blocks)} blocks, the table has {num_columns} columns"
                 )
+            blocks = blocks[:num_columns]
             table[row, : len(blocks)] = blocks
         return table
 

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from paged_rewrite.buckets import columns_for, default_ladder, pick_width
 from paged_rewrite.runtime.block_manager import NULL_BLOCK, UNALLOCATED, BlockManager
 from paged_rewrite.runtime.extra_inputs import RUNNER_INPUTS, ExtraInputs, Phase, infer_phase
+from paged_rewrite.runtime.geometry import PagedGeometry
+from paged_rewrite.runtime.isolation import (
+    IsolationRecord,
+    TableWidthRecord,
+    expected_writes,
+    foreign_changes,
+    unexpected_writes,
+)
 from paged_rewrite.runtime.sessions import open_session
 from paged_rewrite.runtime.states import RETAINED, CacheIO, OtherStates, SlotMap, cache_io, retained_state_io
 
@@ -26,6 +35,7 @@ __all__ = [
     "IsolationRecord",
     "PagedRunner",
     "Row",
+    "TableWidthRecord",
     "cache_io",
     "foreign_changes",
     "kept_logits",
@@ -187,22 +197,25 @@ class ContiguousRunner(_Runner):
         self.states.fork(parent, child)
 
 
-@dataclass
-class IsolationRecord:
-    """Blocks that changed during one step although no row of that step owned them."""
-
-    step: int
-    foreign_blocks_changed: list[int] = field(default_factory=list)
-
-
 class PagedRunner(_Runner):
     """A paged model: one block pool per cache tensor, shared by all sequences, addressed through
-    ``block_table`` / ``slot_id`` from a ``BlockManager``. Every step also checks isolation, slot
-    by slot: outside block 0, a pool slot may change only if some row of the step wrote that
-    logical position through its own table row, or lies in that row's ring columns; any other
-    change is recorded with its block, so a row writing into another row's block is caught even
-    within one batch. ``dims`` and ``extra_inputs`` serve the non-KV inputs, as for
-    ``ContiguousRunner``."""
+    ``block_table`` / ``slot_id`` from a ``BlockManager``.
+
+    **Table width.** ``num_kv_blocks`` is the widest table (the full context). Per step the
+    runner passes the narrowest table of its buckets that covers the longest row of the batch
+    (positions already written and those the step writes): the model then attends over that
+    many positions only, where its context length follows the cache shape. The buckets are
+    ``ctx_buckets`` (tokens), by default the model's own (its metadata, as the rewrite wrote
+    them; a static table width allows only itself). ``full_width=True`` always passes the full
+    table. Each step's width is recorded in ``table_widths``, with the rows a too-narrow table
+    cut short (buckets that do not reach a row's context).
+
+    **Isolation.** Every step checks, slot by slot: outside block 0, a pool slot may change only
+    if some row of the step wrote that logical position through its own table row, or lies in
+    that row's ring columns; any other change is recorded with its block, so a row writing into
+    another row's block is caught even within one batch.
+
+    ``dims`` and ``extra_inputs`` serve the non-KV inputs, as for ``ContiguousRunner``."""
 
     def __init__(
         self,
@@ -211,44 +224,70 @@ class PagedRunner(_Runner):
         num_kv_blocks: int,
         dims: Mapping[str, int] | None = None,
         extra_inputs: ExtraInputs | None = None,
+        ctx_buckets: Sequence[int] | None = None,
+        full_width: bool = False,
+        check_isolation: bool = True,
     ) -> None:
         super().__init__(model_path, False, dims or {}, extra_inputs)
+        self.geometry = PagedGeometry.of(model_path)
+        self.check_isolation = check_isolation
         self.manager = manager
         self.num_kv_blocks = num_kv_blocks
         self.pools = {
             c.input: np.zeros(c.sized({}, a0=manager.num_blocks, a2=manager.kv_block_size), c.dtype)
             for c in self.caches
         }
+        self.widths = [num_kv_blocks] if full_width else self._bucket_widths(ctx_buckets)
         self.isolation: list[IsolationRecord] = []
+        self.table_widths: list[TableWidthRecord] = []
         self.blocks_in_use: list[int] = []  # distinct pool blocks held after each step
 
     @property
     def context_len(self) -> int:
         return self.num_kv_blocks * self.manager.kv_block_size
 
+    def _bucket_widths(self, ctx_buckets: Sequence[int] | None) -> list[int]:
+        """Table widths (columns) this runner may pass, ascending. The model's own buckets and
+        the default ladder end at the full width; ``ctx_buckets`` given are taken as they are
+        (capped at ``num_kv_blocks``): a runtime configured with buckets that stop short of a
+        row's context cuts it, which ``table_widths`` records."""
+        geometry = self.geometry
+        if geometry.num_kv_blocks is not None:
+            return [geometry.num_kv_blocks]  # a static width: the model was compiled for this one only
+        size = self.manager.kv_block_size
+        if ctx_buckets is None:
+            if not geometry.ctx_buckets and geometry.write_only:
+                return [self.num_kv_blocks]  # a prefill-only graph: see add_paged_inputs._buckets
+            ctx_buckets = [
+                *(geometry.ctx_buckets or default_ladder(self.context_len, size)),
+                self.context_len,
+            ]
+        return sorted({min(columns_for(b, size), self.num_kv_blocks) for b in ctx_buckets})
+
+    def table_width(self, needed_tokens: int) -> int:
+        """The narrowest bucket's width holding ``needed_tokens`` positions (the widest if none)."""
+        return pick_width(needed_tokens, self.widths, self.manager.kv_block_size)
+
     def step(self, rows: Sequence[Row], phase: Phase | None = None) -> np.ndarray:
         manager = self.manager
+        needed: dict[Hashable, int] = {}
         for row in rows:
             valid = row.position_ids[row.position_ids >= 0]
             if row.seq is not None:
-                manager.prepare_write(row.seq, int(valid.max()) + 1 if valid.size else 0)
+                end = int(valid.max()) + 1 if valid.size else 0
+                manager.prepare_write(row.seq, end)
+                needed[row.seq] = max(end, manager.length_of(row.seq))
         for source, copy in manager.take_copies():  # copy on write of shared blocks
             for pool in self.pools.values():
                 pool[copy] = pool[source]
         seqs = [row.seq for row in rows]
+        width = self.table_width(max(needed.values(), default=1))
         feeds = self._inputs(rows, phase)
-        feeds["block_table"] = manager.block_table(seqs, self.num_kv_blocks)
+        feeds["block_table"] = manager.block_table(seqs, width, truncate=True)
         feeds["slot_id"] = manager.slot_id(seqs)
         feeds.update(self.pools)
         out = self._run(feeds)
-        allowed = self._expected_writes(rows, feeds["block_table"])
-        record = IsolationRecord(step=len(self.isolation))
-        for c in self.caches:
-            after = out[c.output]
-            record.foreign_blocks_changed += unexpected_writes(self.pools[c.input], after, allowed)
-            self.pools[c.input] = after
-        record.foreign_blocks_changed = sorted(set(record.foreign_blocks_changed))
-        self.isolation.append(record)
+        self._check(rows, feeds["block_table"], out, needed)
         self.states.keep(seqs, out)
         for row in rows:
             if row.seq is not None:
@@ -256,24 +295,31 @@ class PagedRunner(_Runner):
         self.blocks_in_use.append(manager.num_used_blocks)
         return kept_logits(out)
 
-    def _expected_writes(self, rows: Sequence[Row], table: np.ndarray) -> set[tuple[int, int]]:
-        """``(block, offset)`` of every position the rows write, by the contract's address rule,
-        and every slot of their ring columns. A ring's slots are rewritten in an order the model
-        chooses (ring order ``p % window``, or, in a prefill-only graph, the last ``window``
-        tokens in order), so only the row that owns a ring block may change it, anywhere."""
+    def _check(
+        self,
+        rows: Sequence[Row],
+        table: np.ndarray,
+        out: dict[str, np.ndarray],
+        needed: Mapping[Hashable, int],
+    ) -> None:
+        """Record the step's isolation (unless ``check_isolation`` is off: it compares every pool
+        byte, which a serving loop should not pay for) and table width; keep the new pools."""
         size = self.manager.kv_block_size
-        allowed: set[tuple[int, int]] = set()
-        for index, row in enumerate(rows):
-            if row.seq is None:
-                continue  # an idle row writes nothing but the null block
-            for position in (int(p) for p in row.position_ids if 0 <= p < table.shape[1] * size):
-                block = int(table[index, position // size])
-                if block > NULL_BLOCK:
-                    allowed.add((block, position % size))
-            for ring in self.manager.ring_lengths:
-                for block in (int(b) for b in table[index, : -(-ring // size)] if b > NULL_BLOCK):
-                    allowed.update((block, offset) for offset in range(size))
-        return allowed
+        allowed = (
+            expected_writes(rows, table, size, self.manager.ring_lengths) if self.check_isolation else set()
+        )
+        record = IsolationRecord(step=len(self.isolation))
+        for c in self.caches:
+            after = out[c.output]
+            if self.check_isolation:
+                record.foreign_blocks_changed += unexpected_writes(self.pools[c.input], after, allowed)
+            self.pools[c.input] = after
+        record.foreign_blocks_changed = sorted(set(record.foreign_blocks_changed))
+        self.isolation.append(record)
+        columns = table.shape[1]
+        cut = tuple(seq for seq, tokens in needed.items() if tokens > columns * size)
+        needed_columns = columns_for(max(needed.values(), default=0), size)
+        self.table_widths.append(TableWidthRecord(record.step, columns, needed_columns, cut))
 
     def kv_view(self, seq: Hashable, lengths: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
         """``seq``'s caches read back through its table: ``[1, heads, length, head_dim]`` each, the
@@ -301,20 +347,3 @@ class PagedRunner(_Runner):
         """``child`` shares ``parent``'s blocks (prefix sharing, copy on write)."""
         self.manager.fork(parent, child)
         self.states.fork(parent, child)
-
-
-def unexpected_writes(before: np.ndarray, after: np.ndarray, allowed: set[tuple[int, int]]) -> list[int]:
-    """Blocks with a slot (axis 2) that changed outside ``allowed`` ``(block, offset)`` pairs;
-    block 0 (the null block) may change anywhere."""
-    blocks, _, size, _ = before.shape
-    changed = (before.view(np.uint8) != after.view(np.uint8)).reshape(blocks, before.shape[1], size, -1)
-    slots = changed.any(axis=(1, 3))  # [blocks, size]
-    return sorted(
-        {int(b) for b, o in zip(*np.nonzero(slots), strict=True) if b != NULL_BLOCK and (b, o) not in allowed}
-    )
-
-
-def foreign_changes(before: np.ndarray, after: np.ndarray, owned: set[int]) -> list[int]:
-    """Blocks (axis 0) outside ``owned`` whose bytes differ between ``before`` and ``after``."""
-    differs = (before.view(np.uint8) != after.view(np.uint8)).reshape(before.shape[0], -1).any(axis=1)
-    return [int(b) for b in np.nonzero(differs)[0] if int(b) not in owned]
