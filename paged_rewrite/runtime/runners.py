@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from paged_rewrite.buckets import columns_for, default_ladder, pick_width
+from paged_rewrite.errors import UnsupportedPatternError
 from paged_rewrite.runtime.block_manager import NULL_BLOCK, UNALLOCATED, BlockManager
 from paged_rewrite.runtime.extra_inputs import RUNNER_INPUTS, ExtraInputs, Phase, infer_phase
 from paged_rewrite.runtime.geometry import PagedGeometry
@@ -215,7 +216,12 @@ class PagedRunner(_Runner):
     that row's ring columns; any other change is recorded with its block, so a row writing into
     another row's block is caught even within one batch.
 
-    ``dims`` and ``extra_inputs`` serve the non-KV inputs, as for ``ContiguousRunner``."""
+    **Prefix caching** (a ``BlockManager`` with ``prefix_caching=True``): ``start(seq, prompt)``
+    takes the cached full blocks the prompt starts with and returns the first position left to
+    prefill; ``cache_prompt(seq, prompt)`` offers the full blocks of a prefilled prompt to later
+    requests. Refused for models whose cache content is not a function of the tokens alone
+    (ring layers, non-KV retained states, LoRA ids). ``dims`` and ``extra_inputs`` serve the
+    non-KV inputs, as for ``ContiguousRunner``."""
 
     def __init__(
         self,
@@ -241,6 +247,8 @@ class PagedRunner(_Runner):
         self.isolation: list[IsolationRecord] = []
         self.table_widths: list[TableWidthRecord] = []
         self.blocks_in_use: list[int] = []  # distinct pool blocks held after each step
+        if manager.prefix_caching:
+            self._refuse_prefix_caching()
 
     @property
     def context_len(self) -> int:
@@ -320,6 +328,31 @@ class PagedRunner(_Runner):
         cut = tuple(seq for seq, tokens in needed.items() if tokens > columns * size)
         needed_columns = columns_for(max(needed.values(), default=0), size)
         self.table_widths.append(TableWidthRecord(record.step, columns, needed_columns, cut))
+
+    def start(self, seq: Hashable, prompt: np.ndarray) -> int:
+        """Begin ``seq``: with prefix caching, take the cached blocks its prompt starts with.
+        Returns the first position to prefill (0 without a cache hit)."""
+        if self.manager.prefix_caching:
+            return self.manager.match_prefix(seq, prompt)
+        self.manager.ensure_capacity(seq, 0)  # known to the manager, holding nothing yet
+        return 0
+
+    def cache_prompt(self, seq: Hashable, prompt: np.ndarray) -> None:
+        """``seq`` has prefilled ``prompt``: offer its full blocks to later requests."""
+        if self.manager.prefix_caching:
+            self.manager.cache_prompt(seq, prompt)
+
+    def _refuse_prefix_caching(self) -> None:
+        """A cached block is shared by content: it must hold nothing but its tokens' K/V."""
+        reason = None
+        if self.manager.ring_lengths or self.geometry.ring_lengths:
+            reason = "its ring-buffer layers overwrite the first table columns as a sequence grows"
+        elif self.states.per_row or self.states.shared_io:
+            reason = "its non-KV retained states (e.g. vision embeddings) shape the KV beyond the tokens"
+        elif "lora_ids" in self.extra_names:
+            reason = "the KV depends on each row's LoRA adapter, not on the tokens alone"
+        if reason:
+            raise UnsupportedPatternError(f"prefix caching is not supported for this model: {reason}")
 
     def kv_view(self, seq: Hashable, lengths: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
         """``seq``'s caches read back through its table: ``[1, heads, length, head_dim]`` each, the
