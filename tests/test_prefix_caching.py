@@ -11,8 +11,10 @@ from conftest import CTX_LEN, DIMS
 
 from paged_rewrite.errors import UnsupportedPatternError
 from paged_rewrite.runtime.block_manager import BlockManager, OutOfBlocksError, shuffled_order
+from paged_rewrite.runtime.driver import chunk_row
 from paged_rewrite.runtime.prefix_cache import block_hashes
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, Row
+from paged_rewrite.runtime.serving import Request, Server
 
 BLOCK = 16
 SHARED = 64  # the common prefix: 4 blocks, 2 prefill chunks of 32
@@ -60,20 +62,13 @@ def shared_prompts() -> dict[str, np.ndarray]:
     return {name: np.r_[prefix, rng.integers(0, 200, n)] for name, n in (("A", 20), ("B", 25))}
 
 
-def _chunk_from(prompt: np.ndarray, start: int, chunk_len: int, name: str) -> Row:
-    ids, positions = np.zeros(chunk_len, np.int64), np.full(chunk_len, -1, np.int64)
-    piece = prompt[start : start + chunk_len]
-    ids[: len(piece)], positions[: len(piece)] = piece, np.arange(start, start + len(piece))
-    return Row(name, ids, positions)
-
-
 def _serve(
     runner: PagedRunner | ContiguousRunner, name: str, prompt: np.ndarray, start: int, decode: np.ndarray
 ) -> list[np.ndarray]:
     """Prefill ``prompt`` from ``start`` in 32-token chunks, then decode the given tokens."""
     logits = []
     for first in range(start, len(prompt), CHUNK):
-        logits.append(runner.step([_chunk_from(prompt, first, CHUNK, name)], "prefill"))
+        logits.append(runner.step([chunk_row(name, prompt, first, CHUNK)], "prefill"))
     for t, token in enumerate(decode):
         row = Row(name, np.array([token]), np.array([len(prompt) + t]))
         logits.append(runner.step([row], "decode"))
@@ -114,6 +109,24 @@ def test_a_prefix_hit_gives_the_uncached_logits(
     for got, want, reference in zip(hit, cold[SHARED // CHUNK :], contiguous[SHARED // CHUNK :], strict=True):
         assert np.array_equal(got, want) and np.array_equal(got, reference)
     assert all(not r.foreign_blocks_changed for r in cached.isolation)
+
+
+def test_the_server_skips_cached_prefill_and_serves_the_same_tokens(
+    paged_fixture, shared_prompts: dict[str, np.ndarray]
+) -> None:
+    _, paged, _ = paged_fixture("llama_default", BLOCK)
+    requests = [Request("A", shared_prompts["A"], 6, 0.0), Request("B", shared_prompts["B"], 6, 1e6)]
+    served = {}
+    for caching in (True, False):
+        runner = PagedRunner(paged, BlockManager(20, BLOCK, prefix_caching=caching), 8, check_isolation=False)
+        server = Server(runner, CHUNK, max_running=4)
+        served[caching] = {s.request.name: s for s in server.run(requests)}
+        prefills = [s for s in server.steps if s.kind == "prefill"]
+        assert len(prefills) == (4 if caching else 6)  # B: one chunk instead of three
+    assert served[True]["B"].cached_tokens == SHARED and served[False]["B"].cached_tokens == 0
+    for name in "AB":
+        assert served[True][name].tokens == served[False][name].tokens
+        assert len(served[True][name].tokens) == 6
 
 
 def test_prefix_caching_is_refused_where_blocks_are_not_content(paged_fixture) -> None:
