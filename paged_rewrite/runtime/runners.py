@@ -19,6 +19,7 @@ from paged_rewrite.errors import UnsupportedPatternError
 from paged_rewrite.runtime.block_manager import NULL_BLOCK, UNALLOCATED, BlockManager
 from paged_rewrite.runtime.extra_inputs import RUNNER_INPUTS, ExtraInputs, Phase, infer_phase
 from paged_rewrite.runtime.geometry import PagedGeometry
+from paged_rewrite.runtime.in_place import in_place_refusal, run_in_place
 from paged_rewrite.runtime.isolation import (
     IsolationRecord,
     TableWidthRecord,
@@ -81,9 +82,15 @@ class _Runner:
         patch_sentinels: bool,
         dims: Mapping[str, int],
         extra_inputs: ExtraInputs | None,
+        in_place: bool = False,
     ) -> None:
         self.session = open_session(model_path, patch_sentinels=patch_sentinels)
         self.caches = cache_io(self.session)
+        # See in_place.py: KV outputs written over their inputs, no copy of the cache per step.
+        self.in_place = {c.input: c.output for c in self.caches} if in_place else {}
+        refusal = in_place_refusal(model_path, self.in_place) if in_place else None
+        if refusal:
+            raise UnsupportedPatternError(f"{model_path}: cannot update the KV caches in place: {refusal}")
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -104,6 +111,8 @@ class _Runner:
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        if self.in_place:
+            return run_in_place(self.session, feeds, self.in_place, self.output_names)
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
 
     def _inputs(self, rows: Sequence[Row], phase: Phase | None) -> dict[str, np.ndarray]:
@@ -134,7 +143,7 @@ class ContiguousRunner(_Runner):
     exports (a ``batch_index`` input): one shared ``[full_batch_size, ...]`` cache, each sequence
     in its own slot (``slots``, else the lowest free one), idle rows on the remaining slots.
     ``dims`` gives the symbolic dims (``ctx_len``, ``sliding_window``, ``full_batch_size``, and
-    those of non-KV states such as ``vision_size``).
+    those of non-KV states such as ``vision_size``). ``in_place``: see ``in_place.py``.
     """
 
     def __init__(
@@ -143,8 +152,9 @@ class ContiguousRunner(_Runner):
         dims: Mapping[str, int],
         slots: Mapping[Hashable, int] | None = None,
         extra_inputs: ExtraInputs | None = None,
+        in_place: bool = False,
     ) -> None:
-        super().__init__(model_path, True, dims, extra_inputs)
+        super().__init__(model_path, True, dims, extra_inputs, in_place)
         self.continuous_batching = self.slots is not None
         if self.slots is not None:
             self.slots.slots.update(slots or {})
@@ -214,7 +224,8 @@ class PagedRunner(_Runner):
     **Isolation.** Every step checks, slot by slot: outside block 0, a pool slot may change only
     if some row of the step wrote that logical position through its own table row, or lies in
     that row's ring columns; any other change is recorded with its block, so a row writing into
-    another row's block is caught even within one batch.
+    another row's block is caught even within one batch (``check_isolation=False`` skips it: it
+    compares every pool byte). ``in_place=True`` updates the pools in place (``in_place.py``).
 
     **Prefix caching** (a ``BlockManager`` with ``prefix_caching=True``): ``start(seq, prompt)``
     takes the cached full blocks the prompt starts with and returns the first position left to
@@ -233,8 +244,9 @@ class PagedRunner(_Runner):
         ctx_buckets: Sequence[int] | None = None,
         full_width: bool = False,
         check_isolation: bool = True,
+        in_place: bool = False,
     ) -> None:
-        super().__init__(model_path, False, dims or {}, extra_inputs)
+        super().__init__(model_path, False, dims or {}, extra_inputs, in_place)
         self.geometry = PagedGeometry.of(model_path)
         self.check_isolation = check_isolation
         self.manager = manager
@@ -294,8 +306,13 @@ class PagedRunner(_Runner):
         feeds["block_table"] = manager.block_table(seqs, width, truncate=True)
         feeds["slot_id"] = manager.slot_id(seqs)
         feeds.update(self.pools)
+        before = (
+            {n: p.copy() for n, p in self.pools.items()}
+            if self.in_place and self.check_isolation
+            else self.pools
+        )
         out = self._run(feeds)
-        self._check(rows, feeds["block_table"], out, needed)
+        self._check(rows, feeds["block_table"], out, needed, before)
         self.states.keep(seqs, out)
         for row in rows:
             if row.seq is not None:
@@ -309,6 +326,7 @@ class PagedRunner(_Runner):
         table: np.ndarray,
         out: dict[str, np.ndarray],
         needed: Mapping[Hashable, int],
+        before: Mapping[str, np.ndarray],
     ) -> None:
         """Record the step's isolation (unless ``check_isolation`` is off: it compares every pool
         byte, which a serving loop should not pay for) and table width; keep the new pools."""
@@ -320,7 +338,7 @@ class PagedRunner(_Runner):
         for c in self.caches:
             after = out[c.output]
             if self.check_isolation:
-                record.foreign_blocks_changed += unexpected_writes(self.pools[c.input], after, allowed)
+                record.foreign_blocks_changed += unexpected_writes(before[c.input], after, allowed)
             self.pools[c.input] = after
         record.foreign_blocks_changed = sorted(set(record.foreign_blocks_changed))
         self.isolation.append(record)
