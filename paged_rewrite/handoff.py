@@ -25,12 +25,19 @@ from paged_rewrite.report import RewriteReport
 Entry = dict[str, Any]
 
 
+FLAT = "_flat"  # an entry read from the flat layout, written back in it
+
+
 def read_specializations(path: str | os.PathLike[str]) -> list[Entry]:
-    """QEfficient's ``{"specializations": [{"name": ..., "symbols": {dim: "value"}}, ...]}``."""
+    """``{"specializations": [{"name": ..., "symbols": {dim: "value"}}, ...]}``, or the flat layout
+    QEfficient's ``compile`` writes for ``qaic-exec``: ``[{"batch_size": "1", "seq_len": "32",
+    "ctx_len": "128"}, ...]`` (each entry is its dims); the paged file keeps the layout it was given."""
     try:
         document = json.loads(Path(path).read_text())
         entries = document["specializations"]
-        for entry in entries:
+        for index, entry in enumerate(entries):
+            if "symbols" not in entry:
+                entries[index] = entry = {"symbols": dict(entry), FLAT: True}
             entry["symbols"] = {str(k): int(v) for k, v in entry["symbols"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"{path}: not a specializations file ({type(exc).__name__}: {exc})") from None
@@ -84,7 +91,7 @@ def paged_specializations(
                 values["num_kv_blocks"] = report.num_kv_blocks
             elif bucket is not None:
                 values["num_kv_blocks"] = math.ceil(bucket / report.kv_block_size)
-            if report.ctx_buckets and bucket is not None:
+            if report.ctx_buckets and bucket is not None and not entry.get(FLAT):
                 named["name"] = f"{entry.get('name', 'Default')}_ctx{bucket}"
             expanded.append((named, values))
     total = num_blocks if num_blocks is not None else _default_pool(values for _, values in expanded)
@@ -97,7 +104,8 @@ def paged_specializations(
             raise UsageError(
                 f"specialization {entry.get('name', '?')!r} gives no value for {', '.join(missing)}"
             )
-        out.append({**entry, "symbols": {s: str(values[s]) for s in symbols if s in values}})
+        written = {s: str(values[s]) for s in symbols if s in values}
+        out.append(written if entry.get(FLAT) else {**entry, "symbols": written})
     return {"specializations": out}
 
 

@@ -130,3 +130,19 @@ def test_a_table_narrower_than_a_row_is_harmless_and_flagged(models: tuple[Path,
     for pool in runner.pools.values():  # only block 0 and A's first block were written
         touched = {int(b) for b in np.nonzero(np.abs(pool).reshape(len(pool), -1).sum(1))[0]}
         assert touched <= {0, first}
+
+
+def test_qefficient_flat_specializations_are_read_and_written_flat(tmp_path: Path) -> None:
+    """QEfficient's compile writes each entry as its dims, values as strings; so does the paged file."""
+    specs = tmp_path / "specializations.json"
+    specs.write_text(json.dumps({"specializations": [
+        {"batch_size": "1", "seq_len": "32", "ctx_len": "128"},
+        {"batch_size": "4", "seq_len": "1", "ctx_len": "128"},
+    ]}))  # fmt: skip
+    rewrite(qeff_export(tmp_path / "model.onnx"), tmp_path / "paged.onnx", 32, specializations=specs)
+    entries = json.loads((tmp_path / "paged.specializations.json").read_text())["specializations"]
+    assert entries == [
+        {"batch_size": batch, "seq_len": seq, "num_kv_blocks": str(blocks), "total_num_kv_blocks": "17"}
+        for batch, seq in (("1", "32"), ("4", "1"))
+        for blocks in (1, 2, 4)
+    ]
