@@ -4,10 +4,13 @@ model by its pool (admission reserves each request's blocks, so nothing is ever 
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from conftest import CTX_LEN
 
+from paged_rewrite.runtime import serving
 from paged_rewrite.runtime.block_manager import BlockManager
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
 from paged_rewrite.runtime.serving import Request, Server
@@ -55,3 +58,16 @@ def test_a_request_larger_than_the_pool_is_refused(paged_fixture) -> None:
     server = Server(PagedRunner(paged, BlockManager(4, BLOCK), CTX_LEN // BLOCK), 32, 64)
     with pytest.raises(ValueError, match="does not fit the KV budget even alone"):
         server.run([Request("big", np.arange(60), 10)])  # 5 blocks, the pool has 3
+
+
+def test_a_request_arriving_as_the_server_empties_is_admitted(paged_fixture, monkeypatch) -> None:
+    """The last running request finishes in the same iteration as the next one arrives: the
+    newcomer is admitted on the next pass, not taken for one that can never fit. Every call takes
+    one second here (a fake clock): "a" prefills in [0, 1), decodes in [1, 2) and leaves at 2; "b"
+    arrives at 1.5, while "a" runs."""
+    ticks = itertools.count()
+    monkeypatch.setattr(serving.time, "perf_counter", lambda: float(next(ticks)))  # 0, 1, 2, ...: 1 s a call
+    _, paged, _ = paged_fixture("llama_cb", BLOCK)
+    server = Server(PagedRunner(paged, BlockManager(12, BLOCK), CTX_LEN // BLOCK), 32, 64)
+    done = server.run([Request("a", np.arange(20), 2, 0.0), Request("b", np.arange(30), 2, 1.5)])
+    assert [(s.request.name, s.finished_at) for s in done] == [("a", 2.0), ("b", 4.0)]

@@ -92,6 +92,13 @@ class Server:
         running: list[Served] = []
         while waiting or running:
             self._admit(waiting, running)
+            if not running:  # an idle server: wait for the next arrival, or refuse what never fits
+                if waiting[0].request.arrival <= self.clock:
+                    raise ValueError(
+                        f"request {waiting[0].request.name!r} does not fit the KV budget even alone"
+                    )
+                self.clock = waiting[0].request.arrival
+                continue
             self.peak_running = max(self.peak_running, len(running))
             prefilling = [s for s in running if not s.prefilled]
             decoding = [s for s in running if s.prefilled]
@@ -104,12 +111,6 @@ class Server:
                 self.runner.release(served.request.name)
                 running.remove(served)
                 done.append(served)
-            if not running and waiting:
-                if waiting[0].request.arrival <= self.clock:  # it arrived, nothing runs, yet it waits
-                    raise ValueError(
-                        f"request {waiting[0].request.name!r} does not fit the KV budget even alone"
-                    )
-                self.clock = waiting[0].request.arrival
         return done
 
     def _admit(self, waiting: list[Served], running: list[Served]) -> None:
