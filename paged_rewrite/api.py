@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,17 @@ def rewrite(
     specializations: str | os.PathLike[str] | None = None,
     custom_io: str | os.PathLike[str] | None = None,
     full_check: bool = False,
+    ctx_buckets: Sequence[int] | None = None,
 ) -> RewriteReport:
     """Rewrite the QEfficient export at ``input_path`` into a paged-KV model at ``output_path``.
 
     ``dims`` binds symbolic dims of the input (``{"sliding_window": 32}``); ``ctx_len`` is
     shorthand for ``dims={"ctx_len": ...}``; the values a ``specializations`` file gives every
-    entry bind dims too. Beside the output go its manifest (``<output>.json``), the paged
+    entry bind dims too. ``ctx_buckets`` (tokens) are the table widths a runtime may pass, one
+    specialization per bucket and phase; by default powers of two from one block up to the
+    context when it is known (``buckets.py``). With more than one bucket the table width stays
+    symbolic; ``ctx_len`` bounds the largest bucket and is always one. Beside the output go its
+    manifest (``<output>.json``), the paged
     ``<stem>.specializations.json`` and, with ``custom_io``, ``<stem>.custom_io.yaml``.
     The output is checked by path with the ONNX checker. ``full_check`` adds strict shape
     inference, and shows that every value gets a static shape under every entry of the paged
@@ -50,7 +55,8 @@ def rewrite(
     bound = _bind(dims or {}, handoff.shared_dims(entries) if entries else {})
     model = load_model(input_path, check_data_paths=False)
     weights = data_files(model, input_path)  # refuses unsafe locations; protected from overwriting below
-    options = RewriteOptions(kv_block_size, ctx_len, num_blocks, bound)
+    buckets = tuple(ctx_buckets) if ctx_buckets is not None else None
+    options = RewriteOptions(kv_block_size, ctx_len, num_blocks, bound, buckets)
     try:
         report = rewrite_model(model, options)
     except PagedRewriteError as error:  # name the model in every refusal
@@ -63,7 +69,8 @@ def rewrite(
     specialized = handoff.paged_specializations(report, entries, bound, num_blocks)
     sidecars = {"specializations": handoff.to_json(specialized)}
     if full_check:
-        _check_static_shapes(model, report, specialized, entries, input_path)
+        origins = handoff.entry_origins(report, entries, bound)
+        _check_static_shapes(model, report, specialized, origins, input_path)
     if precisions is not None and custom_io is not None:
         sidecars["custom_io"] = handoff.paged_custom_io(precisions, report, custom_io)
     if output_path is None:
@@ -107,13 +114,13 @@ def _check_static_shapes(
     model: onnx.ModelProto,
     report: RewriteReport,
     specialized: dict[str, Any],
-    entries: list[handoff.Entry] | None,
+    origins: list[handoff.Entry],
     input_path: str | os.PathLike[str],
 ) -> None:
     """Every value static under every specialization written, or a one-line error naming the
     first value the rewrite made non-static (values already non-static in the input are reported)."""
     report.static_shapes = check_specializations(
-        model, report, specialized, entries, lambda: load_model(input_path, check_data_paths=False)
+        model, report, specialized, origins, lambda: load_model(input_path, check_data_paths=False)
     )
     for result in report.static_shapes:
         if not result.ok:

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import click
 
 from paged_rewrite.api import rewrite
-from paged_rewrite.errors import PagedRewriteError, VerificationError
+from paged_rewrite.buckets import parse_buckets
+from paged_rewrite.errors import PagedRewriteError, UsageError, VerificationError
 
 F = TypeVar("F", bound=Callable[..., Any])
 INTERNAL_ERROR_EXIT = 1
@@ -44,6 +45,15 @@ def _parse_dims(_ctx: click.Context, _param: click.Parameter, values: tuple[str,
             raise click.BadParameter(f"{item!r}: expected NAME=INTEGER, e.g. sliding_window=32")
         dims[name.strip()] = int(value)
     return dims
+
+
+def _parse_buckets(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return parse_buckets(value)
+    except UsageError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def _progress(message: str) -> None:
@@ -108,7 +118,15 @@ def main() -> None:
     "--ctx-len",
     type=click.IntRange(min=1),
     default=None,
-    help="Context length; makes num_kv_blocks = ceil(ctx_len / kv_block_size) static.",
+    help="Context length: the largest context bucket (one bucket makes num_kv_blocks static).",
+)
+@click.option(
+    "--ctx-buckets",
+    callback=_parse_buckets,
+    default=None,
+    metavar="T1,T2,...",
+    help="Context buckets in tokens (table widths a runtime may pass, one specialization each per "
+    "phase); default: powers of two from one block up to the context, when it is known.",
 )
 @click.option(
     "--num-blocks",
@@ -154,6 +172,7 @@ def rewrite_command(
     output: Path,
     kv_block_size: int,
     ctx_len: int | None,
+    ctx_buckets: tuple[int, ...] | None,
     num_blocks: int | None,
     dims: dict[str, int],
     specializations: Path | None,
@@ -167,6 +186,7 @@ def rewrite_command(
     \b
     Example:
       paged-rewrite model.onnx -o paged.onnx --kv-block-size 128 --ctx-len 4096
+      paged-rewrite model.onnx -o paged.onnx --kv-block-size 128 --ctx-buckets 512,1024,2048,4096
       paged-rewrite swa.onnx -o paged.onnx --kv-block-size 32 --ctx-len 128 --dim sliding_window=32
     """
     _progress(f"rewriting {model}")
@@ -181,6 +201,7 @@ def rewrite_command(
         specializations=specializations,
         custom_io=custom_io,
         full_check=full_check,
+        ctx_buckets=ctx_buckets,
     )
     _emit(as_json, report.to_dict(), report.summary())
 
@@ -231,6 +252,11 @@ def inspect_command(
     help="Context of the original (default: num_kv_blocks*kv_block_size of the paged model).",
 )
 @click.option("--decode-steps", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--full-width",
+    is_flag=True,
+    help="Pass the full block_table every step (default: the smallest context bucket covering the batch).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the per-step report as JSON.")
 @_guarded
 def verify_command(
@@ -240,6 +266,7 @@ def verify_command(
     seed: int,
     ctx_len: int | None,
     decode_steps: int,
+    full_width: bool,
     as_json: bool,
 ) -> None:
     """Drive ORIGINAL and PAGED through the same scenario and compare logits and isolation.
@@ -256,7 +283,13 @@ def verify_command(
 
             raise NotAModelError(f"{path}: no such file")
     report = verify(
-        original, paged, block_order=block_order, seed=seed, ctx_len=ctx_len, num_decode=decode_steps
+        original,
+        paged,
+        block_order=block_order,
+        seed=seed,
+        ctx_len=ctx_len,
+        num_decode=decode_steps,
+        full_width=full_width,
     )
     _emit(as_json, report.to_dict(), report.summary())
     if not report.ok:

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,19 @@ from paged_rewrite.report import RewriteReport
 Entry = dict[str, Any]
 
 
+FLAT = "_flat"  # an entry read from the flat layout, written back in it
+
+
 def read_specializations(path: str | os.PathLike[str]) -> list[Entry]:
-    """QEfficient's ``{"specializations": [{"name": ..., "symbols": {dim: "value"}}, ...]}``."""
+    """``{"specializations": [{"name": ..., "symbols": {dim: "value"}}, ...]}``, or the flat layout
+    QEfficient's ``compile`` writes for ``qaic-exec``: ``[{"batch_size": "1", "seq_len": "32",
+    "ctx_len": "128"}, ...]`` (each entry is its dims); the paged file keeps the layout it was given."""
     try:
         document = json.loads(Path(path).read_text())
         entries = document["specializations"]
-        for entry in entries:
+        for index, entry in enumerate(entries):
+            if "symbols" not in entry:
+                entries[index] = entry = {"symbols": dict(entry), FLAT: True}
             entry["symbols"] = {str(k): int(v) for k, v in entry["symbols"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"{path}: not a specializations file ({type(exc).__name__}: {exc})") from None
@@ -50,18 +57,25 @@ def shared_dims(entries: Sequence[Entry]) -> dict[str, int]:
 def paged_specializations(
     report: RewriteReport, entries: Sequence[Entry] | None, bound: Mapping[str, int], num_blocks: int | None
 ) -> dict[str, Any]:
-    """One entry per input entry (or one ``Default`` entry for the command-line shapes), with a
-    value for every symbolic dim of the paged model's inputs and nothing else.
+    """One entry per input entry and context bucket, with a value for every symbolic dim of the
+    paged model's inputs and nothing else.
 
     ``ctx_len`` disappears from the paged graph: the context is ``num_kv_blocks *
-    kv_block_size``, so an entry's ``ctx_len`` becomes ``num_kv_blocks = ceil(ctx_len /
-    kv_block_size)``. ``total_num_kv_blocks`` is ``--num-blocks`` or, by default, enough for every
-    row at full context plus the null block: ``rows * num_kv_blocks + 1`` (rows =
-    ``full_batch_size`` for continuous batching, else ``batch_size``).
+    kv_block_size``. With context buckets (``report.ctx_buckets``), each input entry is repeated
+    per bucket up to the entry's own context, with ``num_kv_blocks = ceil(bucket /
+    kv_block_size)``; without an input file, the entries are one per bucket and phase (prefill,
+    and decode with ``seq_len = 1`` where the graph has both). Without buckets, an entry's
+    ``ctx_len`` becomes its ``num_kv_blocks`` (a file whose entries disagree on the context lists
+    its own buckets). ``total_num_kv_blocks`` is the same in every entry — QAIC's retained-state
+    buffers cannot change shape between specializations: ``--num-blocks``, or enough for every
+    row at the full context plus the null block, ``rows * num_kv_blocks + 1`` with the most rows
+    and the widest table of any entry (rows = ``full_batch_size`` for continuous batching, else
+    ``batch_size``).
     """
     symbols = sorted({d for spec in report.inputs for d in spec.shape if isinstance(d, str)})
-    source = entries or [{"name": "Default", "symbols": dict(bound)}]
-    out = []
+    context = report.context_dim or "ctx_len"
+    source = entries or _default_entries(report, symbols, bound)
+    expanded: list[tuple[Entry, dict[str, int]]] = []
     for entry in source:
         for name, value in entry["symbols"].items():
             if name in bound and bound[name] != value:
@@ -70,24 +84,77 @@ def paged_specializations(
                     f"but the rewrite was bound to {name}={bound[name]}"
                 )
         known = {**bound, **entry["symbols"]}
-        values = dict(known)
-        context = report.context_dim or "ctx_len"
-        if context in known:
-            values["num_kv_blocks"] = math.ceil(known[context] / report.kv_block_size)
-        if isinstance(report.num_kv_blocks, int):
-            values.setdefault("num_kv_blocks", report.num_kv_blocks)
-        rows = values.get("full_batch_size", values.get("batch_size"))
-        if num_blocks is not None:
-            values["total_num_kv_blocks"] = num_blocks
-        elif rows is not None and "num_kv_blocks" in values:
-            values["total_num_kv_blocks"] = rows * values["num_kv_blocks"] + 1
+        for bucket in _entry_buckets(report, known.get(context)):
+            values = dict(known)
+            named = dict(entry)
+            if isinstance(report.num_kv_blocks, int):
+                values["num_kv_blocks"] = report.num_kv_blocks
+            elif bucket is not None:
+                values["num_kv_blocks"] = math.ceil(bucket / report.kv_block_size)
+            if report.ctx_buckets and bucket is not None and not entry.get(FLAT):
+                named["name"] = f"{entry.get('name', 'Default')}_ctx{bucket}"
+            expanded.append((named, values))
+    total = num_blocks if num_blocks is not None else _default_pool(values for _, values in expanded)
+    out = []
+    for entry, values in expanded:
+        if total is not None:
+            values["total_num_kv_blocks"] = total
         missing = [s for s in symbols if s not in values]
         if missing and entries:
             raise UsageError(
                 f"specialization {entry.get('name', '?')!r} gives no value for {', '.join(missing)}"
             )
-        out.append({**entry, "symbols": {s: str(values[s]) for s in symbols if s in values}})
+        written = {s: str(values[s]) for s in symbols if s in values}
+        out.append(written if entry.get(FLAT) else {**entry, "symbols": written})
     return {"specializations": out}
+
+
+def entry_origins(
+    report: RewriteReport, entries: Sequence[Entry] | None, bound: Mapping[str, int]
+) -> list[Entry]:
+    """For each entry ``paged_specializations`` writes, in order, the entry it came from (an input
+    entry, repeated once per context bucket, or a default entry): what its symbols were before the
+    rewrite, for checking the paged entry against the original."""
+    symbols = sorted({d for spec in report.inputs for d in spec.shape if isinstance(d, str)})
+    context = report.context_dim or "ctx_len"
+    origins = []
+    for entry in entries or _default_entries(report, symbols, bound):
+        known = {**bound, **entry["symbols"]}
+        origins += [entry for _ in _entry_buckets(report, known.get(context))]
+    return origins
+
+
+def _default_entries(report: RewriteReport, symbols: Sequence[str], bound: Mapping[str, int]) -> list[Entry]:
+    """Without an input file: one ``Default`` entry with what the command line determines; with
+    context buckets, one per phase as QEfficient writes them — prefill (its ``seq_len`` is left
+    out unless bound) and decode with ``seq_len = 1``. A graph that never reads its cache
+    (disaggregated prefill) has no decode phase; a TLM's decode ``seq_len`` (the speculative
+    tokens + 1) is not known here and is left out."""
+    if not report.ctx_buckets or "seq_len" not in symbols or "seq_len" in bound:
+        return [{"name": "Default", "symbols": dict(bound)}]
+    phases = [{"name": "prefill", "symbols": dict(bound)}]
+    if any("PagedCtxGather" in rewrite for rewrite in report.rewritten):
+        tlm = any(spec.name == "num_logits_to_keep" for spec in report.inputs)
+        phases.append({"name": "decode", "symbols": {**bound, **({} if tlm else {"seq_len": 1})}})
+    return phases
+
+
+def _entry_buckets(report: RewriteReport, context_len: int | None) -> list[int | None]:
+    """The buckets of one entry: the rewrite's ladder up to the entry's context (the context
+    itself last), else the entry's context alone, else nothing known (``[None]``)."""
+    if report.ctx_buckets:
+        ladder: list[int | None] = [b for b in report.ctx_buckets if context_len is None or b < context_len]
+        return ladder if context_len is None else [*ladder, context_len]
+    return [context_len] if context_len is not None else [None]
+
+
+def _default_pool(entries: Iterable[Mapping[str, int]]) -> int | None:
+    """The most rows of any entry at the widest table, plus the null block; None if no entry
+    knows its rows or its width."""
+    entries = list(entries)
+    rows = max((v.get("full_batch_size", v.get("batch_size", 0)) for v in entries), default=0)
+    width = max((v.get("num_kv_blocks", 0) for v in entries), default=0)
+    return rows * width + 1 if rows and width else None
 
 
 def read_custom_io(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -125,6 +192,10 @@ def manifest(report: RewriteReport, source: Path, version: str) -> dict[str, Any
         "kv_block_size": report.kv_block_size,
         "num_kv_blocks": report.num_kv_blocks,
         "total_num_kv_blocks": report.total_num_kv_blocks,
+        "ctx_buckets": [
+            {"tokens": bucket, "num_kv_blocks": math.ceil(bucket / report.kv_block_size)}
+            for bucket in report.ctx_buckets
+        ],
         "null_block": report.null_block,
         "windows": report.windows,
         "inputs": [vars(spec) for spec in report.inputs],

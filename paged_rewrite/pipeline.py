@@ -26,12 +26,14 @@ from paged_rewrite.report import CacheReport, LeftAloneReport, RewriteReport, Te
 
 @dataclass(frozen=True)
 class RewriteOptions:
-    """User choices: the page size, and optionally the context and pool sizes to make static."""
+    """User choices: the page size, and optionally the context, its buckets (table widths in
+    tokens; see ``buckets.py``) and the pool size."""
 
     kv_block_size: int
     ctx_len: int | None = None
     num_blocks: int | None = None
     dims: Mapping[str, int] = field(default_factory=dict)
+    ctx_buckets: tuple[int, ...] | None = None
 
 
 def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteReport:
@@ -43,7 +45,13 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
     rewritten = _rewrite_plan(sites)
 
     layout = add_paged_inputs(
-        model, sites, options.kv_block_size, options.dims, options.num_blocks, options.ctx_len
+        model,
+        sites,
+        options.kv_block_size,
+        options.dims,
+        options.num_blocks,
+        options.ctx_len,
+        options.ctx_buckets,
     )
     page_writes(sites, layout)
     page_reads(sites, layout)
@@ -62,6 +70,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         kv_block_size=layout.kv_block_size,
         num_kv_blocks=layout.num_kv_blocks,
         total_num_kv_blocks=layout.total_num_kv_blocks,
+        ctx_buckets=list(layout.ctx_buckets),
         caches=caches,
         rewritten=rewritten,
         functions=[body.name for body in sites.functions],
@@ -113,6 +122,7 @@ def _layout_metadata(layout: PagedLayout) -> dict[str, str]:
         "paged_rewrite.kv_block_size": str(layout.kv_block_size),
         "paged_rewrite.num_kv_blocks": str(layout.num_kv_blocks),
         "paged_rewrite.null_block": "0",
+        "paged_rewrite.ctx_buckets": json.dumps(list(layout.ctx_buckets)),
         "paged_rewrite.dims": json.dumps(layout.bound_dims, sort_keys=True),
         "paged_rewrite.windows": json.dumps({str(d): n for d, n in layout.windows.items()}, sort_keys=True),
     }

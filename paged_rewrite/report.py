@@ -77,6 +77,7 @@ class RewriteReport:
     num_kv_blocks: int | str
     total_num_kv_blocks: int | str
     null_block: int = 0
+    ctx_buckets: list[int] = field(default_factory=list)  # table widths in tokens (buckets.py)
     caches: list[CacheReport] = field(default_factory=list)
     rewritten: dict[str, int] = field(default_factory=dict)
     added_inputs: list[str] = field(default_factory=list)
@@ -112,6 +113,9 @@ class RewriteReport:
         if self.paged_op_nodes:
             nodes = ", ".join(f"{op} {count}" for op, count in self.paged_op_nodes.items())
             lines.append(f"paged ops emitted (nodes in each flat body): {nodes}")
+        if self.ctx_buckets:
+            widths = ", ".join(f"{b} ({-(-b // self.kv_block_size)})" for b in self.ctx_buckets)
+            lines.append(f"context buckets, tokens (num_kv_blocks): {widths}")
         if self.functions:
             lines.append(
                 f"rewrote inside local functions (one shared body each): {', '.join(self.functions)}"

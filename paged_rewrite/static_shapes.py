@@ -108,12 +108,12 @@ def check_specializations(
     paged: onnx.ModelProto,
     report: RewriteReport,
     written: Mapping[str, Any],
-    given: list[dict[str, Any]] | None,
+    origins: list[dict[str, Any]],
     original: Callable[[], onnx.ModelProto],
 ) -> list[StaticShapeReport]:
     """Check every entry of the paged ``specializations.json`` the rewrite ``written``, each
-    against the entry it came from (``given``: the input file's entries, or the command line's
-    dims), with open symbols completed as the rewrite completes them."""
+    against the entry it came from (``origins``, one per written entry: see
+    ``handoff.entry_origins``), with open symbols completed as the rewrite completes them."""
     results = []
     loaded: list[onnx.ModelProto] = []
 
@@ -123,7 +123,7 @@ def check_specializations(
         return loaded[0]
 
     for index, entry in enumerate(written["specializations"]):
-        source = {**report.bound_dims, **(given[index]["symbols"] if given else {})}
+        source = {**report.bound_dims, **origins[index]["symbols"]}
         symbols, placeholders = _complete(report, {k: int(v) for k, v in entry["symbols"].items()}, source)
         context = report.context_dim or "ctx_len"
         if context not in source and "num_kv_blocks" in symbols:  # the original's context is the table's

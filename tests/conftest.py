@@ -23,6 +23,10 @@ CONTIGUOUS_FIXTURES = ["llama_default", "mistral_default", "qwen2_default", "gpt
 VARIANT_FIXTURES = ["llama_blockedkv", "llama_cb", "llama_subfunctions", "gpt_oss_swa_moe"]
 ALL_FIXTURES = CONTIGUOUS_FIXTURES + VARIANT_FIXTURES
 CTX_LEN = 128
+# Exports whose attention over a narrowed table is not bit-identical to the full context: the
+# BlockedKV block loop splits whatever context it is given into a fixed number of blocks, so a
+# narrower table changes the blocks and the softmax's summation order (≤ 1e-5, same greedy tokens).
+NARROWING_INEXACT = {"llama_blockedkv"}
 # Dims the rewrite must be told: gpt_oss layer 0 is a ring buffer whose length is the window.
 DIMS = {"gpt_oss_swa_moe": {"sliding_window": 32}}
 

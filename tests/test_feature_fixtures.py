@@ -7,8 +7,9 @@ decoder (``vision_embeds`` retained state, ``image_idx``) and continuous batchin
 Each fixture's own reference scenario (``reference.npz``) runs as the corpus's
 ``tools/replay_ort.py`` runs it — each sequence alone at batch 1, its prefill chunks then its
 decode steps; the CB fixture's decode in its 4-row layout — through the original (sentinels
-patched) and the paged model (one pool, blocks handed out in shuffled order), with the extra
-inputs fed by ``ExtraInputs``. Same calls, same batches: the logits must be equal bit for bit,
+patched) and the paged model (one pool, blocks handed out in shuffled order, tables narrowed per
+step to the smallest context bucket covering the call), with the extra inputs fed by
+``ExtraInputs``. Same calls, same batches: the logits must be equal bit for bit,
 agree with the corpus's own onnxruntime logits, and with HF on the rows where the original does.
 The prefill-only fixture returns one logits row per sequence; its proof is the final KV, read
 back through the block table and compared with the original's final retained states.
@@ -178,6 +179,12 @@ def test_paged_matches_original_on_the_reference_scenario(
             rows[seq].extend(kept)
             rows_per_call[seq].append(len(kept))
     assert all(not record.foreign_blocks_changed for record in paged_runner.isolation)
+    # Tables narrowed to the context in use (the runner's default), never short of a row's
+    # context; a prefill-only graph has one bucket, its whole context (add_paged_inputs._buckets).
+    widths = [record.columns for record in paged_runner.table_widths]
+    assert all(not record.rows_cut for record in paged_runner.table_widths)
+    full = manifest["scenario"]["ctx_len"] // kv_block_size
+    assert min(widths) < full or name == "gpt_oss_prefill_only" or full == 1
     faithful_sequences = [s for s in scenario.sequences if s.name not in faults]
     assert final_kv_diff(contiguous, paged_runner, Scenario(faithful_sequences)) == 0.0
 

@@ -51,8 +51,10 @@ def test_an_op_whose_body_does_something_else_is_refused(tmp_path: Path) -> None
 def test_ctx_len_binds_the_length_axis_whatever_its_name(tmp_path: Path) -> None:
     source = renamed_dim(fixture_model("llama_default"), tmp_path / "renamed.onnx", "ctx_len", "max_context")
     report = rewrite(source, tmp_path / "paged.onnx", 32, ctx_len=128)
-    assert report.num_kv_blocks == 4
+    assert report.num_kv_blocks == "num_kv_blocks" and report.ctx_buckets == [32, 64, 128]
     assert report.context_dim == "max_context" and report.bound_dims["max_context"] == 128
+    report = rewrite(source, tmp_path / "paged.onnx", 32, ctx_len=128, ctx_buckets=[128])
+    assert report.num_kv_blocks == 4  # one bucket: a static width
     table = next(v for v in onnx.load(tmp_path / "paged.onnx").graph.input if v.name == "block_table")
     assert [d.dim_value for d in table.type.tensor_type.shape.dim][1] == 4
 

@@ -5,7 +5,9 @@ window + MoE).
 Each fixture's reference scenario (teacher-forced) runs through the lockstep driver: prefill
 chunks of the sequences interleaved call by call in one shared, shuffled pool, then all
 sequences decoded together in one batch (for continuous batching, the fixture's own 4-row
-layout with idle rows). The original runs the same calls with its contiguous caches.
+layout with idle rows). The original runs the same calls with its contiguous caches, at its full
+context; the paged model gets, per step, the narrowest table of its context buckets covering the
+batch (the runner's default), or the full table (``full_width``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from conftest import ALL_FIXTURES, CTX_LEN, DIMS, FIXTURES
+from conftest import ALL_FIXTURES, CTX_LEN, DIMS, FIXTURES, NARROWING_INEXACT
 
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Scenario, SequenceScript, drive
@@ -50,8 +52,12 @@ def reference_scenario(ref: np.lib.npyio.NpzFile, manifest: dict) -> Scenario:  
 
 
 @pytest.mark.parametrize("name", ALL_FIXTURES)
-@pytest.mark.parametrize("kv_block_size", [16, 32, 128])
-def test_paged_matches_original_and_reference(paged_fixture, name: str, kv_block_size: int) -> None:
+@pytest.mark.parametrize(
+    ("kv_block_size", "full_width"), [(16, False), (32, False), (128, False), (32, True)]
+)
+def test_paged_matches_original_and_reference(
+    paged_fixture, name: str, kv_block_size: int, full_width: bool
+) -> None:
     original, paged, _ = paged_fixture(name, kv_block_size)
     ref = np.load(FIXTURES / name / "reference.npz")
     manifest = json.loads((FIXTURES / name / "manifest.json").read_text())
@@ -63,7 +69,7 @@ def test_paged_matches_original_and_reference(paged_fixture, name: str, kv_block
     num_blocks = 1 + needed + 2
     rings = list(PagedGeometry.of(paged).windows.values())
     manager = BlockManager(num_blocks, kv_block_size, shuffled_order(num_blocks, seed=kv_block_size), rings)
-    paged_runner = PagedRunner(paged, manager, CTX_LEN // kv_block_size)
+    paged_runner = PagedRunner(paged, manager, CTX_LEN // kv_block_size, full_width=full_width)
     dims = {
         "ctx_len": CTX_LEN,
         **DIMS.get(name, {}),
@@ -82,11 +88,25 @@ def test_paged_matches_original_and_reference(paged_fixture, name: str, kv_block
         for row, seq in enumerate(step.sequences):
             if not seq:
                 continue  # an idle row
-            if seq not in faults:  # same batch composition as the original: bit for bit
+            if seq in faults:
+                pass
+            elif name in NARROWING_INEXACT and not full_width:
+                assert np.abs(want[row] - got[row]).max() <= 1e-5, (
+                    f"step {step.index} ({step.kind}) row {seq}"
+                )
+                assert want[row].argmax() == got[row].argmax()
+            else:  # same batch composition as the original: bit for bit
                 assert np.array_equal(want[row], got[row]), f"step {step.index} ({step.kind}) row {seq}"
             per_sequence[seq].append(got[row])
     assert all(not r.foreign_blocks_changed for r in paged_runner.isolation)
     assert any(len([s for s in step.sequences if s]) >= 2 for step in steps), "decode must batch sequences"
+    widths = [r.columns for r in paged_runner.table_widths]
+    assert all(not r.rows_cut for r in paged_runner.table_widths)
+    if full_width or kv_block_size == CTX_LEN:
+        assert set(widths) == {CTX_LEN // kv_block_size}
+    else:  # the table follows the context in use: the default ladder doubles, so at most 2x it
+        assert widths[0] < CTX_LEN // kv_block_size
+        assert all(r.columns <= max(2 * r.needed_columns, 1) for r in paged_runner.table_widths)
 
     for s in manifest["scenario"]["sequences"]:
         logits = np.stack(per_sequence[s])

@@ -94,14 +94,19 @@ def test_specializations_and_custom_io_round_trip(tmp_path: Path) -> None:
     ))  # fmt: skip
     source = qeff_export(tmp_path / "model.onnx")
     report = rewrite(source, tmp_path / "paged.onnx", 32, specializations=specs, custom_io=custom)
-    assert report.num_kv_blocks == 4  # ctx_len is the same in every entry: bound, so static
+    # ctx_len is the same in every entry: bound, so the default ladder up to it applies
+    assert report.num_kv_blocks == "num_kv_blocks" and report.ctx_buckets == [32, 64, 128]
     written = json.loads((tmp_path / "paged.specializations.json").read_text())["specializations"]
     graph_symbols = {d for spec in report.inputs for d in spec.shape if isinstance(d, str)}
-    assert [e["name"] for e in written] == ["Prefill", "Decode"]
-    for entry, batch in zip(written, ("1", "4"), strict=True):
+    assert [e["name"] for e in written] == [
+        f"{p}_ctx{b}" for p in ("Prefill", "Decode") for b in (32, 64, 128)
+    ]
+    for entry, batch, blocks in zip(written, "111444", (1, 2, 4) * 2, strict=True):
         assert set(entry["symbols"]) == graph_symbols  # every symbol, nothing else (no ctx_len)
         assert entry["symbols"]["batch_size"] == batch
-        assert entry["symbols"]["total_num_kv_blocks"] == str(int(batch) * 4 + 1)
+        assert entry["symbols"]["num_kv_blocks"] == str(blocks)
+        # the pool is one shape in every entry: the most rows at the widest table, + the null block
+        assert entry["symbols"]["total_num_kv_blocks"] == str(4 * 4 + 1)
     assert (tmp_path / "paged.custom_io.yaml").read_text() == custom.read_text()
 
     with pytest.raises(UsageError, match=r"past_key\.9"):
@@ -133,7 +138,9 @@ def test_manifest_and_determinism(tmp_path: Path) -> None:
     manifest_a = (tmp_path / "a.onnx.json").read_text()
     assert manifest_a == (tmp_path / "b.onnx.json").read_text()
     manifest = json.loads(manifest_a)
-    assert manifest["kv_block_size"] == 16 and manifest["num_kv_blocks"] == 8 and manifest["null_block"] == 0
+    assert manifest["kv_block_size"] == 16 and manifest["null_block"] == 0
+    assert manifest["num_kv_blocks"] == "num_kv_blocks"  # several buckets: the width is symbolic
+    assert manifest["ctx_buckets"] == [{"tokens": 16 * 2**k, "num_kv_blocks": 2**k} for k in range(4)]
     assert manifest["total_num_kv_blocks"] == 33
     assert [c["input"] for c in manifest["caches"]] == [
         f"past_{k}.{i}" for i in range(3) for k in ("key", "value")
@@ -141,7 +148,11 @@ def test_manifest_and_determinism(tmp_path: Path) -> None:
     assert {c["kv_heads"] for c in manifest["caches"]} == {2}
     assert manifest["source"]["file"] == "model.onnx" and len(manifest["source"]["sha256"]) == 64
     inputs = {i["name"]: i for i in manifest["inputs"]}
-    assert inputs["block_table"] == {"name": "block_table", "dtype": "int64", "shape": ["batch_size", 8]}
+    assert inputs["block_table"] == {
+        "name": "block_table",
+        "dtype": "int64",
+        "shape": ["batch_size", "num_kv_blocks"],
+    }
 
 
 def test_inspect_lists_sites_and_writes_nothing(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from paged_rewrite import OutputError, UsageError, rewrite
 from paged_rewrite.builder import ExportSpec, write_qeff_export
 from paged_rewrite.custom_ops import paged_function_protos
-from paged_rewrite.handoff import read_specializations
+from paged_rewrite.handoff import entry_origins, read_specializations
 from paged_rewrite.model_io import load_model
 from paged_rewrite.static_shapes import check_specializations, check_static
 
@@ -77,12 +77,13 @@ def test_every_value_is_static_under_every_specialization(
             onnx.load(out, load_external_data=False),
             report,
             written,
-            read_specializations(specializations),
+            entry_origins(report, read_specializations(specializations), report.bound_dims),
             lambda: load_model(source),
         )
-    assert [r.specialization for r in report.static_shapes] == [
-        e["name"] for e in json.loads(specializations.read_text())["specializations"]
-    ]
+    written = json.loads(out.with_name("paged.specializations.json").read_text())
+    assert [r.specialization for r in report.static_shapes] == [e["name"] for e in written["specializations"]]
+    given = {e["name"] for e in json.loads(specializations.read_text())["specializations"]}
+    assert {r.specialization.rsplit("_ctx", 1)[0] for r in report.static_shapes} == given
     for result in report.static_shapes:
         assert result.ok and not result.placeholders, result.specialization
         assert set(result.symbols) == {d for spec in report.inputs for d in spec.shape if isinstance(d, str)}
@@ -109,7 +110,7 @@ def test_full_check_names_a_value_the_rewrite_left_non_static(tmp_path: Path, mo
     monkeypatch.setattr(finalize_model, "paged_function_protos", data_dependent)
     source = fixture_model("llama_default")
     with pytest.raises(
-        OutputError, match=r"under specialization 'Default' the rewrite leaves '.*' .*without a static"
+        OutputError, match=r"under specialization '\w+' the rewrite leaves '.*' .*without a static"
     ):
         rewrite(source, tmp_path / "p.onnx", 32, ctx_len=128, full_check=True)
     assert list(tmp_path.iterdir()) == []
@@ -128,8 +129,16 @@ def test_non_static_values_of_the_original_are_reported_not_blamed() -> None:
 
 
 def test_open_symbols_are_checked_at_placeholders_and_listed(tmp_path: Path) -> None:
-    report = rewrite(fixture_model("llama_default"), tmp_path / "p.onnx", 32, ctx_len=128, full_check=True)
-    (result,) = report.static_shapes
+    report = rewrite(
+        fixture_model("llama_default"),
+        tmp_path / "p.onnx",
+        32,
+        ctx_len=128,
+        ctx_buckets=[128],
+        full_check=True,
+    )
+    assert [r.specialization for r in report.static_shapes] == ["prefill_ctx128", "decode_ctx128"]
+    result = report.static_shapes[0]  # prefill: seq_len left open
     assert result.ok and result.made_non_static == [] and result.already_non_static == []
     assert result.placeholders == {"batch_size": 1, "seq_len": 1, "total_num_kv_blocks": 5}
     assert "values static" in report.summary()
@@ -143,7 +152,9 @@ def test_the_80_layer_builder_model_is_static_and_compiler_ready(tmp_path: Path)
     specializations = tmp_path / "specializations.json"
     entries = [{"name": n, "symbols": {"batch_size": "1", "seq_len": s, "ctx_len": "4096"}} for n, s in (("prefill", "128"), ("decode", "1"))]  # fmt: skip
     specializations.write_text(json.dumps({"specializations": entries}))
-    report = rewrite(source, tmp_path / "p.onnx", 128, specializations=specializations, full_check=True)
+    report = rewrite(
+        source, tmp_path / "p.onnx", 128, specializations=specializations, ctx_buckets=[4096], full_check=True
+    )
     assert [r.ok for r in report.static_shapes] == [True, True]
     assert all(not r.already_non_static and r.values > 30_000 for r in report.static_shapes)
     assert report.paged_op_nodes.keys() == {"PagedCtxScatter", "PagedCtxGather", "PagedLogicalShape"}

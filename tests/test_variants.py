@@ -67,7 +67,8 @@ def test_sliding_window_ring_keeps_its_length(paged_fixture) -> None:
     metadata = {p.key: p.value for p in paged.metadata_props}
     assert metadata["paged_rewrite.windows"] == '{"sliding_window": 32}'
     table = next(i for i in paged.graph.input if i.name == "block_table")
-    assert [d.dim_value for d in table.type.tensor_type.shape.dim][1] == CTX_LEN // 16
+    assert table.type.tensor_type.shape.dim[1].dim_param == "num_kv_blocks"  # context buckets
+    assert report.ctx_buckets == [16, 32, 64, CTX_LEN]  # the ring (32) fits the widest
 
 
 def test_padding_does_not_overwrite_the_ring_as_the_original_does(paged_fixture) -> None:
@@ -139,7 +140,7 @@ def test_continuous_batching_table_has_one_row_per_token_row(paged_fixture) -> N
         v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
         for v in onnx.load(paged_path).graph.input
     }
-    assert inputs["block_table"] == ["batch_size", 8] and inputs["slot_id"] == ["batch_size"]
+    assert inputs["block_table"] == ["batch_size", "num_kv_blocks"] and inputs["slot_id"] == ["batch_size"]
     assert inputs["input_ids"][0] == "batch_size"  # not the cache's full_batch_size
 
 

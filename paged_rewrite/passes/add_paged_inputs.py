@@ -1,17 +1,19 @@
 """Add the paged-cache inputs ``block_table`` and ``slot_id``, thread them into every local
 function that holds cache ops (one new pair of function inputs, every call site passes the
-graph's), and fix the paged layout: block size, table width, and each cache's logical length."""
+graph's), and fix the paged layout: block size, table width, context buckets, and each cache's
+logical length."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx
 from onnx import helper
 
+from paged_rewrite.buckets import columns_for, resolve_buckets
 from paged_rewrite.errors import UnsupportedPatternError, UsageError
 from paged_rewrite.graph import Body
 from paged_rewrite.passes.sites import CacheSites, Dim, where
@@ -34,6 +36,7 @@ class PagedLayout:
     context_dim: Dim  # the length dim of full-context caches: they span the whole table
     windows: dict[Dim, int]  # length dim (a name, or a static size) -> ring length
     bound_dims: dict[str, int]  # every symbolic dim of the input the user gave a value
+    ctx_buckets: tuple[int, ...] = ()  # table widths in tokens, ascending (see buckets.py)
     # The same two names address the cache in the main graph and in every function body.
     block_table: str = BLOCK_TABLE
     slot_id: str = SLOT_ID
@@ -57,10 +60,14 @@ def add_paged_inputs(
     dims: Mapping[str, int] | None = None,
     num_blocks: int | None = None,
     ctx_len: int | None = None,
+    ctx_buckets: Sequence[int] | None = None,
 ) -> PagedLayout:
     """Append ``block_table`` int64 ``[batch, num_kv_blocks]`` and ``slot_id`` int64 ``[batch]``.
 
-    ``ctx_len`` binds the length axis of the full-context caches, whatever that dim is named."""
+    ``ctx_len`` binds the length axis of the full-context caches, whatever that dim is named.
+    The table width stays the symbolic ``num_kv_blocks`` whenever there are several context
+    buckets (``ctx_buckets``, else the default ladder up to a known context), so a runtime can
+    pass a narrower table per step; with a single bucket it is static, ``ceil(bucket / bs)``."""
     if kv_block_size < 1:
         raise UsageError(f"--kv-block-size must be a positive integer, got {kv_block_size}")
     if num_blocks is not None and num_blocks < 2:
@@ -76,9 +83,11 @@ def add_paged_inputs(
         raise UsageError(
             f"--kv-block-size {kv_block_size} is larger than the context ({context_dim}={context_len})"
         )
+    buckets = _buckets(sites, ctx_buckets, context_len, kv_block_size)
+    _refuse_rings_beyond(windows, buckets, kv_block_size)
     for body in sites.bodies:
         _refuse_name_clash(body)
-    num_kv_blocks: int | str = math.ceil(context_len / kv_block_size) if context_len else NUM_KV_BLOCKS
+    num_kv_blocks: int | str = columns_for(buckets[0], kv_block_size) if len(buckets) == 1 else NUM_KV_BLOCKS
     int64 = onnx.TensorProto.INT64
     model.graph.input.extend(
         [
@@ -94,10 +103,37 @@ def add_paged_inputs(
         context_dim=context_dim,
         windows=windows,
         bound_dims=bound,
+        ctx_buckets=buckets,
     )
     for function in sites.functions:
         _thread_into_function(model, function)
     return layout
+
+
+def _buckets(
+    sites: CacheSites, given: Sequence[int] | None, context_len: int | None, kv_block_size: int
+) -> tuple[int, ...]:
+    """The context buckets. A graph that never reads its cache (disaggregated prefill) attends
+    within its chunk: a narrower table would save nothing, and QEfficient ties its chunk to the
+    cache length (``seq_len = ctx_len``), so its graph breaks on any other width. It gets the
+    context as its one bucket."""
+    if not sites.reads:
+        if given is not None and len(set(given)) > 1:
+            raise UsageError(
+                "--ctx-buckets: the model never reads its cache (a prefill-only graph attends within "
+                "its chunk, whose length is the context): give one bucket or none"
+            )
+        if given is None:
+            return (context_len,) if context_len else ()
+    return resolve_buckets(given, context_len, kv_block_size)
+
+
+def _refuse_rings_beyond(windows: Mapping[Dim, int], buckets: Sequence[int], kv_block_size: int) -> None:
+    """A ring lives in the first table columns: the widest table must hold it."""
+    widest = columns_for(buckets[-1], kv_block_size) * kv_block_size if buckets else None
+    for dim, ring in windows.items():
+        if widest is not None and ring > widest:
+            raise UsageError(f"--dim {dim}={ring} is longer than the largest context bucket ({buckets[-1]})")
 
 
 def _refuse_name_clash(body: Body) -> None:

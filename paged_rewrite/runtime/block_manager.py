@@ -2,7 +2,8 @@
 
 It owns the bookkeeping a serving runtime needs: a pool of ``num_blocks`` physical blocks of
 ``kv_block_size`` token slots, block 0 reserved as the null block, a free list, per-sequence
-block lists and lengths, and per call the ``block_table`` and ``slot_id`` inputs of the model.
+block lists and lengths, an optional prefix cache, and per call the ``block_table`` and
+``slot_id`` inputs of the model.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from paged_rewrite.runtime.prefix_cache import PrefixCache, block_hashes
 
 NULL_BLOCK = 0
 UNALLOCATED = -1
@@ -37,6 +40,12 @@ class BlockManager:
     (reference counts). Before a sequence writes into a block it shares, ``prepare_write`` makes
     it private — copy on write — and queues the ``(source, copy)`` pair; the runtime applies
     ``take_copies()`` to its pools before the model call. Full shared blocks are never copied.
+
+    Prefix caching (``prefix_caching=True``): ``cache_prompt(seq, prompt)`` names the full blocks
+    of a prefilled prompt by content (``prefix_cache.block_hashes``); the cache holds a reference
+    to each, so they outlive their sequence. ``match_prefix(seq, prompt)`` starts a new sequence
+    on the cached blocks its prompt begins with. When the free list is empty, the least recently
+    used cached block no sequence holds is evicted and reused.
     """
 
     def __init__(
@@ -45,6 +54,7 @@ class BlockManager:
         kv_block_size: int,
         block_order: Sequence[int] | None = None,
         ring_lengths: Sequence[int] = (),
+        prefix_caching: bool = False,
     ) -> None:
         if num_blocks < 2:
             raise ValueError(
@@ -66,10 +76,20 @@ class BlockManager:
         # Ring-buffer (sliding-window) layers write position p at ring slot p % ring, inside
         # the first columns of the table: copy on write must cover those columns too.
         self.ring_lengths = tuple(ring_lengths)
+        self.prefix_cache = PrefixCache() if prefix_caching else None
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.prefix_cache is not None
 
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Blocks an allocation can get: free ones and cached ones no sequence holds."""
+        return len(self._free) + (self.prefix_cache.num_idle if self.prefix_cache else 0)
 
     @property
     def num_used_blocks(self) -> int:
@@ -121,7 +141,47 @@ class BlockManager:
         copies, self._copies = self._copies, []
         return copies
 
+    def match_prefix(self, seq: Hashable, prompt: np.ndarray) -> int:
+        """Start ``seq`` on the cached blocks ``prompt`` begins with; return how many positions
+        they hold (the first position left to prefill). At least the prompt's last token is left
+        out: its logits are the first output, and it must be written into a block of its own."""
+        if seq in self._sequences:
+            raise ValueError(f"sequence {seq!r} already exists")
+        cache = self._require_cache()
+        reusable = (len(prompt) - 1) // self.kv_block_size
+        blocks = []
+        for digest in block_hashes(prompt[: reusable * self.kv_block_size], self.kv_block_size):
+            block = cache.lookup(digest)
+            if block is None:
+                break
+            blocks.append(block)
+        for block in blocks:
+            self._references[block] += 1
+            cache.mark_busy(block)
+        self._sequences[seq] = _Sequence(blocks, len(blocks) * self.kv_block_size)
+        return len(blocks) * self.kv_block_size
+
+    def cache_prompt(self, seq: Hashable, prompt: np.ndarray) -> None:
+        """Name the full blocks of ``seq``'s prefilled ``prompt`` by content. A block whose content
+        is cached already (under another block) stays private to ``seq``."""
+        cache = self._require_cache()
+        state = self._sequences[seq]
+        filled = min(len(prompt), state.length) // self.kv_block_size
+        for block, digest in zip(
+            state.blocks[:filled], block_hashes(prompt, self.kv_block_size), strict=False
+        ):
+            if cache.lookup(digest) is None and not cache.holds(block):
+                cache.insert(digest, block)
+                self._references[block] += 1  # the cache's own reference
+
+    def _require_cache(self) -> PrefixCache:
+        if self.prefix_cache is None:
+            raise ValueError("prefix caching is off: create the BlockManager with prefix_caching=True")
+        return self.prefix_cache
+
     def _allocate(self) -> int:
+        if not self._free and self.prefix_cache is not None and self.prefix_cache.num_idle:
+            self._release(self.prefix_cache.evict())  # drop the cache's reference: freed
         if not self._free:
             raise OutOfBlocksError(f"pool of {self.num_blocks} blocks is exhausted")
         block = self._free.pop()
@@ -133,6 +193,10 @@ class BlockManager:
         if self._references[block] == 0:
             del self._references[block]
             self._free.append(block)
+        elif (
+            self._references[block] == 1 and self.prefix_cache is not None and self.prefix_cache.holds(block)
+        ):
+            self.prefix_cache.mark_idle(block)  # only the cache holds it now
 
     def append(self, seq: Hashable, num_tokens: int) -> None:
         """Record that ``num_tokens`` more tokens of ``seq`` were written (allocating as needed)."""
@@ -146,17 +210,22 @@ class BlockManager:
         for block in reversed(state.blocks):
             self._release(block)
 
-    def block_table(self, seqs: Sequence[Hashable | None], num_columns: int) -> np.ndarray:
-        """int64 ``[len(seqs), num_columns]``; ``-1`` where unallocated. ``None`` is an empty row."""
+    def block_table(
+        self, seqs: Sequence[Hashable | None], num_columns: int, truncate: bool = False
+    ) -> np.ndarray:
+        """int64 ``[len(seqs), num_columns]``; ``-1`` where unallocated. ``None`` is an empty row.
+        A sequence holding more blocks than the table has columns is an error, unless
+        ``truncate``: then its first ``num_columns`` blocks are listed (a narrowed table)."""
         table = np.full((len(seqs), num_columns), UNALLOCATED, dtype=np.int64)
         for row, seq in enumerate(seqs):
             if seq is None:
                 continue
             blocks = self._sequences[seq].blocks
-            if len(blocks) > num_columns:
+            if len(blocks) > num_columns and not truncate:
                 raise ValueError(
                     f"sequence {seq!r} holds {len(blocks)} blocks, the table has {num_columns} columns"
                 )
+            blocks = blocks[:num_columns]
             table[row, : len(blocks)] = blocks
         return table
 

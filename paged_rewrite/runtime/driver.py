@@ -93,15 +93,21 @@ class Step:
 
 def prefill_rows(script: SequenceScript, chunk_len: int) -> list[Row]:
     """The prompt cut into chunks of ``chunk_len``, the last one right-padded (id 0, position -1)."""
-    rows = []
-    for start in range(0, len(script.prompt), chunk_len):
-        ids = np.full(chunk_len, PAD_ID, dtype=np.int64)
-        pos = np.full(chunk_len, PAD_POSITION, dtype=np.int64)
-        chunk = script.prompt[start : start + chunk_len]
-        ids[: len(chunk)] = chunk
-        pos[: len(chunk)] = np.arange(start, start + len(chunk))
-        rows.append(Row(script.name, ids, pos))
-    return rows
+    return [
+        chunk_row(script.name, script.prompt, start, chunk_len)
+        for start in range(0, len(script.prompt), chunk_len)
+    ]
+
+
+def chunk_row(seq: str, prompt: np.ndarray, start: int, chunk_len: int) -> Row:
+    """The ``chunk_len`` prompt tokens from position ``start``, right-padded (id 0, position -1).
+    A chunk may start anywhere: after a prefix-cache hit, at the first uncached position."""
+    ids = np.full(chunk_len, PAD_ID, dtype=np.int64)
+    pos = np.full(chunk_len, PAD_POSITION, dtype=np.int64)
+    chunk = prompt[start : start + chunk_len]
+    ids[: len(chunk)] = chunk
+    pos[: len(chunk)] = np.arange(start, start + len(chunk))
+    return Row(seq, ids, pos)
 
 
 def greedy_token(logits: np.ndarray, row: int) -> int:

@@ -21,9 +21,10 @@ _SEARCH_DEPTH = 4
 
 @dataclass(frozen=True)
 class PagedGeometry:
-    """Page size, table width, vocabulary, the dims the rewrite bound, the ring lengths a runtime
-    must know (for copy on write and isolation), ``write_only``: the model never reads its
-    cache (a prefill-only graph, whose attention uses the chunk's fresh K/V), and its inputs."""
+    """Page size, table width (static, else None), vocabulary, the dims the rewrite bound, the
+    ring lengths a runtime must know (for copy on write and isolation), ``write_only``: the model
+    never reads its cache (a prefill-only graph, whose attention uses the chunk's fresh K/V), its
+    inputs, and its context buckets (tokens; the table widths it was written for)."""
 
     kv_block_size: int
     num_kv_blocks: int | None
@@ -33,6 +34,14 @@ class PagedGeometry:
     position_rings: tuple[int, ...] = ()
     write_only: bool = False
     inputs: tuple[str, ...] = ()
+    ctx_buckets: tuple[int, ...] = ()
+
+    @property
+    def full_num_kv_blocks(self) -> int | None:
+        """The widest table: the static width, else the largest bucket's, else unknown."""
+        if self.num_kv_blocks:
+            return self.num_kv_blocks
+        return -(-max(self.ctx_buckets) // self.kv_block_size) if self.ctx_buckets else None
 
     @property
     def ring_lengths(self) -> list[int]:
@@ -71,6 +80,7 @@ class PagedGeometry:
             tuple(position_rings(model)),
             write_only=not any(op.startswith("PagedCtxGather") for op in ops),
             inputs=tuple(v.name for v in graph.input),
+            ctx_buckets=tuple(json.loads(metadata.get("paged_rewrite.ctx_buckets", "[]"))),
         )
 
 

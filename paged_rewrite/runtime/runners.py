@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from paged_rewrite.buckets import columns_for, default_ladder, pick_width
+from paged_rewrite.errors import UnsupportedPatternError
 from paged_rewrite.runtime.block_manager import NULL_BLOCK, UNALLOCATED, BlockManager
 from paged_rewrite.runtime.extra_inputs import RUNNER_INPUTS, ExtraInputs, Phase, infer_phase
+from paged_rewrite.runtime.geometry import PagedGeometry
+from paged_rewrite.runtime.in_place import in_place_refusal, run_in_place
+from paged_rewrite.runtime.isolation import (
+    IsolationRecord,
+    TableWidthRecord,
+    expected_writes,
+    foreign_changes,
+    unexpected_writes,
+)
 from paged_rewrite.runtime.sessions import open_session
 from paged_rewrite.runtime.states import RETAINED, CacheIO, OtherStates, SlotMap, cache_io, retained_state_io
 
@@ -26,6 +37,7 @@ __all__ = [
     "IsolationRecord",
     "PagedRunner",
     "Row",
+    "TableWidthRecord",
     "cache_io",
     "foreign_changes",
     "kept_logits",
@@ -80,10 +92,16 @@ class _Runner:
         patch_sentinels: bool,
         dims: Mapping[str, int],
         extra_inputs: ExtraInputs | None,
+        in_place: bool = False,
     ) -> None:
         self.model_path = os.fspath(model_path)
         self.session = open_session(model_path, patch_sentinels=patch_sentinels)
         self.caches = cache_io(self.session)
+        # See in_place.py: KV outputs written over their inputs, no copy of the cache per step.
+        self.in_place = {c.input: c.output for c in self.caches} if in_place else {}
+        refusal = in_place_refusal(model_path, self.in_place) if in_place else None
+        if refusal:
+            raise UnsupportedPatternError(f"{model_path}: cannot update the KV caches in place: {refusal}")
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -105,6 +123,8 @@ class _Runner:
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         try:
+            if self.in_place:
+                return run_in_place(self.session, feeds, self.in_place, self.output_names)
             outputs = self.session.run(self.output_names, feeds)
         except Exception as exc:  # onnxruntime's own error types: name the model that failed
             raise ModelRunError(self.model_path, exc) from exc
@@ -138,7 +158,7 @@ class ContiguousRunner(_Runner):
     exports (a ``batch_index`` input): one shared ``[full_batch_size, ...]`` cache, each sequence
     in its own slot (``slots``, else the lowest free one), idle rows on the remaining slots.
     ``dims`` gives the symbolic dims (``ctx_len``, ``sliding_window``, ``full_batch_size``, and
-    those of non-KV states such as ``vision_size``).
+    those of non-KV states such as ``vision_size``). ``in_place``: see ``in_place.py``.
     """
 
     def __init__(
@@ -147,8 +167,9 @@ class ContiguousRunner(_Runner):
         dims: Mapping[str, int],
         slots: Mapping[Hashable, int] | None = None,
         extra_inputs: ExtraInputs | None = None,
+        in_place: bool = False,
     ) -> None:
-        super().__init__(model_path, True, dims, extra_inputs)
+        super().__init__(model_path, True, dims, extra_inputs, in_place)
         self.continuous_batching = self.slots is not None
         if self.slots is not None:
             self.slots.slots.update(slots or {})
@@ -202,22 +223,31 @@ class ContiguousRunner(_Runner):
         self.states.fork(parent, child)
 
 
-@dataclass
-class IsolationRecord:
-    """Blocks that changed during one step although no row of that step owned them."""
-
-    step: int
-    foreign_blocks_changed: list[int] = field(default_factory=list)
-
-
 class PagedRunner(_Runner):
     """A paged model: one block pool per cache tensor, shared by all sequences, addressed through
-    ``block_table`` / ``slot_id`` from a ``BlockManager``. Every step also checks isolation, slot
-    by slot: outside block 0, a pool slot may change only if some row of the step wrote that
-    logical position through its own table row, or lies in that row's ring columns; any other
-    change is recorded with its block, so a row writing into another row's block is caught even
-    within one batch. ``dims`` and ``extra_inputs`` serve the non-KV inputs, as for
-    ``ContiguousRunner``."""
+    ``block_table`` / ``slot_id`` from a ``BlockManager``.
+
+    **Table width.** ``num_kv_blocks`` is the widest table (the full context). Per step the
+    runner passes the narrowest table of its buckets that covers the longest row of the batch
+    (positions already written and those the step writes): the model then attends over that
+    many positions only, where its context length follows the cache shape. The buckets are
+    ``ctx_buckets`` (tokens), by default the model's own (its metadata, as the rewrite wrote
+    them; a static table width allows only itself). ``full_width=True`` always passes the full
+    table. Each step's width is recorded in ``table_widths``, with the rows a too-narrow table
+    cut short (buckets that do not reach a row's context).
+
+    **Isolation.** Every step checks, slot by slot: outside block 0, a pool slot may change only
+    if some row of the step wrote that logical position through its own table row, or lies in
+    that row's ring columns; any other change is recorded with its block, so a row writing into
+    another row's block is caught even within one batch (``check_isolation=False`` skips it: it
+    compares every pool byte). ``in_place=True`` updates the pools in place (``in_place.py``).
+
+    **Prefix caching** (a ``BlockManager`` with ``prefix_caching=True``): ``start(seq, prompt)``
+    takes the cached full blocks the prompt starts with and returns the first position left to
+    prefill; ``cache_prompt(seq, prompt)`` offers the full blocks of a prefilled prompt to later
+    requests. Refused for models whose cache content is not a function of the tokens alone
+    (ring layers, non-KV retained states, LoRA ids). ``dims`` and ``extra_inputs`` serve the
+    non-KV inputs, as for ``ContiguousRunner``."""
 
     def __init__(
         self,
@@ -226,44 +256,78 @@ class PagedRunner(_Runner):
         num_kv_blocks: int,
         dims: Mapping[str, int] | None = None,
         extra_inputs: ExtraInputs | None = None,
+        ctx_buckets: Sequence[int] | None = None,
+        full_width: bool = False,
+        check_isolation: bool = True,
+        in_place: bool = False,
     ) -> None:
-        super().__init__(model_path, False, dims or {}, extra_inputs)
+        super().__init__(model_path, False, dims or {}, extra_inputs, in_place)
+        self.geometry = PagedGeometry.of(model_path)
+        self.check_isolation = check_isolation
         self.manager = manager
         self.num_kv_blocks = num_kv_blocks
         self.pools = {
             c.input: np.zeros(c.sized({}, a0=manager.num_blocks, a2=manager.kv_block_size), c.dtype)
             for c in self.caches
         }
+        self.widths = [num_kv_blocks] if full_width else self._bucket_widths(ctx_buckets)
         self.isolation: list[IsolationRecord] = []
+        self.table_widths: list[TableWidthRecord] = []
         self.blocks_in_use: list[int] = []  # distinct pool blocks held after each step
+        if manager.prefix_caching:
+            self._refuse_prefix_caching()
 
     @property
     def context_len(self) -> int:
         return self.num_kv_blocks * self.manager.kv_block_size
 
+    def _bucket_widths(self, ctx_buckets: Sequence[int] | None) -> list[int]:
+        """Table widths (columns) this runner may pass, ascending. The model's own buckets and
+        the default ladder end at the full width; ``ctx_buckets`` given are taken as they are
+        (capped at ``num_kv_blocks``): a runtime configured with buckets that stop short of a
+        row's context cuts it, which ``table_widths`` records."""
+        geometry = self.geometry
+        if geometry.num_kv_blocks is not None:
+            return [geometry.num_kv_blocks]  # a static width: the model was compiled for this one only
+        size = self.manager.kv_block_size
+        if ctx_buckets is None:
+            if not geometry.ctx_buckets and geometry.write_only:
+                return [self.num_kv_blocks]  # a prefill-only graph: see add_paged_inputs._buckets
+            ctx_buckets = [
+                *(geometry.ctx_buckets or default_ladder(self.context_len, size)),
+                self.context_len,
+            ]
+        return sorted({min(columns_for(b, size), self.num_kv_blocks) for b in ctx_buckets})
+
+    def table_width(self, needed_tokens: int) -> int:
+        """The narrowest bucket's width holding ``needed_tokens`` positions (the widest if none)."""
+        return pick_width(needed_tokens, self.widths, self.manager.kv_block_size)
+
     def step(self, rows: Sequence[Row], phase: Phase | None = None) -> np.ndarray:
         manager = self.manager
+        needed: dict[Hashable, int] = {}
         for row in rows:
             valid = row.position_ids[row.position_ids >= 0]
             if row.seq is not None:
-                manager.prepare_write(row.seq, int(valid.max()) + 1 if valid.size else 0)
+                end = int(valid.max()) + 1 if valid.size else 0
+                manager.prepare_write(row.seq, end)
+                needed[row.seq] = max(end, manager.length_of(row.seq))
         for source, copy in manager.take_copies():  # copy on write of shared blocks
             for pool in self.pools.values():
                 pool[copy] = pool[source]
         seqs = [row.seq for row in rows]
+        width = self.table_width(max(needed.values(), default=1))
         feeds = self._inputs(rows, phase)
-        feeds["block_table"] = manager.block_table(seqs, self.num_kv_blocks)
+        feeds["block_table"] = manager.block_table(seqs, width, truncate=True)
         feeds["slot_id"] = manager.slot_id(seqs)
         feeds.update(self.pools)
+        before = (
+            {n: p.copy() for n, p in self.pools.items()}
+            if self.in_place and self.check_isolation
+            else self.pools
+        )
         out = self._run(feeds)
-        allowed = self._expected_writes(rows, feeds["block_table"])
-        record = IsolationRecord(step=len(self.isolation))
-        for c in self.caches:
-            after = out[c.output]
-            record.foreign_blocks_changed += unexpected_writes(self.pools[c.input], after, allowed)
-            self.pools[c.input] = after
-        record.foreign_blocks_changed = sorted(set(record.foreign_blocks_changed))
-        self.isolation.append(record)
+        self._check(rows, feeds["block_table"], out, needed, before)
         self.states.keep(seqs, out)
         for row in rows:
             if row.seq is not None:
@@ -271,24 +335,57 @@ class PagedRunner(_Runner):
         self.blocks_in_use.append(manager.num_used_blocks)
         return kept_logits(out)
 
-    def _expected_writes(self, rows: Sequence[Row], table: np.ndarray) -> set[tuple[int, int]]:
-        """``(block, offset)`` of every position the rows write, by the contract's address rule,
-        and every slot of their ring columns. A ring's slots are rewritten in an order the model
-        chooses (ring order ``p % window``, or, in a prefill-only graph, the last ``window``
-        tokens in order), so only the row that owns a ring block may change it, anywhere."""
+    def _check(
+        self,
+        rows: Sequence[Row],
+        table: np.ndarray,
+        out: dict[str, np.ndarray],
+        needed: Mapping[Hashable, int],
+        before: Mapping[str, np.ndarray],
+    ) -> None:
+        """Record the step's isolation (unless ``check_isolation`` is off: it compares every pool
+        byte, which a serving loop should not pay for) and table width; keep the new pools."""
         size = self.manager.kv_block_size
-        allowed: set[tuple[int, int]] = set()
-        for index, row in enumerate(rows):
-            if row.seq is None:
-                continue  # an idle row writes nothing but the null block
-            for position in (int(p) for p in row.position_ids if 0 <= p < table.shape[1] * size):
-                block = int(table[index, position // size])
-                if block > NULL_BLOCK:
-                    allowed.add((block, position % size))
-            for ring in self.manager.ring_lengths:
-                for block in (int(b) for b in table[index, : -(-ring // size)] if b > NULL_BLOCK):
-                    allowed.update((block, offset) for offset in range(size))
-        return allowed
+        allowed = (
+            expected_writes(rows, table, size, self.manager.ring_lengths) if self.check_isolation else set()
+        )
+        record = IsolationRecord(step=len(self.isolation))
+        for c in self.caches:
+            after = out[c.output]
+            if self.check_isolation:
+                record.foreign_blocks_changed += unexpected_writes(before[c.input], after, allowed)
+            self.pools[c.input] = after
+        record.foreign_blocks_changed = sorted(set(record.foreign_blocks_changed))
+        self.isolation.append(record)
+        columns = table.shape[1]
+        cut = tuple(seq for seq, tokens in needed.items() if tokens > columns * size)
+        needed_columns = columns_for(max(needed.values(), default=0), size)
+        self.table_widths.append(TableWidthRecord(record.step, columns, needed_columns, cut))
+
+    def start(self, seq: Hashable, prompt: np.ndarray) -> int:
+        """Begin ``seq``: with prefix caching, take the cached blocks its prompt starts with.
+        Returns the first position to prefill (0 without a cache hit)."""
+        if self.manager.prefix_caching:
+            return self.manager.match_prefix(seq, prompt)
+        self.manager.ensure_capacity(seq, 0)  # known to the manager, holding nothing yet
+        return 0
+
+    def cache_prompt(self, seq: Hashable, prompt: np.ndarray) -> None:
+        """``seq`` has prefilled ``prompt``: offer its full blocks to later requests."""
+        if self.manager.prefix_caching:
+            self.manager.cache_prompt(seq, prompt)
+
+    def _refuse_prefix_caching(self) -> None:
+        """A cached block is shared by content: it must hold nothing but its tokens' K/V."""
+        reason = None
+        if self.manager.ring_lengths or self.geometry.ring_lengths:
+            reason = "its ring-buffer layers overwrite the first table columns as a sequence grows"
+        elif self.states.per_row or self.states.shared_io:
+            reason = "its non-KV retained states (e.g. vision embeddings) shape the KV beyond the tokens"
+        elif "lora_ids" in self.extra_names:
+            reason = "the KV depends on each row's LoRA adapter, not on the tokens alone"
+        if reason:
+            raise UnsupportedPatternError(f"prefix caching is not supported for this model: {reason}")
 
     def kv_view(self, seq: Hashable, lengths: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
         """``seq``'s caches read back through its table: ``[1, heads, length, head_dim]`` each, the
@@ -316,20 +413,3 @@ class PagedRunner(_Runner):
         """``child`` shares ``parent``'s blocks (prefix sharing, copy on write)."""
         self.manager.fork(parent, child)
         self.states.fork(parent, child)
-
-
-def unexpected_writes(before: np.ndarray, after: np.ndarray, allowed: set[tuple[int, int]]) -> list[int]:
-    """Blocks with a slot (axis 2) that changed outside ``allowed`` ``(block, offset)`` pairs;
-    block 0 (the null block) may change anywhere."""
-    blocks, _, size, _ = before.shape
-    changed = (before.view(np.uint8) != after.view(np.uint8)).reshape(blocks, before.shape[1], size, -1)
-    slots = changed.any(axis=(1, 3))  # [blocks, size]
-    return sorted(
-        {int(b) for b, o in zip(*np.nonzero(slots), strict=True) if b != NULL_BLOCK and (b, o) not in allowed}
-    )
-
-
-def foreign_changes(before: np.ndarray, after: np.ndarray, owned: set[int]) -> list[int]:
-    """Blocks (axis 0) outside ``owned`` whose bytes differ between ``before`` and ``after``."""
-    differs = (before.view(np.uint8) != after.view(np.uint8)).reshape(before.shape[0], -1).any(axis=1)
-    return [int(b) for b in np.nonzero(differs)[0] if int(b) not in owned]

@@ -1,7 +1,16 @@
 """``verify``: drive an original export and its paged rewrite through the same scenario and
 prove they agree — per step max abs logit difference, greedy-token agreement, isolation (no pool
-block outside the step's own rows and the null block ever changes), and at the end each
-sequence's KV cache read back through its block table against the original's cache.
+block outside the step's own rows and the null block ever changes), the table width the step
+passed (narrowed to the smallest context bucket covering the batch by default; a table that
+does not cover a row's live context fails the check), and at the end each sequence's KV cache
+read back through its block table against the original's cache.
+
+Narrowed tables are bit-exact against the original at its full context where the export's
+attention over the narrower context does the same arithmetic (plain, CB, subfunction, CCL,
+window exports: the masked positions add exact zeros). BlockedKV exports split the context into
+a fixed number of blocks whose length follows the table, so the online softmax sums in another
+order: there the logits agree within the tolerance (1e-5) with the same greedy tokens. The
+summary says which.
 
 Both models get the same extra inputs (``extra_inputs.ExtraInputs``): CCL lengths that change as
 the sequences grow, ``num_logits_to_keep`` for TLM decode steps of several tokens, constants
@@ -13,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,6 +58,8 @@ class StepCheck:
     max_abs_diff: float
     greedy_agree: bool
     foreign_blocks_changed: list[int]
+    table_width: int = 0  # block_table columns the paged model got
+    rows_cut: list[str] = field(default_factory=list)  # rows whose live context the table did not cover
 
 
 @dataclass
@@ -63,6 +74,7 @@ class VerifyReport:
     tolerance: float
     steps: list[StepCheck] = field(default_factory=list)
     kv_max_abs_diff: float = 0.0
+    full_width: bool = False
 
     @property
     def max_abs_diff(self) -> float:
@@ -71,9 +83,16 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return self.kv_max_abs_diff <= self.tolerance and all(
-            s.max_abs_diff <= self.tolerance and s.greedy_agree and not s.foreign_blocks_changed
+            s.max_abs_diff <= self.tolerance
+            and s.greedy_agree
+            and not s.foreign_blocks_changed
+            and not s.rows_cut
             for s in self.steps
         )
+
+    @property
+    def bit_exact(self) -> bool:
+        return self.max_abs_diff == 0.0 and self.kv_max_abs_diff == 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "max_abs_diff": self.max_abs_diff, "ok": self.ok}
@@ -81,19 +100,41 @@ class VerifyReport:
     def summary(self) -> str:
         bad = [s for s in self.steps if s.max_abs_diff > self.tolerance or not s.greedy_agree]
         breaches = [s for s in self.steps if s.foreign_blocks_changed]
+        cut = [s for s in self.steps if s.rows_cut]
+        exactness = "bit-exact" if self.bit_exact else f"within tolerance {self.tolerance:g}"
         lines = [
             f"{len(self.steps)} steps, kv_block_size={self.kv_block_size}, ctx_len={self.ctx_len}, "
             f"pool={self.num_blocks} blocks ({self.block_order})",
+            f"table width per step ({'full width' if self.full_width else 'narrowed to the context in use'}, "
+            f"columns): {_runs([s.table_width for s in self.steps])}",
             f"max abs logit diff {self.max_abs_diff:.3g} (tolerance {self.tolerance:g}); "
             f"greedy tokens agree on {sum(s.greedy_agree for s in self.steps)}/{len(self.steps)} steps; "
-            f"isolation breaches: {len(breaches)}; final KV max abs diff {self.kv_max_abs_diff:.3g}",
+            f"isolation breaches: {len(breaches)}; final KV max abs diff {self.kv_max_abs_diff:.3g}; "
+            f"steps with a table narrower than a row's context: {len(cut)}",
         ]
         lines += [
             f"  step {s.step} ({s.kind}, {','.join(s.sequences)}): diff {s.max_abs_diff:.3g}" for s in bad[:5]
         ]
         lines += [f"  step {s.step}: foreign blocks changed {s.foreign_blocks_changed}" for s in breaches[:5]]
+        lines += [
+            f"  step {s.step}: table of {s.table_width} columns cuts the context of {','.join(s.rows_cut)}"
+            for s in cut[:5]
+        ]
+        if self.ok:
+            lines.append(f"logits {exactness}")
         lines.append("OK" if self.ok else "MISMATCH")
         return "\n".join(lines)
+
+
+def _runs(values: list[int]) -> str:
+    """``[1, 1, 2, 2, 2, 4]`` -> ``"1 x2, 2 x3, 4 x1"``: per-step widths, run-length encoded."""
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and runs[-1][0] == value:
+            runs[-1][1] += 1
+        else:
+            runs.append([value, 1])
+    return ", ".join(f"{value} x{count}" for value, count in runs) or "-"
 
 
 def _abs_diff(want: np.ndarray, got: np.ndarray) -> float:
@@ -132,11 +173,15 @@ def compare(
     geometry: PagedGeometry | None = None,
     dims: Mapping[str, int] | None = None,
     extra_inputs: ExtraInputs | None = None,
+    ctx_buckets: Sequence[int] | None = None,
+    full_width: bool = False,
 ) -> VerifyReport:
     """Drive both models through ``scenario``; the pool has ``spare_blocks`` never-used blocks
     beyond what the sequences need, so isolation is checked against untouched neighbours too.
     ``dims`` binds symbolic dims the models leave open (e.g. ``vision_size``); ``extra_inputs``
-    defaults to CCL lengths of a quarter, half and all of ``ctx_len``."""
+    defaults to CCL lengths of a quarter, half and all of ``ctx_len``. The paged model gets per
+    step the narrowest table of ``ctx_buckets`` (tokens; by default its own) covering the batch,
+    or always the full table with ``full_width``."""
     geometry = geometry or PagedGeometry.of(paged)
     bs = geometry.kv_block_size
     num_kv_blocks = geometry.num_kv_blocks or math.ceil(ctx_len / bs)
@@ -152,7 +197,15 @@ def compare(
     extra_inputs = extra_inputs or ExtraInputs(comp_ctx_lengths=CompCtxSchedule.spread(ctx_len))
     all_dims = {**geometry.dims, "ctx_len": ctx_len, **(dims or {})}
     try:
-        paged_runner = PagedRunner(paged, manager, num_kv_blocks, all_dims, extra_inputs)
+        paged_runner = PagedRunner(
+            paged,
+            manager,
+            num_kv_blocks,
+            all_dims,
+            extra_inputs,
+            ctx_buckets=ctx_buckets,
+            full_width=full_width,
+        )
         original_runner = ContiguousRunner(original, all_dims, extra_inputs=extra_inputs)
         steps = drive([original_runner, paged_runner], scenario)
         kv_diff = final_kv_diff(original_runner, paged_runner, scenario)
@@ -164,8 +217,10 @@ def compare(
         first = str(exc).strip().splitlines()
         reason = first[0] if first else type(exc).__name__
         raise VerificationError(f"{paged}: running the scenario failed: {reason}") from None
-    report = VerifyReport(bs, ctx_len, num_blocks, block_order, tolerance, kv_max_abs_diff=kv_diff)
-    for step, isolation in zip(steps, paged_runner.isolation, strict=True):
+    report = VerifyReport(
+        bs, ctx_len, num_blocks, block_order, tolerance, kv_max_abs_diff=kv_diff, full_width=full_width
+    )
+    for step, isolation, width in zip(steps, paged_runner.isolation, paged_runner.table_widths, strict=True):
         want, got = step.logits
         report.steps.append(
             StepCheck(
@@ -175,6 +230,8 @@ def compare(
                 max_abs_diff=_abs_diff(want, got),
                 greedy_agree=bool((want.argmax(-1) == got.argmax(-1)).all()),
                 foreign_blocks_changed=isolation.foreign_blocks_changed,
+                table_width=width.columns,
+                rows_cut=[str(seq) for seq in width.rows_cut],
             )
         )
     return report
@@ -191,16 +248,21 @@ def verify(
     tolerance: float = DEFAULT_TOLERANCE,
     dims: Mapping[str, int] | None = None,
     extra_inputs: ExtraInputs | None = None,
+    ctx_buckets: Sequence[int] | None = None,
+    full_width: bool = False,
 ) -> VerifyReport:
     """The default check: two sequences of different lengths, padded prefill chunks that cross
     block boundaries (for blocks smaller than the chunk), then ``num_decode`` batched steps —
     of ``TLM_DECODE_WIDTH`` tokens each for a TLM (``num_logits_to_keep``). A prefill-only
     (write-only) model gets one whole-context chunk per sequence and no decode: QEfficient
-    exports it for ``seq_len = ctx_len``, and its cache is checked at the end."""
+    exports it for ``seq_len = ctx_len``, and its cache is checked at the end. Tables are
+    narrowed per step to the model's context buckets (``ctx_buckets`` overrides them) unless
+    ``full_width``."""
     geometry = PagedGeometry.of(paged)
     bs = geometry.kv_block_size
     if ctx_len is None:
-        ctx_len = geometry.num_kv_blocks * bs if geometry.num_kv_blocks else max(128, bs)
+        full = geometry.full_num_kv_blocks
+        ctx_len = full * bs if full else max(128, bs)
     width = TLM_DECODE_WIDTH if "num_logits_to_keep" in geometry.inputs else 1
     prompt_len = chunk_len + chunk_len // 2 - 3  # two chunks, the second one padded
     if geometry.write_only:
@@ -230,4 +292,6 @@ def verify(
         geometry=geometry,
         dims=dims,
         extra_inputs=extra_inputs,
+        ctx_buckets=ctx_buckets,
+        full_width=full_width,
     )

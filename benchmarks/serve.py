@@ -1,0 +1,265 @@
+"""Serving: the paged model against the original continuous-batching export at the same KV memory.
+
+    python benchmarks/serve.py [--requests 96] [--rate 16] [--seed 0] [--png docs/serving.png]
+
+Models (the project's builder, one seed): a QEfficient-style continuous-batching export with 2 layers,
+hidden 256, 4 query / 2 KV heads, head_dim 64, MLP 512, vocab 4096, context 4096 and
+``full_batch_size`` 8; its paged rewrite with ``kv_block_size`` 128 and the default context buckets
+(128, 256, ..., 4096), pool 8 * 32 + 1 = 257 blocks: the original's 8 * 4096 token slots per cache
+tensor plus the null block. Both run in onnxruntime CPU with their caches updated in place
+(``paged_rewrite.runtime.in_place``; a device keeps retained state in place, and the per-step copy
+onnxruntime otherwise makes is reported separately below) through ``paged_rewrite.runtime.serving``:
+FCFS admission reserving each request's KV in full, one 128-token prefill chunk then one decode step
+per iteration, virtual time advanced by measured call times.
+
+Workload: Poisson arrivals at ``--rate`` requests/s; user prompt ~ lognormal(median 128, sigma 0.8)
+clipped to [8, 1536] tokens, output ~ lognormal(median 48, sigma 0.7) clipped to [4, 384] tokens;
+half the requests start with one common 512-token system prompt. Random token ids, greedy decoding
+to exactly the drawn output length.
+
+Reported: decode step time against context fill (batch 8, caches in place and copied), time to first
+token of one prompt cold and with its system prompt cached, and for the served workload tokens/s,
+peak concurrent sequences, TTFT p50/p95 by prefix hit, and the wall time of the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from paged_rewrite import rewrite
+from paged_rewrite.buckets import pick_width
+from paged_rewrite.builder import ExportSpec, write_qeff_export
+from paged_rewrite.runtime.block_manager import BlockManager
+from paged_rewrite.runtime.geometry import PagedGeometry
+from paged_rewrite.runtime.in_place import run_in_place
+from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
+from paged_rewrite.runtime.serving import Request, Served, Server
+from paged_rewrite.runtime.sessions import open_session
+
+SPEC = ExportSpec(num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
+                  intermediate_size=512, vocab_size=4096, continuous_batching=True)  # fmt: skip
+CTX, BLOCK, ROWS, CHUNK, SYSTEM = 4096, 128, 8, 128, 512
+POOL = ROWS * CTX // BLOCK + 1
+SYSTEM_MARK = "-system"  # names of the requests whose prompt starts with the common system prompt
+FILLS = (1 / 32, 1 / 16, 1 / 10, 1 / 4, 1 / 2, 1.0)
+
+
+def build(folder: Path) -> tuple[Path, Path]:
+    original = write_qeff_export(folder / "cb.onnx", SPEC)
+    rewrite(original, folder / "paged.onnx", BLOCK, ctx_len=CTX, num_blocks=POOL)
+    return original, folder / "paged.onnx"
+
+
+def decode_vs_fill(original: Path, paged: Path, repeat: int) -> list[dict[str, float]]:
+    """Median decode step (ms) at batch 8, every row at the same position, per context fill:
+    the original, the paged model with the narrowest bucket and with the full table; caches
+    updated in place and, for the first two, copied (onnxruntime's default)."""
+    sessions = {"original": open_session(original, patch_sentinels=True), "paged": open_session(paged)}
+    widths = [-(-b // BLOCK) for b in PagedGeometry.of(paged).ctx_buckets]
+    rng = np.random.default_rng(0)
+    names = [f"past_{k}.{layer}" for layer in range(SPEC.num_layers) for k in ("key", "value")]
+    shape = (SPEC.num_kv_heads, SPEC.head_dim)
+    caches = {n: rng.standard_normal((ROWS, shape[0], CTX, shape[1]), np.float32) for n in names}
+    pools = {n: rng.standard_normal((POOL, shape[0], BLOCK, shape[1]), np.float32) for n in names}
+    aliases = {n: f"{n}_RetainedState" for n in names}
+    rows = []
+    for fill in FILLS:
+        position = round(fill * CTX) - 1
+        tokens = {"input_ids": rng.integers(0, SPEC.vocab_size, (ROWS, 1)),
+                  "position_ids": np.full((ROWS, 1), position)}  # fmt: skip
+        narrow = pick_width(position + 1, widths, BLOCK)
+        cases = {
+            "original": ("original", {**tokens, **caches, "batch_index": np.arange(ROWS)[:, None]}),
+            "paged": ("paged", _paged_feeds(tokens, pools, narrow, position)),
+            "paged_full_width": ("paged", _paged_feeds(tokens, pools, CTX // BLOCK, position)),
+        }
+        samples: dict[str, list[float]] = {f"{c}_{m}": [] for c in cases for m in ("in_place", "copy")}
+        for index in range(repeat + 2):  # cases interleaved so machine drift hits all; 2 warm-ups
+            for case, (model, feeds) in cases.items():
+                for mode in ("in_place", "copy"):
+                    start = time.perf_counter()
+                    if mode == "in_place":
+                        run_in_place(sessions[model], feeds, aliases, ["logits"])
+                    else:
+                        sessions[model].run(None, feeds)
+                    if index >= 2:
+                        samples[f"{case}_{mode}"].append(time.perf_counter() - start)
+        row = {"fill": fill, "columns": narrow, **{k: statistics.median(v) * 1e3 for k, v in samples.items()}}
+        rows.append(row)
+        print(
+            f"fill {fill:6.1%}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k.endswith("place"))
+        )
+    return rows
+
+
+def _paged_feeds(tokens: dict[str, np.ndarray], pools: dict[str, np.ndarray], columns: int,
+                 position: int) -> dict[str, np.ndarray]:  # fmt: skip
+    table = np.arange(1, ROWS * columns + 1).reshape(ROWS, columns)  # distinct blocks per row
+    return {**tokens, **pools, "block_table": table, "slot_id": np.full(ROWS, position % BLOCK)}
+
+
+def workload(count: int, rate: float, seed: int) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    system = rng.integers(0, SPEC.vocab_size, SYSTEM)
+    arrivals = np.cumsum(rng.exponential(1 / rate, count))
+    requests = []
+    for index, arrival in enumerate(arrivals):
+        user = int(np.clip(rng.lognormal(np.log(128), 0.8), 8, 1536))
+        output = int(np.clip(rng.lognormal(np.log(48), 0.7), 4, 384))
+        prompt = rng.integers(0, SPEC.vocab_size, user)
+        shared = rng.random() < 0.5
+        if shared:
+            prompt = np.r_[system, prompt]
+        requests.append(Request(f"r{index}{SYSTEM_MARK if shared else ''}", prompt, output, float(arrival)))
+    return requests
+
+
+def paged_runner(paged: Path, caching: bool = True) -> PagedRunner:
+    manager = BlockManager(POOL, BLOCK, prefix_caching=caching)
+    return PagedRunner(paged, manager, CTX // BLOCK, check_isolation=False, in_place=True)
+
+
+def original_runner(original: Path) -> ContiguousRunner:
+    return ContiguousRunner(original, {"ctx_len": CTX, "full_batch_size": ROWS}, in_place=True)
+
+
+def ttft_cold_and_hit(original: Path, paged: Path, samples: int, chunk: int) -> dict[str, float]:
+    """TTFT (ms) of a system prompt + 64 user tokens alone on an idle server, prefilled in chunks of
+    ``chunk``: the paged model with nothing cached, with the system prompt cached, and the original
+    (which cannot cache)."""
+    rng = np.random.default_rng(1)
+    system = rng.integers(0, SPEC.vocab_size, SYSTEM)
+    times: dict[str, list[float]] = {"paged_cold": [], "paged_hit": [], "original": []}
+    for index in range(samples):
+        prompt = np.r_[system, rng.integers(0, SPEC.vocab_size, 64)]
+        warm = Request("warm", np.r_[system, rng.integers(0, SPEC.vocab_size, 40)], 1, 0.0)
+        probe = Request(f"p{index}", prompt, 1, 1e3)
+        served = {s.request.name: s for s in Server(paged_runner(paged), chunk, 64).run([warm, probe])}
+        assert served[probe.name].cached_tokens == SYSTEM
+        times["paged_hit"].append(served[probe.name].ttft)
+        times["paged_cold"].append(Server(paged_runner(paged), chunk, 64).run([probe])[0].ttft)
+        times["original"].append(Server(original_runner(original), chunk, 64).run([probe])[0].ttft)
+    result = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    result["cold_over_hit"] = result["paged_cold"] / result["paged_hit"]
+    print(f"TTFT alone, chunk {chunk} (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()))
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1e3 if values else float("nan")
+
+
+def serve(server: Server, requests: list[Request], label: str) -> tuple[dict[str, float], list[Served]]:
+    start = time.perf_counter()
+    served = server.run(requests)
+    wall = time.perf_counter() - start
+    generated = sum(len(s.tokens) for s in served)
+    makespan = max(s.finished_at for s in served) - min(r.arrival for r in requests)
+    hits = [s for s in served if s.cached_tokens > 0]
+    system_cold = [s for s in served if s.request.name.endswith(SYSTEM_MARK) and not s.cached_tokens]
+    other = [s for s in served if not s.request.name.endswith(SYSTEM_MARK)]
+    decode = [s for s in server.steps if s.kind == "decode"]
+    summary = {
+        "generated_tokens": generated,
+        "makespan_s": makespan,
+        "tokens_per_s": generated / makespan,
+        "peak_running": server.peak_running,
+        "ttft_p50_ms": percentile([s.ttft for s in served], 50),
+        "ttft_p95_ms": percentile([s.ttft for s in served], 95),
+        "ttft_system_hit_p50_ms": percentile([s.ttft for s in hits], 50),
+        "ttft_system_hit_p95_ms": percentile([s.ttft for s in hits], 95),
+        "ttft_system_cold_p50_ms": percentile([s.ttft for s in system_cold], 50),
+        "ttft_system_cold_p95_ms": percentile([s.ttft for s in system_cold], 95),
+        "ttft_no_system_p50_ms": percentile([s.ttft for s in other], 50),
+        "ttft_no_system_p95_ms": percentile([s.ttft for s in other], 95),
+        "prefix_hits": len(hits),
+        "decode_steps": len(decode),
+        "mean_decode_step_ms": statistics.mean(s.seconds for s in decode) * 1e3,
+        "wall_s": wall,
+    }
+    print(f"{label}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+    return summary, served
+
+
+def plot(path: Path, fills: list[dict[str, float]], runs: dict[str, list[Served]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
+    x = [100 * row["fill"] for row in fills]
+    for key, label, style in (("original_in_place", "original (CB export)", "o-"),
+                              ("paged_in_place", "paged, narrowed table", "s-"),
+                              ("paged_full_width_in_place", "paged, full table", "^--")):  # fmt: skip
+        left.plot(x, [row[key] for row in fills], style, label=label)
+    left.set(
+        xlabel="context fill (%)", ylabel="decode step, batch 8 (ms)", title="Decode step vs context fill"
+    )
+    left.legend()
+    for label, served in runs.items():
+        events = sorted([(s.admitted_at, 1) for s in served] + [(s.finished_at, -1) for s in served])
+        times, running = [0.0], [0]
+        for when, change in events:
+            times.append(when)
+            running.append(running[-1] + change)
+        middle.step(times, running, where="post", label=label)
+    middle.set(
+        xlabel="time (s, virtual)", ylabel="sequences in flight", title="Concurrency at equal KV memory"
+    )
+    middle.legend()
+    for label, served in runs.items():
+        groups = {"": served} if "original" in label else {
+            ", system prompt cached": [s for s in served if s.cached_tokens],
+            ", no cache hit": [s for s in served if not s.cached_tokens],
+        }  # fmt: skip
+        for suffix, group in groups.items():
+            ttft = np.sort([s.ttft for s in group])
+            right.plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft), label=label + suffix)
+    right.set(xscale="log", xlabel="time to first token (s)", ylabel="share of requests", title="TTFT")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--rate", type=float, default=16.0, help="mean arrivals per second (Poisson)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=15, help="timed runs per decode-vs-fill case")
+    parser.add_argument("--png", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        original, paged = build(Path(tmp))
+        fills = decode_vs_fill(original, paged, args.repeat)
+        ttft = {f"chunk_{c}": ttft_cold_and_hit(original, paged, 5, c) for c in (64, CHUNK)}
+        requests = workload(args.requests, args.rate, args.seed)
+        original_summary, original_served = serve(
+            Server(original_runner(original), CHUNK, ROWS), requests, "original"
+        )
+        paged_summary, paged_served = serve(Server(paged_runner(paged), CHUNK, 64), requests, "paged")
+    results = {"decode_vs_fill_ms": fills, "ttft_alone_ms": ttft, "original": original_summary,
+               "paged": paged_summary, "total_wall_s": time.perf_counter() - started}  # fmt: skip
+    print(json.dumps(results, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.png:
+        plot(
+            args.png,
+            fills,
+            {"original (8 cache rows)": original_served, "paged (257-block pool)": paged_served},
+        )
+
+
+if __name__ == "__main__":
+    main()
