@@ -28,15 +28,7 @@ PAGED_FORM = {  # the contract: what each KV op becomes
     "CtxGatherCB": "PagedCtxGather",
 }
 FEATURE_EXPORTS = [
-    "llama_ccl",
-    "llama_tlm",
-    "gpt_oss_prefill_only",
-    "gpt_oss_kv_prefix",
-    "qwen3_moe_decode_retain_full_kv",
-    "gemma2_ctx256",
-    "llama4_text",
-    "llava_lang_kv_offload",
-    "qwen2_cb",
+    *RUNNABLE_FEATURE_FIXTURES,
     "ort_failing/gpt_oss_decode_retain_full_kv",
     "ort_failing/llama_lora",
     "ort_failing/llama_sampler",
