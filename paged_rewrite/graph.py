@@ -94,6 +94,38 @@ class Body:
         self._consumers = None
 
 
+def prune_unread(body: onnx.GraphProto | onnx.FunctionProto, seeds: set[str]) -> int:
+    """Remove the nodes that compute only values nobody reads, starting from ``seeds`` (values an
+    edit stopped reading) and following their producers; returns how many went. Nodes that were
+    unread before the edit are not touched: only what the seeds kept alive can go."""
+    outputs = {v.name for v in body.output} if isinstance(body, onnx.GraphProto) else set(body.output)
+    readers: dict[str, int] = {}
+    for node in body.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+        for attribute in node.attribute:  # a subgraph may read any outer value: keep those
+            if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                for name in used_names([g for g in [attribute.g, *attribute.graphs] if g.node]):
+                    readers[name] = readers.get(name, 0) + 1
+    producers = {out: node for node in body.node for out in node.output}
+    removed: set[int] = set()
+    stack = [name for name in seeds if name in producers]
+    while stack:
+        node = producers[stack.pop()]
+        if id(node) in removed or any(readers.get(o, 0) or o in outputs for o in node.output if o):
+            continue
+        removed.add(id(node))
+        for name in node.input:
+            readers[name] -= 1
+            if readers[name] == 0 and name in producers:
+                stack.append(name)
+    if removed:
+        kept = [node for node in body.node if id(node) not in removed]
+        del body.node[:]
+        body.node.extend(kept)
+    return len(removed)
+
+
 def become(node: onnx.NodeProto, domain: str, op_type: str, inputs: Sequence[str]) -> None:
     """Turn ``node`` into ``domain::op_type(inputs)`` in place; its name and outputs stay."""
     node.domain = domain

@@ -1,5 +1,5 @@
-"""The rewrite, top to bottom: find the cache, page its writes and reads, rewire everything that
-looked at its shape, reshape its I/O, and finish the model. Each step is one file in ``passes/``."""
+"""The rewrite, top to bottom: find the cache, rewire everything that looked at its shape, page its
+writes and reads, reshape its I/O, and finish the model. Each step is one file in ``passes/``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from paged_rewrite.passes.page_reads import page_reads
 from paged_rewrite.passes.page_writes import page_writes
 from paged_rewrite.passes.reshape_cache_io import reshape_cache_io
 from paged_rewrite.passes.rewire_logical_shape import rewire_logical_shape
+from paged_rewrite.passes.shared_index import SharedIndex
 from paged_rewrite.passes.sites import CacheSites
 from paged_rewrite.report import CacheReport, LeftAloneReport, RewriteReport, TensorSpec
 
@@ -53,9 +54,11 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         options.ctx_len,
         options.ctx_buckets,
     )
-    page_writes(sites, layout)
-    page_reads(sites, layout)
-    rewire_logical_shape(sites, layout)
+    shared = SharedIndex(sites, layout)  # the index ops the next three request, each made once
+    rewire_logical_shape(sites, layout, shared)  # first: positions derive from the cache shape
+    page_writes(sites, layout, shared)
+    page_reads(sites, layout, shared)
+    shared.place()
     reshape_cache_io(sites, layout)
     finalized = finalize_model(sites, layout, metadata=_layout_metadata(layout))
     dangling = sorted(undefined_ops(model) - undefined_before)

@@ -90,8 +90,9 @@ def test_paged_matches_original(
     assert not [op for op in after if op.startswith("Ctx")], after
     if KINDS[kind].get("blocked_kv_num_blocks"):
         read_op = "CtxGatherBlockedKVCB" if KINDS[kind].get("continuous_batching") else "CtxGatherBlockedKV"
-        assert report.rewritten[f"{read_op} -> PagedCtxGatherPositions"] == before[read_op]
-        assert after["PagedCtxGatherPositions"] == before[read_op]
+        assert report.rewritten[f"{read_op} -> PagedCtxGather"] == before[read_op]
+        assert after["PagedCtxGather"] == before[read_op]
+        assert after["PagedReadIndex"] == KINDS[kind]["blocked_kv_num_blocks"]  # per block, all layers
     if KINDS[kind].get("continuous_batching"):
         assert report.removed_inputs == ["batch_index"]
 

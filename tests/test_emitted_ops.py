@@ -25,7 +25,7 @@ def test_every_body_is_flat_small_and_in_the_vocabulary(cache_type: int) -> None
         assert {n.domain for n in proto.node} <= {""}, proto.name  # no call to any function
         assert {("ai.onnx", n.op_type) for n in proto.node} <= op_vocabulary(), proto.name
         assert [(o.domain, o.version) for o in proto.opset_import] == [("", 17)]
-        if proto.name in ("PagedCtxGather", "PagedCtxGatherPositions"):  # zeros of the caches' type
+        if proto.name in ("PagedReadIndex", "PagedReadIndexCCL"):  # the zero row has the caches' type
             assert cache_type in {a.i for n in proto.node if n.op_type == "Cast" for a in n.attribute}
 
 
@@ -54,17 +54,28 @@ def test_node_counts_are_in_the_report_and_its_json(tmp_path) -> None:
         fixture_model("gpt_oss_swa_moe"), tmp_path / "p.onnx", 16, ctx_len=128, dims={"sliding_window": 32}
     )
     counts = report.to_dict()["paged_op_nodes"]
-    assert set(counts) == {"PagedCtxScatter", "PagedCtxGather", "PagedLogicalShape", "PagedWindowShape"}
+    assert set(counts) == {
+        "PagedWriteIndex",
+        "PagedCtxScatter",
+        "PagedReadIndexCCL",
+        "PagedCtxGather",
+        "PagedLogicalShape",
+        "PagedWindowShape",
+    }
     assert counts == {p.name: len(p.node) for p in paged_function_protos(counts)}
-    assert "paged ops emitted (nodes in each flat body): PagedCtxScatter" in report.summary()
+    assert "paged ops emitted (nodes in each flat body): PagedWriteIndex" in report.summary()
 
 
 def test_a_float16_pool_reads_float16_zeros() -> None:
     """The read's zeros take the caches' type (CastLike in the source, a Cast when emitted)."""
     half = TensorProto.FLOAT16
-    node = helper.make_node("PagedCtxGatherPositions", ["pool", "table", "idx"], ["out"], domain=PAGED_DOMAIN)
+    read_index = ["rows", "pick", "row_shape", "zero_row"]
+    nodes = [
+        helper.make_node("PagedReadIndex", ["pool", "table", "idx"], read_index, domain=PAGED_DOMAIN),
+        helper.make_node("PagedCtxGather", ["pool", *read_index], ["out"], domain=PAGED_DOMAIN),
+    ]
     graph = helper.make_graph(
-        [node],
+        nodes,
         "g",
         [
             helper.make_tensor_value_info("pool", half, [3, 1, 2, 2]),
@@ -76,7 +87,7 @@ def test_a_float16_pool_reads_float16_zeros() -> None:
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(PAGED_DOMAIN, 1)],
-        functions=paged_function_protos(["PagedCtxGatherPositions"], half),
+        functions=paged_function_protos(["PagedReadIndex", "PagedCtxGather"], half),
         ir_version=8,
     )
     onnx.checker.check_model(model, full_check=True)

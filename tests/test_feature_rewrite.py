@@ -49,6 +49,19 @@ def _functions(model: onnx.ModelProto) -> dict[str, bytes]:
     return {f.name: f.SerializeToString() for f in model.functions}
 
 
+def _ancestors(graph: onnx.GraphProto, names: set[str]) -> set[tuple[str, ...]]:
+    """The nodes (by their outputs) that compute ``names``, transitively."""
+    producers = {out: node for node in graph.node for out in node.output}
+    found: set[tuple[str, ...]] = set()
+    stack = [producers[name] for name in names if name in producers]
+    while stack:
+        node = stack.pop()
+        if tuple(node.output) not in found:
+            found.add(tuple(node.output))
+            stack.extend(producers[name] for name in node.input if name in producers)
+    return found
+
+
 def _called(model: onnx.ModelProto) -> set[str]:
     return {n.op_type for body in [model.graph.node, *(f.node for f in model.functions)] for n in body}
 
@@ -97,12 +110,18 @@ def test_only_the_kv_caches_are_paged(tmp_path, name: str, kv_block_size: int) -
     reasons = LEFT_ALONE_BECAUSE.get(name, ())
     assert all(any(word in op.reason for word in reasons) for op in report.left_alone), report.left_alone
 
-    # Every node outside the KV path is unchanged, byte for byte (matched by its outputs).
+    # Every node outside the KV path is unchanged, byte for byte (matched by its outputs). Only
+    # nodes that computed the KV ops' positions may be gone (the index ops share one computation;
+    # each layer's unread copy is pruned), and only if nothing in the output reads their values.
     paged_nodes = {tuple(n.output): n for n in after.graph.node}
     kv_outputs = {op["outputs"][0] for op in kv_calls}
+    positions = _ancestors(before.graph, {name for op in kv_calls for name in op["inputs"][1:]})
+    read_after = {name for n in after.graph.node for name in n.input} | {o.name for o in after.graph.output}
     for node in before.graph.node:
         if node.output[0] in kv_outputs:
             assert paged_nodes[tuple(node.output)].op_type == PAGED_FORM[node.op_type]
+        elif tuple(node.output) not in paged_nodes:
+            assert tuple(node.output) in positions and not set(node.output) & read_after, node.name
         elif not (node.op_type == "Shape" and node.input[0] in kv_values):
             assert paged_nodes[tuple(node.output)].SerializeToString() == node.SerializeToString(), node.name
 

@@ -27,19 +27,25 @@ def _ops_session() -> ort.InferenceSession:
         return helper.make_tensor_value_info(name, dtype, dims)
 
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    # Each cache op as the rewrite emits it: the shared index op, then the per-cache data op.
+    read_index = ["rows", "pick", "row_shape", "zero_row"]
     nodes = [
         helper.make_node(
-            "PagedCtxScatter",
-            ["pool", "block_table", "slot_id", "position_ids", "updates", "slot_period"],
-            ["new_pool"],
+            "PagedWriteIndex",
+            ["pool", "block_table", "slot_id", "position_ids", "slot_period"],
+            ["write_index"],
             domain=PAGED_DOMAIN,
         ),
         helper.make_node(
-            "PagedCtxGather",
+            "PagedCtxScatter", ["pool", "write_index", "updates"], ["new_pool"], domain=PAGED_DOMAIN
+        ),
+        helper.make_node(
+            "PagedReadIndexCCL",
             ["new_pool", "block_table", "ctx_indices", "comp_ctx_len"],
-            ["read"],
+            read_index,
             domain=PAGED_DOMAIN,
         ),
+        helper.make_node("PagedCtxGather", ["new_pool", *read_index], ["read"], domain=PAGED_DOMAIN),
     ]
     graph = helper.make_graph(
         nodes,

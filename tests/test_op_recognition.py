@@ -33,7 +33,11 @@ def test_the_two_operand_gather_of_older_releases_is_paged_bit_exact(
     original = pre_ccl_gather(fixture_model("llama_default"), tmp_path / "old.onnx")
     assert all(len(n.input) == 2 for n in onnx.load(original).graph.node if n.op_type == "CtxGather")
     report = rewrite(original, tmp_path / "paged.onnx", kv_block_size, ctx_len=128)
-    assert report.rewritten["CtxGather -> PagedCtxGatherPositions"] == 4
+    assert report.rewritten["CtxGather -> PagedCtxGather"] == 4
+    paged = onnx.load(tmp_path / "paged.onnx")
+    assert [n.op_type for n in paged.graph.node if n.op_type.startswith("PagedReadIndex")] == [
+        "PagedReadIndex"
+    ]
     result = verify(original, tmp_path / "paged.onnx", seed=kv_block_size)
     assert result.ok and result.max_abs_diff == 0.0, result.summary()
 

@@ -6,6 +6,7 @@ import hashlib
 from collections import Counter
 
 import onnx
+import onnx.inliner
 import pytest
 from conftest import ALL_FIXTURES, CONTIGUOUS_FIXTURES, CTX_LEN, NARROWING_INEXACT
 
@@ -19,7 +20,7 @@ PAGED_FORM = {
     "CtxScatterCB": "PagedCtxScatter",
     "CtxGather": "PagedCtxGather",
     "CtxGatherCB": "PagedCtxGather",
-    "CtxGatherBlockedKV": "PagedCtxGatherPositions",
+    "CtxGatherBlockedKV": "PagedCtxGather",
 }
 
 
@@ -99,15 +100,48 @@ def test_interface_follows_the_contract(paged_fixture, name: str, kv_block_size:
 
 
 def test_shape_of_cache_is_rewired_to_the_logical_view(paged_fixture) -> None:
-    """No node reads the pool's physical shape: every former Shape(cache) is PagedLogicalShape."""
+    """No node reads the pool's physical shape: every former Shape(cache) reads the one logical
+    shape the model computes per call."""
     _, paged_path, _ = paged_fixture("llama_default", 16)
     paged = onnx.load(paged_path)
     caches = {v.name for v in paged.graph.input if v.name.startswith("past_")}
     caches |= {f"{c}_RetainedState" for c in caches}
     shape_readers = [n for n in paged.graph.node if set(n.input) & caches and n.op_type == "Shape"]
-    logical = [n for n in paged.graph.node if n.op_type == "PagedLogicalShape"]
+    (logical,) = [n for n in paged.graph.node if n.op_type == "PagedLogicalShape"]
+    readers = [n for n in paged.graph.node if logical.output[0] in n.input]
     assert shape_readers == []
-    assert len(logical) == 3  # the mask's ctx_len (from past_key.0) + one per layer's comp_ctx_len
+    # the mask's ctx_len (from past_key.0) + one per layer's comp_ctx_len, each now an Identity of it
+    assert [n.op_type for n in readers] == ["Identity"] * 3
+
+
+# Index ops per call, by hand: every fixture's layers write at position_ids and read the same
+# recomputed positions, so one of each serves all caches (gpt_oss: its window layers write at
+# ring slots and read a window, so two of each, and a second logical shape for the window).
+INDEX_OPS = {
+    "llama_default": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
+    "llama_cb": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
+    "mistral_default": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
+    "qwen2_default": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
+    "gpt2_default": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
+    "llama_subfunctions": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
+}
+
+
+@pytest.mark.parametrize("name", list(INDEX_OPS))
+def test_addresses_are_computed_once_per_call(paged_fixture, name: str) -> None:
+    """The index ops sit in the main graph, once per call; each cache keeps only its data op; and
+    the inlined paged graph is at most 5% larger than the original's."""
+    original_path, paged_path, _ = paged_fixture(name, 16)
+    original, paged = onnx.load(original_path), onnx.load(paged_path)
+    main = Counter(n.op_type for n in paged.graph.node if n.op_type in INDEX_OPS[name])
+    assert main == INDEX_OPS[name]
+    layer_bodies = [f for f in paged.functions if f.domain != QEFF]
+    assert not [n for f in layer_bodies for n in f.node if n.op_type in INDEX_OPS[name]]
+    inlined = {
+        "original": len(onnx.inliner.inline_local_functions(original).graph.node),
+        "paged": len(onnx.inliner.inline_local_functions(paged).graph.node),
+    }
+    assert inlined["paged"] <= 1.05 * inlined["original"], inlined
 
 
 def test_static_sizes_from_flags(tmp_path) -> None:

@@ -30,7 +30,13 @@ def test_continuous_batching_drops_batch_index(paged_fixture) -> None:
     paged = onnx.load(paged_path)
     assert report.removed_inputs == ["batch_index"]
     assert "batch_index" not in [i.name for i in paged.graph.input]
-    assert _ops(paged.graph.node) == {"PagedCtxScatter": 4, "PagedCtxGather": 4, "PagedLogicalShape": 3}
+    assert _ops(paged.graph.node) == {
+        "PagedWriteIndex": 1,
+        "PagedCtxScatter": 4,
+        "PagedReadIndexCCL": 1,
+        "PagedCtxGather": 4,
+        "PagedLogicalShape": 1,
+    }
     assert report.rewritten["CtxScatterCB -> PagedCtxScatter"] == 4
 
 
@@ -38,8 +44,9 @@ def test_blockedkv_reads_each_block_through_the_table(paged_fixture) -> None:
     original_path, paged_path, report = paged_fixture("llama_blockedkv", 32)
     before, after = _ops(onnx.load(original_path).graph.node), _ops(onnx.load(paged_path).graph.node)
     assert before["CtxGatherBlockedKV"] == 16
-    assert after["PagedCtxGatherPositions"] == 16 and "CtxGatherBlockedKV" not in after
-    assert report.rewritten["CtxGatherBlockedKV -> PagedCtxGatherPositions"] == 16
+    assert after["PagedCtxGather"] == 16 and "CtxGatherBlockedKV" not in after
+    assert after["PagedReadIndex"] == 4  # one per KV block, shared by both layers' K and V
+    assert report.rewritten["CtxGatherBlockedKV -> PagedCtxGather"] == 16
 
 
 def test_subfunctions_keep_one_shared_body_and_thread_the_table(paged_fixture) -> None:
@@ -50,11 +57,26 @@ def test_subfunctions_keep_one_shared_body_and_thread_the_table(paged_fixture) -
     bodies = [f for f in paged.functions if f.name == layer]
     assert len(bodies) == 1, "the shared decoder-layer body must not be cloned"
     body = bodies[0]
-    assert list(body.input) == [*before.input, "block_table", "slot_id"]
-    assert _ops(body.node) == {"PagedCtxScatter": 2, "PagedCtxGather": 2, "PagedLogicalShape": 1}
+    # The addresses come in from the main graph, computed once per call: block_table and slot_id
+    # are no longer read inside the layer, and its read positions moved out with them.
+    kept = [name for name in before.input if name != "position_ids"]  # only the cache ops read it
+    added = list(body.input)[len(kept) :]
+    assert list(body.input)[: len(kept)] == kept
+    assert "block_table" not in body.input and "slot_id" not in body.input
+    assert [name.split(".")[1] for name in added] == [
+        "logical_shape",
+        "write_index",
+        "hoisted",
+        "rows",
+        "pick",
+        "row_shape",
+        "zero_row",
+    ]  # fmt: skip  (hoisted: the layer's context length, which its mask reads too)
+    assert _ops(body.node) == {"PagedCtxScatter": 2, "PagedCtxGather": 2}
+    assert _ops(paged.graph.node) == {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1}
     assert not [n for n in body.node if n.op_type.startswith("Ctx")]
     calls = [n for n in paged.graph.node if n.op_type == layer]
-    assert len(calls) == 2 and all(list(c.input[-2:]) == ["block_table", "slot_id"] for c in calls)
+    assert len(calls) == 2 and all(list(c.input[len(kept) :]) == added for c in calls)
     assert report.functions == [layer]
 
 

@@ -25,19 +25,23 @@ from paged_rewrite.custom_ops.library import EMITTED_OPS, PAGED_DOMAIN, compiler
 from paged_rewrite.custom_ops.paged_ops import (
     PagedBlockAddress,
     PagedCtxGather,
-    PagedCtxGatherPositions,
     PagedCtxScatter,
     PagedLogicalShape,
+    PagedReadIndex,
+    PagedReadIndexCCL,
     PagedRowIndex,
     PagedWindowShape,
+    PagedWriteIndex,
 )
 
 # Every onnxscript function: the ops the rewrite calls, and the helpers they are written with.
 SOURCES = (
     PagedBlockAddress,
     PagedRowIndex,
+    PagedWriteIndex,
     PagedCtxScatter,
-    PagedCtxGatherPositions,
+    PagedReadIndex,
+    PagedReadIndexCCL,
     PagedCtxGather,
     PagedLogicalShape,
     PagedWindowShape,

@@ -18,9 +18,20 @@ PAGED_DOMAIN = "com.qualcomm.cloud"
 LIBRARY_FILE = Path(__file__).with_name("paged_ops.onnxlib")
 # The ops a rewritten model may call, in the order they are emitted.
 EMITTED_OPS = (
+    "PagedWriteIndex",
     "PagedCtxScatter",
+    "PagedReadIndex",
+    "PagedReadIndexCCL",
     "PagedCtxGather",
-    "PagedCtxGatherPositions",
+    "PagedLogicalShape",
+    "PagedWindowShape",
+)
+# The index ops: one per call for every cache that shares their operands (``passes/shared_index``);
+# they read only the shape of the pool they are given.
+INDEX_OPS = (
+    "PagedWriteIndex",
+    "PagedReadIndex",
+    "PagedReadIndexCCL",
     "PagedLogicalShape",
     "PagedWindowShape",
 )

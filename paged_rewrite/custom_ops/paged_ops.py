@@ -7,6 +7,12 @@ Each op is emitted into the rewritten model as a model-local function in the dom
 ``com.qualcomm.cloud``; its body uses only standard opset-17 ops, so any ONNX runtime can run
 it and the QAIC compiler can inline it. The docstring of each function is its specification.
 
+Every cache op is split in two. An *index* op (``PagedWriteIndex``, ``PagedReadIndex``) computes
+the addresses from ``block_table``, ``slot_id`` and the positions; the rewrite emits one per call
+for all the caches that share its operands (each layer's K and V, and every layer in the main
+graph), so the address math is paid once, not once per cache. A *data* op (``PagedCtxScatter``,
+``PagedCtxGather``) per cache then only moves bytes with those addresses.
+
 The sources are factored (``PagedBlockAddress`` is the one place the address rule is written),
 but what is emitted is flat: ``emit.py`` expands every helper call into the calling body, so
 no emitted body calls another function, and lowers ``CastLike`` to a ``Cast`` to the caches'
@@ -97,31 +103,31 @@ def PagedRowIndex(pool, block, offset):
 
 
 @script(paged, default_opset=op)
-def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_period):
-    """Write new K or V rows into the block pool; the paged form of ``CtxScatter``.
+def PagedWriteIndex(pool, block_table, slot_id, position_ids, slot_period):
+    """Where a write lands: the ``ScatterND`` index every cache written at the same positions
+    shares (computed once per call, not once per cache; see ``PagedCtxScatter``).
 
     Inputs:
-      pool          ``[N, H, kv_block_size, D]``.
+      pool          ``[N, H, kv_block_size, D]`` (only its shape is read).
       block_table   int64 ``[B, num_kv_blocks]``.
       slot_id       int64 ``[B]``: entries of row ``b``'s active block already filled before
                     this call; a caller passes ``position_ids[b, 0] % kv_block_size``.
       position_ids  int64 ``[B, S]``: logical position of each token; ``-1`` is padding.
-      updates       ``[B, H, S, D]``.
       slot_period   int64 scalar: the period over which ``slot_id`` and the first position must
                     agree: ``kv_block_size`` for full-context caches, ``gcd(window,
                     kv_block_size)`` for ring buffers, whose ``position_ids`` are ring slots
                     ``p % window`` while ``slot_id`` counts logical positions.
     Output:
-      the pool with ``pool[block, :, offset, :] = updates[b, :, s, :]`` at the address of
-      ``position_ids[b, s]`` (see ``PagedBlockAddress``), same shape as ``pool``.
+      int64 ``[B, H, S, 3]``: ``(block, h, offset)`` of token ``s`` of row ``b`` for head ``h``,
+      at the address of ``position_ids[b, s]`` (see ``PagedBlockAddress``).
 
     Invalid writes go to the null block: padding and out-of-range positions, ``-1`` or
     out-of-pool table entries, and every token of a row whose ``slot_id`` is broken:
     ``slot_id[b]`` outside ``[0, kv_block_size)``, or, when the row has a position inside the
     table, ``slot_id[b] % slot_period != p0 % slot_period`` for its first such position ``p0``:
-    such a row's runtime bookkeeping is broken, and writing
-    nothing is the only safe choice. Hence no write ever lands outside block 0 and the blocks
-    listed in the writer's own ``block_table`` row. A chunk may cross block boundaries.
+    such a row's runtime bookkeeping is broken, and writing nothing is the only safe choice.
+    Hence no index ever names a block other than 0 and the blocks listed in the writer's own
+    ``block_table`` row. A chunk may cross block boundaries.
     """
     block, offset = PagedBlockAddress(pool, block_table, position_ids)
     pool_shape = op.Shape(pool)
@@ -147,8 +153,6 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_peri
     block = op.Where(slot_ok, block, zero)
     offset = op.Where(slot_ok, offset, zero)
 
-    # ScatterND straight into the 4-D pool: its result is the graph's retained-state output, and
-    # a Reshape between the two would cost a full copy of the pool (measured: as much as the scatter).
     one = op.Constant(value_ints=[1])
     index_shape = op.Concat(
         op.Slice(position_shape, op.Constant(value_ints=[0]), one),
@@ -158,35 +162,56 @@ def PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_peri
         axis=0,
     )
     head_index = op.Range(zero, op.Gather(pool_shape, 1), op.Constant(value_int=1))
-    indices = op.Concat(
+    write_index = op.Concat(
         op.Expand(op.Unsqueeze(block, op.Constant(value_ints=[1, 3])), index_shape),
         op.Expand(op.Unsqueeze(head_index, op.Constant(value_ints=[0, 2, 3])), index_shape),
         op.Expand(op.Unsqueeze(offset, op.Constant(value_ints=[1, 3])), index_shape),
         axis=3,
     )
-    return op.ScatterND(pool, indices, updates)
+    return write_index
 
 
 @script(paged, default_opset=op)
-def PagedCtxGatherPositions(pool, block_table, ctx_indices):
-    """Read the given logical positions from the block pool; the paged form of
-    ``CtxGatherBlockedKV`` and the core of ``PagedCtxGather``.
+def PagedCtxScatter(pool, write_index, updates):
+    """Write new K or V rows into the block pool; the paged form of ``CtxScatter``.
 
     Inputs:
-      pool          ``[N, H, kv_block_size, D]``.
+      pool         ``[N, H, kv_block_size, D]``.
+      write_index  int64 ``[B, H, S, 3]`` from ``PagedWriteIndex`` (so only block 0 and the
+                   writer's own blocks are ever named).
+      updates      ``[B, H, S, D]``.
+    Output:
+      the pool with ``pool[write_index[b, h, s]] = updates[b, h, s, :]``, same shape as ``pool``.
+
+    The whole op is the data movement: a ``ScatterND`` straight into the 4-D pool. Its result is
+    the graph's retained-state output, and a ``Reshape`` between the two would cost a full copy
+    of the pool (measured: as much as the scatter).
+    """
+    return op.ScatterND(pool, write_index, updates)
+
+
+@script(paged, default_opset=op)
+def PagedReadIndex(pool, block_table, ctx_indices):
+    """What a read needs besides the pool: the rows to gather and the zero-padded pick, shared by
+    every cache read at the same positions (computed once per call, not once per cache; see
+    ``PagedCtxGather``).
+
+    Inputs:
+      pool          ``[N, H, kv_block_size, D]`` (only its shape and type are read).
       block_table   int64 ``[B, num_kv_blocks]``.
       ctx_indices   int64 ``[B, 1 or H, C]``: logical positions to read, per head or shared.
-    Output:
-      ``[B, H, C, D]`` with ``out[b, h, k, :] = pool[block, h, offset, :]`` at the address of
-      ``ctx_indices[b, h (or 0), k]`` (see ``PagedBlockAddress``). Rows are gathered, not
-      indices expanded: it moves the bytes it returns, twice (see the zeros below).
-
-    Nothing is read from the null block: an invalid index (padding, the INT32_MAX "don't care"
-    sentinel of QEfficient exports, a position beyond the table, an unallocated or out-of-pool
-    entry) and a table entry naming block 0 read zeros, whatever block 0 holds (invalid writes
-    leave garbage there, NaN included). No index is ever out of range for the runtime.
+    Outputs:
+      rows       int64 ``[B * H * C]``: row ``(block * H + h) * kv_block_size + offset`` of the pool
+                 seen as ``[N * H * kv_block_size, D]``, at the address of ``ctx_indices[b, h (or
+                 0), k]`` (see ``PagedBlockAddress``; always in range).
+      pick       int64 ``[B, H, C]``: ``1 + (b * H + h) * C + k`` where that address is readable,
+                 ``0`` where it is not: an invalid index (padding, the INT32_MAX "don't care"
+                 sentinel of QEfficient exports, a position beyond the table, an unallocated or
+                 out-of-pool entry) or a table entry naming block 0, the null block, which invalid
+                 writes fill with garbage (NaN included).
+      row_shape  int64 ``[2]``: ``[-1, D]``, the pool seen as rows.
+      zero_row   ``[1, D]`` zeros of the pool's type, which ``PagedCtxGather`` returns for pick 0.
     """
-    pool_shape = op.Shape(pool)
     index_shape = op.Shape(ctx_indices)
     zero = op.Constant(value_ints=[0])
     one = op.Constant(value_ints=[1])
@@ -194,42 +219,58 @@ def PagedCtxGatherPositions(pool, block_table, ctx_indices):
     block, offset = PagedBlockAddress(pool, block_table, op.Reshape(ctx_indices, batch_2d))
     block = op.Reshape(block, index_shape)
     offset = op.Reshape(offset, index_shape)
-
-    rows = PagedRowIndex(pool, block, offset)
-    head_dim = op.Slice(pool_shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[4]))
-    row_shape = op.Concat(op.Constant(value_ints=[-1]), head_dim, axis=0)
-    gathered = op.Gather(op.Reshape(pool, row_shape), op.Reshape(rows, op.Constant(value_ints=[-1])), axis=0)
-    # Zeros by selection, not by a product (0 * NaN is NaN, and block 0 may hold anything): the
-    # gathered rows follow one zero row, which every position that is not readable takes. Two
-    # copies of the rows; a Where would cost more in onnxruntime, whose Where makes three passes.
-    zero_row = op.Expand(op.CastLike(op.Constant(value_float=0.0), pool), op.Concat(one, head_dim, axis=0))
-    rows_after_zero = op.Concat(zero_row, gathered, axis=0)
-    count = op.Gather(op.Shape(gathered), op.Constant(value_int=0))
+    per_head = PagedRowIndex(pool, block, offset)
+    rows = op.Reshape(per_head, op.Constant(value_ints=[-1]))
+    count = op.Gather(op.Shape(rows), op.Constant(value_int=0))
     row_number = op.Reshape(
         op.Range(op.Constant(value_int=1), op.Add(count, op.Constant(value_int=1)), op.Constant(value_int=1)),
-        op.Shape(rows),
+        op.Shape(per_head),
     )
     readable = op.Cast(op.Greater(block, op.Constant(value_int=0)), to=7)  # 1 or 0, int64
-    return op.Gather(rows_after_zero, op.Mul(row_number, readable), axis=0)
+    pick = op.Mul(row_number, readable)
+    head_dim = op.Slice(op.Shape(pool), op.Constant(value_ints=[3]), op.Constant(value_ints=[4]))
+    row_shape = op.Concat(op.Constant(value_ints=[-1]), head_dim, axis=0)
+    zero_row = op.Expand(op.CastLike(op.Constant(value_float=0.0), pool), op.Concat(one, head_dim, axis=0))
+    return rows, pick, row_shape, zero_row
 
 
 @script(paged, default_opset=op)
-def PagedCtxGather(pool, block_table, ctx_indices, comp_ctx_len):
-    """Read logical cache positions from the block pool; the paged form of ``CtxGather``.
+def PagedReadIndexCCL(pool, block_table, ctx_indices, comp_ctx_len):
+    """``PagedReadIndex`` for the reads of ``CtxGather`` with a compute-context length.
 
     Inputs:
-      pool          ``[N, H, kv_block_size, D]``.
-      block_table   int64 ``[B, num_kv_blocks]``.
-      ctx_indices   int64 ``[B, 1 or H, C]``: logical positions to read (as in ``CtxGather``).
-      comp_ctx_len  int64 scalar: number of positions to read; ``ctx_indices`` is broadcast to
-                    ``[B, ., comp_ctx_len]`` first (``C`` is 1 or ``comp_ctx_len``).
-    Output:
-      ``[B, H, comp_ctx_len, D]``, read as ``PagedCtxGatherPositions`` reads: invalid indices
-      and the null block read zeros.
+      pool, block_table  as for ``PagedReadIndex``.
+      ctx_indices        int64 ``[B, 1 or H, C]``: logical positions to read (as in ``CtxGather``).
+      comp_ctx_len       int64 scalar: number of positions to read; ``ctx_indices`` is broadcast to
+                         ``[B, ., comp_ctx_len]`` first (``C`` is 1 or ``comp_ctx_len``).
+    Outputs:
+      rows, pick, row_shape, zero_row as ``PagedReadIndex`` gives them for the broadcast indices.
     """
     length = op.Reshape(comp_ctx_len, op.Constant(value_ints=[1]))
     broadcast = op.Concat(op.Constant(value_ints=[1, 1]), length, axis=0)
-    return PagedCtxGatherPositions(pool, block_table, op.Expand(ctx_indices, broadcast))
+    rows, pick, row_shape, zero_row = PagedReadIndex(pool, block_table, op.Expand(ctx_indices, broadcast))
+    return rows, pick, row_shape, zero_row
+
+
+@script(paged, default_opset=op)
+def PagedCtxGather(pool, rows, pick, row_shape, zero_row):
+    """Read K or V rows from the block pool; the paged form of ``CtxGather`` (with or without a
+    compute-context length) and of ``CtxGatherBlockedKV``.
+
+    Inputs:
+      pool                            ``[N, H, kv_block_size, D]``.
+      rows, pick, row_shape, zero_row from ``PagedReadIndex`` (or its CCL form).
+    Output:
+      ``[B, H, C, D]``: ``out[b, h, k, :]`` is pool row ``rows[pick[b, h, k] - 1]`` where
+      ``pick > 0``, and zeros where ``pick == 0``, whatever the pool holds there (block 0 may
+      hold NaN). Rows are gathered, not indices expanded.
+
+    Zeros by selection, not by a product (0 * NaN is NaN): the gathered rows follow one zero row,
+    which every unreadable position picks. That moves the rows twice; a ``Where`` would cost
+    more in onnxruntime, whose ``Where`` makes three passes.
+    """
+    gathered = op.Gather(op.Reshape(pool, row_shape), rows, axis=0)
+    return op.Gather(op.Concat(zero_row, gathered, axis=0), pick, axis=0)
 
 
 @script(paged, default_opset=op)

@@ -1,23 +1,38 @@
-"""The one edit the rewrite passes share: a cache op becomes the paged op its rule emits."""
+"""The one edit the rewrite passes share: a cache op becomes the two paged ops its rule emits,
+its index op (shared with every cache of the same operands, see ``shared_index``) and its data op
+(in place of the matched node: name and outputs kept)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from paged_rewrite.custom_ops import PAGED_DOMAIN
 from paged_rewrite.graph import become
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.cache_op_rules import rule_for
+from paged_rewrite.passes.shared_index import POOL, Operand, SharedIndex
 from paged_rewrite.passes.sites import Site
 
 
-def replace_by_rule(site: Site, layout: PagedLayout, extra: dict[str, str] | None = None) -> None:
-    """Turn a cache op into the paged op its rule emits, in place (name and outputs kept), with
-    the operands in the paged op's order; ``extra`` supplies operands the matched op lacks."""
+def replace_by_rule(
+    site: Site, layout: PagedLayout, shared: SharedIndex, constants: Mapping[str, int] | None = None
+) -> None:
+    """Request the site's index op and turn the node into its data op; ``constants`` supplies
+    index operands the matched op lacks (``slot_period``)."""
     node = site.node
     rule = rule_for(node.domain, node.op_type, len(node.input))
-    assert rule is not None and rule.emits is not None, f"no cache-op rule for {node.op_type}"
-    paged = {"block_table": layout.block_table, "slot_id": layout.slot_id, **(extra or {})}
+    assert rule is not None and rule.index is not None and rule.emits is not None, (
+        f"no rule for {node.op_type}"
+    )
+    paged: dict[str, Operand] = {"cache": POOL, "block_table": layout.block_table, "slot_id": layout.slot_id}
+    paged.update(constants or {})
+    index_operands = [
+        paged[name] if name in paged else node.input[rule.operand(name)] for name in rule.index.operands
+    ]
+    outputs = shared.request(site, rule.index.op_type, index_operands, rule.index.outputs)
+    computed = dict(zip(rule.index.outputs, outputs, strict=True))
     operands = [
-        paged[name] if name in paged else node.input[rule.operand(name)] for name in rule.emits_operands
+        computed[name] if name in computed else node.input[rule.operand(name)] for name in rule.emits_operands
     ]
     layout.dropped.update(set(node.input) - set(operands))
     become(node, PAGED_DOMAIN, rule.emits, operands)

@@ -2,7 +2,8 @@
 
 A rule names the op it matches (domain ``com.qualcomm.cloud``, op type and operand count), where
 its data, positions and other operands sit, the axis its positions index (what its function body
-must show: see ``ctx_op_body``), and the paged op it emits with the operand order of that op.
+must show: see ``ctx_op_body``), and the two paged ops it emits: the index op that computes its
+addresses (shared by every cache with the same operands) and the data op that moves its bytes.
 Matching and emitting stand side by side, so adding a variant is adding a row.
 
 A rule never decides alone that an op moves KV: the finder also checks the data operand (a rank-4
@@ -20,21 +21,44 @@ KV_POSITION_AXIS = 2  # [batch, kv_heads, ctx_len, head_dim]: positions index ax
 
 
 @dataclass(frozen=True)
+class IndexOp:
+    """The paged op that computes a cache op's addresses, once per call for every cache whose
+    operands are the same (``shared_index``): its operands, by the name of an input slot of the
+    matched op or a paged input (``"block_table"``, ``"slot_id"``, ``"slot_period"``: a constant
+    per cache), and the values it returns to the data op."""
+
+    op_type: str
+    operands: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+WRITE_INDEX = IndexOp(
+    "PagedWriteIndex", ("cache", "block_table", "slot_id", "positions", "slot_period"), ("write_index",)
+)
+_READ_OUTPUTS = ("rows", "pick", "row_shape", "zero_row")
+READ_INDEX = IndexOp("PagedReadIndex", ("cache", "block_table", "ctx_indices"), _READ_OUTPUTS)
+READ_INDEX_CCL = IndexOp(
+    "PagedReadIndexCCL", ("cache", "block_table", "ctx_indices", "comp_ctx_len"), _READ_OUTPUTS
+)
+
+
+@dataclass(frozen=True)
 class CtxOpRule:
     """One Ctx op: its role, the input slots that matter, and what it becomes.
 
-    ``emits_operands`` lists, in the paged op's input order, either the name of an input slot
-    of the matched op (``"positions"``, ``"updates"``, ...) or one of the paged inputs
-    ``"block_table"`` / ``"slot_id"`` / ``"slot_period"`` (a constant per cache, see the op's
-    spec). Slots not listed (``batch_index``) stop addressing the cache: in the paged model the
-    ``block_table`` row of a batch row identifies its sequence.
+    A KV op becomes two: its addresses (``index``, shared between caches) and a data op
+    (``emits``) per cache, whose ``emits_operands`` name, in its input order, an input slot of
+    the matched op or an output of the index op. Slots not listed (``batch_index``) stop
+    addressing the cache: in the paged model the ``block_table`` row of a batch row identifies
+    its sequence.
     """
 
     op_type: str
     role: str  # "write" or "read"
     slots: tuple[str, ...]  # the matched op's inputs, by position
     position_axis: int  # the data axis its positions index (its body must agree)
-    emits: str | None  # None: the op never moves KV and is left alone
+    index: IndexOp | None  # None: the op never moves KV and is left alone
+    emits: str | None = None
     emits_operands: tuple[str, ...] = ()
 
     def operand(self, name: str) -> int:
@@ -49,21 +73,20 @@ class CtxOpRule:
         return self.emits is not None and self.position_axis == KV_POSITION_AXIS
 
 
-_WRITE = ("cache", "block_table", "slot_id", "positions", "updates", "slot_period")
-_READ_CCL = ("cache", "block_table", "ctx_indices", "comp_ctx_len")
-_READ = ("cache", "block_table", "ctx_indices")
+_SCATTER = ("PagedCtxScatter", ("cache", "write_index", "updates"))
+_GATHER = ("PagedCtxGather", ("cache", *_READ_OUTPUTS))
 
 RULES: tuple[CtxOpRule, ...] = (
     # KV cache writes
-    CtxOpRule("CtxScatter", "write", ("cache", "positions", "updates"), 2, "PagedCtxScatter", _WRITE),
-    CtxOpRule("CtxScatterCB", "write", ("cache", "batch_index", "positions", "updates"), 2, "PagedCtxScatter", _WRITE),
+    CtxOpRule("CtxScatter", "write", ("cache", "positions", "updates"), 2, WRITE_INDEX, *_SCATTER),
+    CtxOpRule("CtxScatterCB", "write", ("cache", "batch_index", "positions", "updates"), 2, WRITE_INDEX, *_SCATTER),
     # KV cache reads (with the CCL length operand, and the two-operand form of releases before CCL)
-    CtxOpRule("CtxGather", "read", ("cache", "ctx_indices", "comp_ctx_len"), 2, "PagedCtxGather", _READ_CCL),
-    CtxOpRule("CtxGather", "read", ("cache", "ctx_indices"), 2, "PagedCtxGatherPositions", _READ),
-    CtxOpRule("CtxGatherCB", "read", ("cache", "batch_index", "ctx_indices", "comp_ctx_len"), 2, "PagedCtxGather", _READ_CCL),
-    CtxOpRule("CtxGatherCB", "read", ("cache", "batch_index", "ctx_indices"), 2, "PagedCtxGatherPositions", _READ),
-    CtxOpRule("CtxGatherBlockedKV", "read", ("cache", "ctx_indices"), 2, "PagedCtxGatherPositions", _READ),
-    CtxOpRule("CtxGatherBlockedKVCB", "read", ("cache", "batch_index", "ctx_indices"), 2, "PagedCtxGatherPositions", _READ),
+    CtxOpRule("CtxGather", "read", ("cache", "ctx_indices", "comp_ctx_len"), 2, READ_INDEX_CCL, *_GATHER),
+    CtxOpRule("CtxGather", "read", ("cache", "ctx_indices"), 2, READ_INDEX, *_GATHER),
+    CtxOpRule("CtxGatherCB", "read", ("cache", "batch_index", "ctx_indices", "comp_ctx_len"), 2, READ_INDEX_CCL, *_GATHER),
+    CtxOpRule("CtxGatherCB", "read", ("cache", "batch_index", "ctx_indices"), 2, READ_INDEX, *_GATHER),
+    CtxOpRule("CtxGatherBlockedKV", "read", ("cache", "ctx_indices"), 2, READ_INDEX, *_GATHER),
+    CtxOpRule("CtxGatherBlockedKVCB", "read", ("cache", "batch_index", "ctx_indices"), 2, READ_INDEX, *_GATHER),
     # Never KV: rank-3 activations (MoE prefill) and [batch, vocab] sampler buffers, indexed on axis 1
     CtxOpRule("CtxScatter3D", "write", ("cache", "positions", "updates"), 1, None),
     CtxOpRule("CtxScatter3DInt", "write", ("cache", "positions", "updates"), 1, None),
@@ -72,7 +95,7 @@ RULES: tuple[CtxOpRule, ...] = (
 )  # fmt: skip
 
 _BY_SIGNATURE = {(rule.op_type, len(rule.slots)): rule for rule in RULES}
-_EMITTED = {rule.emits for rule in RULES if rule.emits}
+_EMITTED = {op for rule in RULES if rule.emits and rule.index for op in (rule.index.op_type, rule.emits)}
 
 
 def rule_for(domain: str, op_type: str, num_inputs: int) -> CtxOpRule | None:

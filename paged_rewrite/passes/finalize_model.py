@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 
 from paged_rewrite.custom_ops import EMITTED_OPS, PAGED_DOMAIN, paged_function_protos
-from paged_rewrite.graph import Body, function_key, used_names
+from paged_rewrite.graph import Body, function_key, prune_unread, used_names
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.cache_op_rules import is_ctx_op
 from paged_rewrite.passes.find_cache_sites import default_opset
@@ -32,8 +32,12 @@ def finalize_model(sites: CacheSites, layout: PagedLayout, metadata: dict[str, s
     model = sites.model
     for body in sites.bodies:
         body.commit()
+    # What only the replaced ops read goes: the positions each layer computed for an index op
+    # now shared, then the layer-function inputs that carried them, then their main-graph sources.
     for function in sites.functions:
+        prune_unread(function.proto, layout.dropped)
         _drop_dead_function_inputs(model, function, layout)
+    prune_unread(model.graph, layout.dropped)
     _remove_unused_functions(model)
     opset = default_opset(model)
     emitted = paged_function_protos(
@@ -77,11 +81,14 @@ def _called_paged_ops(model: onnx.ModelProto) -> set[str]:
 
 def _drop_dead_function_inputs(model: onnx.ModelProto, function: Body, layout: PagedLayout) -> None:
     """A layer function's input that only a replaced op read (``batch_index`` of a CB export with
-    subfunctions) leaves its signature and every call, so the graph input can go too."""
+    subfunctions, positions whose index op moved to the main graph) leaves its signature and
+    every call, so the graph input can go too when nothing else reads it."""
     proto = function.proto
     assert isinstance(proto, onnx.FunctionProto)
     read = {name for node in proto.node for name in node.input} | set(proto.output)
-    dead = [i for i, name in enumerate(proto.input) if name in layout.dropped and name not in read]
+    # block_table / slot_id too: a layer whose index ops all moved to the main graph reads neither.
+    droppable = layout.dropped | {layout.block_table, layout.slot_id}
+    dead = [i for i, name in enumerate(proto.input) if name in droppable and name not in read]
     if not dead:
         return
     calls = [n for n in model.graph.node if (n.domain, n.op_type) == (proto.domain, proto.name)]

@@ -124,6 +124,7 @@ def _classify_write(
     _check_body(node, rule, interface)
     assert data is not None and out is not None
     tensor = CacheTensor(interface.inputs[data], interface.outputs[out], Site(node, body), call=call)
+    tensor.write.cache = tensor
     sites.tensors.append(tensor)
 
 
@@ -182,17 +183,20 @@ def _collect_users(sites: CacheSites, interface: _Interface, tensor: CacheTensor
         for user, _ in body.consumers(cache_in):
             if user is not write.node and user is not tensor.call:
                 _shape_or_refuse(
-                    sites, tensor, Site(user, body), f"reads cache input {tensor.name!r} directly"
+                    sites, tensor, Site(user, body, tensor), f"reads cache input {tensor.name!r} directly"
                 )
         for user, index in body.consumers(cache_out):
             rule = rule_for(user.domain, user.op_type, len(user.input))
             if rule is not None and rule.role == "read" and rule.may_move_kv and index == 0:
                 if not any(site.node is user for site in sites.reads):
                     _check_body(user, rule, interface)
-                    sites.reads.append(Site(user, body))
+                    sites.reads.append(Site(user, body, tensor))
             else:
                 _shape_or_refuse(
-                    sites, tensor, Site(user, body), f"uses the written cache {cache_out!r} in an unknown way"
+                    sites,
+                    tensor,
+                    Site(user, body, tensor),
+                    f"uses the written cache {cache_out!r} in an unknown way",
                 )
     if not any(site.node is write.node for site in sites.writes):
         sites.writes.append(write)

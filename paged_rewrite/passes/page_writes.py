@@ -1,6 +1,7 @@
 """Page the writes: every cache write (``CtxScatter``, ``CtxScatterCB``) becomes
-``PagedCtxScatter(pool, block_table, slot_id, positions, updates, slot_period)`` — see
-``cache_op_rules``. ``slot_period`` is the period over which ``slot_id`` (a logical position
+``PagedCtxScatter(pool, write_index, updates)``, its ``write_index`` computed by
+``PagedWriteIndex(pool, block_table, slot_id, positions, slot_period)`` once for every cache
+written at the same positions (``shared_index``). ``slot_period`` is the period over which ``slot_id`` (a logical position
 modulo ``kv_block_size``) and the written slot must agree: ``kv_block_size`` for full-context
 caches, ``gcd(window, kv_block_size)`` for ring buffers, whose positions are ring slots — and the
 same for caches written at ``position % C`` with a constant ``C`` (Llama 4's chunked-attention
@@ -17,23 +18,24 @@ from onnx import numpy_helper
 from paged_rewrite.passes._edit import replace_by_rule
 from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.cache_op_rules import rule_for
+from paged_rewrite.passes.shared_index import SharedIndex
 from paged_rewrite.passes.sites import CacheSites, Dim, Site
 
 _PASS_THROUGH = frozenset({"Where", "Cast", "Identity"})  # ops a ring slot flows through unchanged
 _SEARCH_DEPTH = 4
 
 
-def page_writes(sites: CacheSites, layout: PagedLayout) -> int:
+def page_writes(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> int:
     """Replace every cache write (once per node, shared function bodies included)."""
     producers = _Producers(sites)
     for site in sites.writes:
-        tensor = next(t for t in sites.tensors if t.write.node is site.node)
+        tensor = site.cache
+        assert tensor is not None
         period = _slot_period(tensor.length_dim, layout)
         modulus = producers.constant_modulus(site, tensor.call)
         if modulus is not None:
             period = math.gcd(period, modulus)
-        constant = site.body.constant(site.node, layout.fresh_name("slot_period"), period)
-        replace_by_rule(site, layout, {"slot_period": constant})
+        replace_by_rule(site, layout, shared, {"slot_period": period})
     return len(sites.writes)
 
 

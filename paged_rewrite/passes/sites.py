@@ -21,10 +21,12 @@ def where(node: onnx.NodeProto) -> str:
 
 @dataclass
 class Site:
-    """A node to rewrite and the body (graph or function) it lives in."""
+    """A node to rewrite, the body (graph or function) it lives in, and the cache it touches (the
+    first one found, for a node of a function body that serves several layers)."""
 
     node: onnx.NodeProto
     body: Body
+    cache: CacheTensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -66,6 +68,12 @@ class CacheTensor:
     @property
     def kind(self) -> str:
         return "value" if "value" in self.name else "key"
+
+    @property
+    def pool_signature(self) -> tuple[int, int]:
+        """What a paged address depends on besides its operands: the pool's heads and head_dim
+        (every pool of a model has the same number of blocks and block size)."""
+        return (self.kv_heads, self.head_dim)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from paged_rewrite.errors import UnsupportedPatternError
 
 PAGED_DOMAIN = "com.qualcomm.cloud"
-_SCATTER_POSITIONS = 3  # PagedCtxScatter(pool, block_table, slot_id, position_ids, updates, slot_period)
+_WRITE_POSITIONS = 3  # PagedWriteIndex(pool, block_table, slot_id, position_ids, slot_period)
 _SEARCH_DEPTH = 4
 
 
@@ -106,9 +106,9 @@ def position_rings(model: onnx.ModelProto) -> list[int]:
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     rings = set()
     for node in model.graph.node:
-        if node.op_type != "PagedCtxScatter" or len(node.input) <= _SCATTER_POSITIONS:
+        if node.op_type != "PagedWriteIndex" or len(node.input) <= _WRITE_POSITIONS:
             continue
-        queue = deque([(node.input[_SCATTER_POSITIONS], 0)])
+        queue = deque([(node.input[_WRITE_POSITIONS], 0)])
         while queue:
             name, depth = queue.popleft()
             producer = producers.get(name)

@@ -21,8 +21,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-# Ops that read only a tensor's shape, never its values.
-_SHAPE_ONLY = {"Shape", "PagedLogicalShape", "PagedWindowShape"}
+from paged_rewrite.custom_ops.library import INDEX_OPS
+
+# Ops that read only a tensor's shape, never its values (the index ops read a pool for its shape).
+_SHAPE_ONLY = {"Shape", *INDEX_OPS}
 
 
 def in_place_refusal(model_path: str | os.PathLike[str], caches: Iterable[str]) -> str | None:

@@ -1,0 +1,406 @@
+"""The index ops, one per call for every cache that shares their operands.
+
+Every cache of a layer, and every layer in the main graph, computes its paged addresses from the
+same values: ``block_table``, ``slot_id`` and the positions the exporter passes to all of them.
+The passes ask for an index op by what it reads (``request``); requests with the same op,
+operands and pool signature get the same outputs, and ``place`` emits each op once:
+
+- in the main graph when every operand is a main-graph value there, or a layer function's input
+  that all its calls feed with the same main-graph value; the outputs then become new inputs of
+  the layer function (as ``block_table`` and ``slot_id`` did), so a subfunction export keeps one
+  shared layer body and computes the addresses once per call of the model, not once per layer;
+- else inside the function body, once per call of the function (the positions are computed
+  there, e.g. a ring slot ``p % window``).
+
+Operands are the same when they compute the same thing, not only when they have the same name:
+QEfficient recomputes the read positions in every layer from the same inputs, by nodes that differ
+only in their names (``Where(Greater(Range(0, Gather(Shape(past_key.3), 2)), ...))``; once the
+``Shape`` reads the shared logical shape, every layer's chain is the same expression). Values are
+compared by that expression, a few producers deep, over deterministic standard ops; the layers'
+now unread copies are pruned when the model is finalized.
+
+Each op is placed right before the first node that needs it, reading that node's own operands. It
+reads only the shape of the pool it is given; any pool of the same heads and head_dim will do,
+since every pool of a model has the same number of blocks and block size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import helper
+
+from paged_rewrite.custom_ops import PAGED_DOMAIN
+from paged_rewrite.graph import Body, function_key
+from paged_rewrite.passes.add_paged_inputs import PagedLayout
+from paged_rewrite.passes.sites import CacheSites, CacheTensor, Site
+
+# An operand as a pass states it: a value of the requesting body, an int64 constant, or POOL.
+Operand = str | int | tuple[int, ...]
+POOL = "<pool>"
+
+
+_EXPRESSION_DEPTH = 32  # producers followed when comparing operands; deeper values compare by name
+_NONDETERMINISTIC = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Dropout"}
+)
+_SMALL_CONSTANT = 64  # initializers of at most this many elements compare by value
+_MAX_HOISTED_NODES = 48  # a layer function's position computation copied to the main graph
+
+
+@dataclass
+class _User:
+    """A node that needs an index op, with the operands it would give it (names in the op's body)."""
+
+    node: onnx.NodeProto
+    operands: list[Operand]
+
+
+@dataclass
+class _IndexNode:
+    """One index op to emit into ``body``, before the first of ``users``."""
+
+    body: Body
+    op_type: str
+    outputs: list[str]
+    users: list[_User] = field(default_factory=list)
+
+
+class SharedIndex:
+    """Deduplicates and places the index ops of one rewrite (see the module doc)."""
+
+    def __init__(self, sites: CacheSites, layout: PagedLayout) -> None:
+        self._sites = sites
+        self._layout = layout
+        self._nodes: dict[tuple[object, ...], _IndexNode] = {}
+        self._calls: dict[tuple[str, str], list[onnx.NodeProto]] = {}
+        for node in sites.model.graph.node:
+            self._calls.setdefault(function_key(node), []).append(node)
+        self._threaded: dict[tuple[str, str], list[str]] = {}  # function -> hoisted inputs added
+        self._expressions: dict[int, _Expressions] = {}
+        self._clones: dict[str, dict[str, str]] = {}  # function -> its values moved -> their copies
+        self._producer_maps: dict[int, dict[str, onnx.NodeProto]] = {}
+        self._orders: dict[int, dict[int, int]] = {}
+        self._cache_names = {t.name for t in sites.tensors}
+        self._copies: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
+
+    def request(
+        self, site: Site, op_type: str, operands: Sequence[Operand], outputs: Sequence[str]
+    ) -> list[str]:
+        """The names, in ``site``'s body, of the outputs of ``op_type(operands)`` for the cache
+        ``site`` touches; ``outputs`` names them for reading (``"rows"``, ``"pick"``)."""
+        assert site.cache is not None
+        signature = site.cache.pool_signature
+        hoisted = self._in_main_graph(site, operands) if site.body.is_function else None
+        body = self._sites.main if hoisted is not None or not site.body.is_function else site.body
+        resolved = hoisted if hoisted is not None else list(operands)
+        if body is self._sites.main:  # a graph input of the same shape serves every user
+            resolved = [self._main_pool(signature) if o == POOL else o for o in resolved]
+        else:
+            resolved = [site.node.input[0] if o == POOL else o for o in resolved]
+        expressions = self._expressions_of(body)
+        key = (
+            id(body.proto),
+            op_type,
+            signature,  # with the pool's heads and head_dim, any pool will do: see the module doc
+            *(
+                o if o == POOL or not isinstance(o, str) else expressions.key(o)
+                for o in _with_pool(operands, resolved)
+            ),
+        )
+        index = self._nodes.get(key)
+        if index is None:
+            names = [self._layout.fresh_name(what) for what in outputs]
+            index = self._nodes[key] = _IndexNode(body, op_type, names)
+        if body is site.body:
+            index.users.append(_User(site.node, resolved))
+            return list(index.outputs)
+        calls = self._calls[function_key_of(site.body)]
+        index.users.extend(_User(call, resolved) for call in calls)
+        self._thread(site.body, calls, index.outputs)
+        return list(index.outputs)
+
+    def place(self) -> None:
+        """Emit every requested index op before its first user, with that user's operands. Ops
+        that read no copied value go first: a copy may read them (a ring's slots read the shared
+        window shape), and the others read the copies."""
+        copied = {name for copies in self._copies for node in copies[1] for name in node.output}
+        indices = sorted(
+            self._nodes.values(), key=lambda index: any(o in copied for u in index.users for o in u.operands)
+        )
+        reads_copies = [any(o in copied for u in i.users for o in u.operands) for i in indices]
+        for index, after_copies in zip(indices, reads_copies, strict=True):
+            if after_copies and self._copies:
+                for anchor, copies in self._copies:
+                    self._sites.main.insert_before(anchor, copies)
+                self._copies.clear()
+            self._emit(index)
+        for anchor, copies in self._copies:
+            self._sites.main.insert_before(anchor, copies)
+        self._copies.clear()
+
+    def _emit(self, index: _IndexNode) -> None:
+        order = self._order_of(index.body)
+        first = min(index.users, key=lambda user: order[id(user.node)])
+        operands = []
+        for operand in first.operands:
+            if isinstance(operand, str):
+                operands.append(operand)
+            else:
+                values = operand if isinstance(operand, int) else list(operand)
+                operands.append(index.body.constant(first.node, self._layout.fresh_name("constant"), values))
+        node = helper.make_node(
+            index.op_type, operands, index.outputs, name=index.outputs[0], domain=PAGED_DOMAIN
+        )
+        index.body.insert_before(first.node, [node])
+
+    def _expressions_of(self, body: Body) -> _Expressions:
+        if id(body.proto) not in self._expressions:
+            self._expressions[id(body.proto)] = _Expressions(body.proto)
+        return self._expressions[id(body.proto)]
+
+    def _in_main_graph(self, site: Site, operands: Sequence[Operand]) -> list[Operand] | None:
+        """The operands as main-graph values, or None when one is local to the function or its
+        calls disagree (or their caches differ in heads or head_dim)."""
+        calls = self._calls.get(function_key_of(site.body), [])
+        formal = site.body.input_names
+        tensors = [t for t in self._sites.tensors if t.call is not None and t.call in calls]
+        assert site.cache is not None
+        if not calls or any(t.pool_signature != site.cache.pool_signature for t in tensors):
+            return None
+        resolved: list[Operand | list[onnx.NodeProto]] = []
+        for operand in operands:
+            if not isinstance(operand, str) or operand == POOL or operand in self._layout_inputs:
+                resolved.append(operand)
+                continue
+            actual = _actual(formal, operand, calls)
+            chain = self._chain(site.body, operand, calls) if actual is None else None
+            if actual is None and chain is None:
+                return None
+            resolved.append(actual if actual is not None else chain)  # type: ignore[arg-type]
+        return [o if not isinstance(o, list) else self._clone(site.body, o, calls) for o in resolved]
+
+    def _chain(self, function: Body, name: str, calls: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+        """The nodes of ``function`` computing ``name`` from its inputs (each fed the same by
+        every call) and constants, in order, if they are few and comparable; else None."""
+        producers = self._producers_of(function)
+        formal = function.input_names
+        chain: list[onnx.NodeProto] = []
+        seen: set[str] = set()
+
+        def visit(value: str) -> bool:
+            if not value or value in seen:
+                return True
+            seen.add(value)
+            if value in formal:  # a cache's values or shape are never copied (its pool differs)
+                return _actual(formal, value, calls) not in (None, *self._cache_names)
+            node = producers.get(value)
+            if node is None or not _comparable(node) or any(a.ref_attr_name for a in node.attribute):
+                return False
+            if not all(visit(i) for i in node.input) or len(chain) >= _MAX_HOISTED_NODES:
+                return False
+            if all(n is not node for n in chain):
+                chain.append(node)
+            return True
+
+        return chain if visit(name) else None
+
+    def _clone(self, function: Body, chain: list[onnx.NodeProto], calls: list[onnx.NodeProto]) -> str:
+        """Move ``chain`` to the main graph, before the function's first call: the copies compute
+        once what every call computed alike, the function reads them as new inputs where it used
+        the chain's values for anything else (its mask, say), and its own nodes are pruned when the
+        model is finalized. Returns the name of the copy of the chain's last value."""
+        renamed = self._clones.setdefault(function.name, {})  # a value moved once serves all
+        if chain[-1].output[0] in renamed:
+            return renamed[chain[-1].output[0]]
+        formal = function.input_names
+        copies = []
+        for node in chain:
+            if node.output[0] in renamed:
+                continue
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            inputs = [
+                renamed.get(i) or (_actual(formal, i, calls) if i in formal else i) or "" for i in node.input
+            ]
+            del copy.input[:]
+            copy.input.extend(inputs)
+            del copy.output[:]
+            for output in node.output:
+                renamed[output] = self._layout.fresh_name("hoisted") if output else ""
+                copy.output.append(renamed[output])
+            copy.name = renamed[node.output[0]]
+            copies.append(copy)
+        order = self._order_of(self._sites.main)
+        first = min(calls, key=lambda call: order[id(call)])
+        self._copies.append((first, copies))  # inserted by place(), after the ops they may read
+        self._read_moved_values(function, chain, renamed, calls)
+        return renamed[chain[-1].output[0]]
+
+    def _read_moved_values(
+        self,
+        function: Body,
+        chain: list[onnx.NodeProto],
+        renamed: dict[str, str],
+        calls: list[onnx.NodeProto],
+    ) -> None:
+        """Make the function's other readers of the chain's values read the main-graph copies. A
+        function whose nodes hold subgraphs (which may read any outer value) or that returns one
+        of the values keeps its chain."""
+        proto = function.proto
+        assert isinstance(proto, onnx.FunctionProto)
+        moved = {output for node in chain for output in node.output if output}
+        if moved & set(proto.output) or any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for n in proto.node
+            for a in n.attribute
+        ):
+            return
+        members = {id(node) for node in chain}
+        for node in proto.node:
+            if id(node) in members or not moved & set(node.input):
+                continue
+            for position, name in enumerate(node.input):
+                if name in moved:
+                    self._thread(function, calls, [renamed[name]])
+                    node.input[position] = renamed[name]
+        self._layout.dropped.update(moved)  # what the function no longer reads: pruned at the end
+
+    def _producers_of(self, body: Body) -> dict[str, onnx.NodeProto]:
+        if id(body.proto) not in self._producer_maps:
+            self._producer_maps[id(body.proto)] = {out: n for n in body.proto.node for out in n.output}
+        return self._producer_maps[id(body.proto)]
+
+    def _order_of(self, body: Body) -> dict[int, int]:
+        """Node positions of ``body`` as the passes found it (insertions wait for ``commit``)."""
+        if id(body.proto) not in self._orders:
+            self._orders[id(body.proto)] = {id(node): i for i, node in enumerate(body.proto.node)}
+        return self._orders[id(body.proto)]
+
+    @property
+    def _layout_inputs(self) -> set[str]:
+        return {self._layout.block_table, self._layout.slot_id}
+
+    def _main_pool(self, signature: tuple[int, int]) -> str:
+        first: CacheTensor = next(t for t in self._sites.tensors if t.pool_signature == signature)
+        return first.name
+
+    def _thread(self, function: Body, calls: list[onnx.NodeProto], names: Sequence[str]) -> None:
+        """Make ``names`` inputs of ``function`` (same names inside) fed by every call."""
+        proto = function.proto
+        assert isinstance(proto, onnx.FunctionProto)
+        added = self._threaded.setdefault((proto.domain, proto.name), [])
+        for name in names:
+            if name in added:
+                continue
+            added.append(name)
+            formal = len(proto.input)
+            proto.input.append(name)
+            for call in calls:
+                call.input.extend([""] * (formal - len(call.input)))  # omitted optional inputs
+                call.input.append(name)
+
+
+def _with_pool(stated: Sequence[Operand], resolved: Sequence[Operand]) -> list[Operand]:
+    return [POOL if given == POOL else value for given, value in zip(stated, resolved, strict=True)]
+
+
+def _actual(formal: list[str], name: str, calls: list[onnx.NodeProto]) -> str | None:
+    """The main-graph value every call feeds to the function input ``name``, if they agree."""
+    if name not in formal:
+        return None
+    position = formal.index(name)
+    actual = {call.input[position] if position < len(call.input) else "" for call in calls}
+    return actual.pop() if len(actual) == 1 and "" not in actual else None
+
+
+def function_key_of(body: Body) -> tuple[str, str]:
+    proto = body.proto
+    assert isinstance(proto, onnx.FunctionProto)
+    return (proto.domain, proto.name)
+
+
+class _Expressions:
+    """What a value of one body computes, as a small int: equal ints, equal values (see the
+    module doc). Built lazily, while the passes edit the body in place: a ``Shape`` the rewire
+    turned into an ``Identity`` of the shared logical shape is read as that."""
+
+    def __init__(self, body: onnx.GraphProto | onnx.FunctionProto) -> None:
+        self._body = body
+        self._producers = {out: node for node in body.node for out in node.output}
+        self._constants: dict[str, onnx.TensorProto] = {}
+        self._ids: dict[object, int] = {}
+        self._keys: dict[tuple[str, int], int] = {}
+
+    def key(self, name: str, depth: int = 0) -> int:
+        memo = self._keys.get((name, depth))
+        if memo is not None:
+            return memo
+        node = self._producers.get(name)
+        constant = self._constant(name) if node is None else None
+        expression: object
+        if constant is not None:
+            expression = ("constant", _tensor_bytes(constant))
+        elif node is None or depth >= _EXPRESSION_DEPTH or not _comparable(node):
+            expression = ("value", name)
+        elif node.op_type == "Identity":
+            self._keys[(name, depth)] = self.key(node.input[0], depth + 1)
+            return self._keys[(name, depth)]
+        else:
+            attributes = tuple(_attribute_bytes(a) for a in sorted(node.attribute, key=lambda a: a.name))
+            inputs = tuple(self.key(i, depth + 1) if i else -1 for i in node.input)
+            expression = (node.domain, node.op_type, attributes, inputs, list(node.output).index(name))
+        identity = self._ids.setdefault(expression, len(self._ids))
+        self._keys[(name, depth)] = identity
+        return identity
+
+    def _constant(self, name: str) -> onnx.TensorProto | None:
+        """A small initializer (main graph only), by name; initializers added by the passes too."""
+        if not isinstance(self._body, onnx.GraphProto):
+            return None
+        if name not in self._constants and len(self._constants) < len(self._body.initializer):
+            self._constants = {t.name: t for t in self._body.initializer}
+        tensor = self._constants.get(name)
+        if (
+            tensor is None
+            or tensor.data_location == onnx.TensorProto.EXTERNAL
+            or _size(tensor) > _SMALL_CONSTANT
+        ):
+            return None
+        return tensor
+
+
+def _comparable(node: onnx.NodeProto) -> bool:
+    """A standard op that computes the same from the same inputs, with no subgraph."""
+    return (
+        node.domain in ("", "ai.onnx")
+        and node.op_type not in _NONDETERMINISTIC
+        and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+    )
+
+
+def _size(tensor: onnx.TensorProto) -> int:
+    size = 1
+    for dim in tensor.dims:
+        size *= dim
+    return size
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:
+    anonymous = onnx.TensorProto()
+    anonymous.CopyFrom(tensor)
+    anonymous.ClearField("name")
+    data: bytes = anonymous.SerializeToString(deterministic=True)
+    return data
+
+
+def _attribute_bytes(attribute: onnx.AttributeProto) -> bytes:
+    if attribute.type == onnx.AttributeProto.TENSOR:
+        anonymous = onnx.AttributeProto()
+        anonymous.CopyFrom(attribute)
+        anonymous.t.ClearField("name")  # a constant's tensor name says nothing about its value
+        attribute = anonymous
+    data: bytes = attribute.SerializeToString(deterministic=True)
+    return data
