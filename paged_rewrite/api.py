@@ -72,7 +72,7 @@ def rewrite(
         origins = handoff.entry_origins(report, entries, bound)
         _check_static_shapes(model, report, specialized, origins, input_path)
     if precisions is not None and custom_io is not None:
-        sidecars["custom_io"] = handoff.paged_custom_io(precisions, report, custom_io)
+        sidecars["custom_io"] = handoff.paged_custom_io(precisions, report, custom_io).to_yaml()
     if output_path is None:
         return report
     paths = handoff.sidecar_paths(Path(output_path))
