@@ -89,7 +89,17 @@ def rewrite(
         raise
     report.output_path = str(target)
     previous = handoff.previous_sidecars(paths["manifest"])
-    document = handoff.manifest(report, Path(input_path), VERSION)
+    flags = {
+        "kv_block_size": kv_block_size,
+        "ctx_len": ctx_len,
+        "ctx_buckets": list(ctx_buckets) if ctx_buckets is not None else None,
+        "num_blocks": num_blocks,
+        "dims": dict(sorted((dims or {}).items())),
+        "specializations": Path(specializations).name if specializations else None,
+        "custom_io": Path(custom_io).name if custom_io else None,
+        "copy_weights": copy_weights,
+    }
+    document = handoff.manifest(report, Path(input_path), VERSION, flags)
     document["sidecars"] = sorted([*sidecars, "manifest"])  # kinds, so names follow the output
     sidecars["manifest"] = handoff.to_json(document, indent=None)
     written: list[Path] = []

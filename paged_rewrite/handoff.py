@@ -27,6 +27,7 @@ from paged_rewrite.report import RewriteReport
 Entry = dict[str, Any]
 
 
+TOOL_NAME = "paged-rewrite"  # the marker by which a manifest is known to be ours
 CustomIOLayout = Literal["io_list", "mapping", "pairs"]
 FLAT = "_flat"  # an entry read from the flat layout, written back in it
 
@@ -237,14 +238,25 @@ def paged_custom_io(custom: CustomIO, report: RewriteReport, path: str | os.Path
     return CustomIO(kept, custom.layout)
 
 
-def manifest(report: RewriteReport, source: Path, version: str) -> dict[str, Any]:
-    """What a runtime needs to allocate the pool and build block tables."""
+MANIFEST_FORMAT = 2  # 2: num_kv_blocks / total_num_kv_blocks are int or null; flags recorded
+
+
+def manifest(report: RewriteReport, source: Path, version: str, flags: Mapping[str, Any]) -> dict[str, Any]:
+    """What a runtime needs to allocate the pool and build block tables, and the flags that shaped
+    the output. Every field has one type: ``num_kv_blocks`` and ``total_num_kv_blocks`` are the
+    static table width and pool size, or null where the dim stays symbolic (its name is in the
+    ``block_table`` / cache input shapes)."""
     return {
-        "tool": {"name": "paged-rewrite", "version": version},
+        "tool": {"name": TOOL_NAME, "version": version},
+        "format": MANIFEST_FORMAT,
+        "flags": dict(flags),
+        "bound_dims": dict(sorted(report.bound_dims.items())),
         "source": {"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
         "kv_block_size": report.kv_block_size,
-        "num_kv_blocks": report.num_kv_blocks,
-        "total_num_kv_blocks": report.total_num_kv_blocks,
+        "num_kv_blocks": report.num_kv_blocks if isinstance(report.num_kv_blocks, int) else None,
+        "total_num_kv_blocks": (
+            report.total_num_kv_blocks if isinstance(report.total_num_kv_blocks, int) else None
+        ),
         "ctx_buckets": [
             {"tokens": bucket, "num_kv_blocks": math.ceil(bucket / report.kv_block_size)}
             for bucket in report.ctx_buckets

@@ -87,3 +87,28 @@ def test_malformed_custom_io_is_a_usage_error(tmp_path: Path, text: str, message
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("paged-rewrite: usage: ")
     assert message in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["custom_io.yaml", "model.onnx"]
+
+
+def test_manifest_records_the_flags_and_one_type_per_field(tmp_path: Path) -> None:
+    source = qeff_export(tmp_path / "model.onnx")
+    rewrite(source, tmp_path / "ladder.onnx", 16, ctx_len=128, ctx_buckets=[32, 128], num_blocks=33,
+            dims={"batch_size": 2})  # fmt: skip
+    rewrite(source, tmp_path / "one.onnx", 16, ctx_len=128, ctx_buckets=[128])
+    ladder = json.loads((tmp_path / "ladder.onnx.json").read_text())
+    one = json.loads((tmp_path / "one.onnx.json").read_text())
+    assert ladder["flags"] == {
+        "kv_block_size": 16,
+        "ctx_len": 128,
+        "ctx_buckets": [32, 128],
+        "num_blocks": 33,
+        "dims": {"batch_size": 2},
+        "specializations": None,
+        "custom_io": None,
+        "copy_weights": False,
+    }
+    assert one["flags"]["ctx_buckets"] == [128] and one["flags"]["num_blocks"] is None
+    assert ladder["bound_dims"] == {"batch_size": 2, "ctx_len": 128}
+    # the table width: symbolic with two buckets (null), static with one (an int), never a string
+    assert ladder["num_kv_blocks"] is None and one["num_kv_blocks"] == 8
+    assert ladder["total_num_kv_blocks"] == 33 and one["total_num_kv_blocks"] is None
+    assert ladder["format"] == one["format"] == 2
