@@ -12,7 +12,7 @@ import onnx
 
 from paged_rewrite import handoff
 from paged_rewrite.errors import NotAModelError, OutputError, PagedRewriteError, UsageError
-from paged_rewrite.model_io import data_files, load_model, save_model, write_text_atomically
+from paged_rewrite.model_io import data_files, load_model, save_model
 from paged_rewrite.pipeline import RewriteOptions, rewrite_model
 from paged_rewrite.report import RewriteReport
 from paged_rewrite.static_shapes import check_specializations
@@ -75,20 +75,11 @@ def rewrite(
         sidecars["custom_io"] = handoff.paged_custom_io(precisions, report, custom_io).to_yaml()
     if output_path is None:
         return report
-    paths = handoff.sidecar_paths(Path(output_path))
-    written_by_us = [Path(output_path), *paths.values()]
-    if copy_weights:
-        written_by_us.append(Path(output_path).with_name(Path(output_path).name + ".data"))
-    protected = [input_path, *weights, specializations, custom_io]
-    _refuse_overwriting_inputs(written_by_us, protected)
-    try:
-        target = save_model(model, output_path, Path(input_path), copy_weights, full_check)
-    except OutputError as error:
-        if "fails the ONNX checker" in str(error):
-            _blame_the_input(input_path, full_check)
-        raise
-    report.output_path = str(target)
-    previous = handoff.previous_sidecars(paths["manifest"])
+    target, source = Path(output_path), Path(input_path)
+    paths = handoff.sidecar_paths(target)
+    written_by_us = list({target, *paths.values()})
+    _refuse_overwriting_inputs(written_by_us, [input_path, *weights, specializations, custom_io])
+    previous = handoff.previous_files(paths["manifest"])  # what an earlier run into this name wrote
     flags = {
         "kv_block_size": kv_block_size,
         "ctx_len": ctx_len,
@@ -99,21 +90,27 @@ def rewrite(
         "custom_io": Path(custom_io).name if custom_io else None,
         "copy_weights": copy_weights,
     }
-    document = handoff.manifest(report, Path(input_path), VERSION, flags)
-    document["sidecars"] = sorted([*sidecars, "manifest"])  # kinds, so names follow the output
+    document = handoff.manifest(report, source, VERSION, flags)
+    kinds = [*sidecars, "manifest", *(["data"] if copy_weights and weights else [])]
+    document["sidecars"] = sorted(kinds)  # kinds, so names follow the output
     sidecars["manifest"] = handoff.to_json(document, indent=None)
-    written: list[Path] = []
+    replaceable = [paths[kind] for kind in previous.kinds]
     try:
-        for kind, text in sorted(sidecars.items()):
-            write_text_atomically(paths[kind], text)
-            written.append(paths[kind])
-    except OutputError:
-        copied = [target.with_name(target.name + ".data")] if copy_weights else []
-        for path in [target, *copied, *written]:  # all or nothing
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        save_model(
+            model,
+            target,
+            source,
+            copy_weights,
+            full_check,
+            sidecars={paths[kind]: text for kind, text in sidecars.items()},
+            replaceable=replaceable,
+        )
+    except OutputError as error:
+        if "fails the ONNX checker" in str(error):
+            _blame_the_input(input_path, full_check)
         raise
-    for kind in previous - set(document["sidecars"]):  # e.g. a custom_io.yaml this run did not write
+    report.output_path = str(target)
+    for kind in set(previous.kinds) - set(kinds):  # e.g. a custom_io.yaml this run did not write
         with contextlib.suppress(FileNotFoundError):
             paths[kind].unlink()
     report.files = {kind: str(paths[kind]) for kind in sorted(sidecars)}

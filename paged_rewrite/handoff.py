@@ -284,24 +284,39 @@ def manifest(report: RewriteReport, source: Path, version: str, flags: Mapping[s
     }
 
 
-def previous_sidecars(manifest_path: Path) -> set[str]:
-    """Sidecar kinds an earlier run recorded in its manifest at ``manifest_path`` (ours only)."""
+@dataclass(frozen=True)
+class PreviousFiles:
+    """What an earlier run recorded in its manifest as written by it: the files it may replace."""
+
+    kinds: tuple[str, ...] = ()  # of SIDECAR_KINDS, the manifest itself included
+
+
+def previous_files(manifest_path: Path) -> PreviousFiles:
+    """The files the manifest at ``manifest_path`` says its run wrote — if it is ours (it carries
+    the tool marker); a file of the same name that is not is nobody's to overwrite."""
     try:
-        kinds = json.loads(manifest_path.read_text()).get("sidecars", [])
-    except (OSError, ValueError, AttributeError):
-        return set()
-    return {k for k in kinds if k in SIDECAR_KINDS}
+        document = json.loads(manifest_path.read_text())
+        if document["tool"]["name"] != TOOL_NAME:
+            return PreviousFiles()
+        kinds = {k for k in document.get("sidecars", []) if k in SIDECAR_KINDS} | {"manifest"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return PreviousFiles()
+    return PreviousFiles(tuple(sorted(kinds)))
 
 
-SIDECAR_KINDS = ("manifest", "specializations", "custom_io")
+SIDECAR_KINDS = ("manifest", "specializations", "custom_io", "data")
 
 
 def sidecar_paths(output: Path) -> dict[str, Path]:
+    """Where each file beside ``output`` goes, by kind: ``<output>.json``, ``<stem>.specializations.json``,
+    ``<stem>.custom_io.yaml`` (``<stem>`` is the output's name without its suffix) and
+    ``<output>.data``."""
     stem = output.name[: -len(output.suffix)] if output.suffix else output.name
     return {
         "manifest": output.with_name(output.name + ".json"),
         "specializations": output.with_name(f"{stem}.specializations.json"),
         "custom_io": output.with_name(f"{stem}.custom_io.yaml"),
+        "data": output.with_name(output.name + ".data"),  # --copy-weights
     }
 
 

@@ -53,12 +53,9 @@ def test_multi_gb_model_is_rewritten_without_reading_weights(big_model: Path) ->
     assert tensors and {data_file(out, t) for t in tensors} == {data.resolve()}
 
 
-def test_output_elsewhere_needs_copy_weights(tmp_path: Path) -> None:
+def test_copy_weights_streams_the_data_beside_the_output(tmp_path: Path) -> None:
     source = write_qeff_export(tmp_path / "src" / "model.onnx", ExportSpec(), sparse_weights=True)
     (tmp_path / "out").mkdir()
-    with pytest.raises(UsageError, match="--copy-weights"):
-        rewrite(source, tmp_path / "out" / "paged.onnx", 16)
-    assert list((tmp_path / "out").iterdir()) == []
     rewrite(source, tmp_path / "out" / "paged.onnx", 16, copy_weights=True)
     copied = tmp_path / "out" / "paged.onnx.data"
     paged = onnx.load(tmp_path / "out" / "paged.onnx", load_external_data=False)
