@@ -18,6 +18,10 @@ from paged_rewrite.report import RewriteReport
 from paged_rewrite.static_shapes import check_specializations
 
 VERSION = "0.1.0"
+# The longest context (and so block, bucket) in tokens: QEfficient exports mark padding with the
+# position INT32_MAX, so no valid position reaches it.
+MAX_CONTEXT = 2**31 - 1
+MAX_DIM = 2**63 - 1  # ONNX dims are int64
 
 
 def rewrite(
@@ -50,11 +54,13 @@ def rewrite(
     dry run).
     Raises a ``PagedRewriteError`` subclass (with its exit code) on bad input.
     """
+    _check_ranges(kv_block_size, ctx_len, num_blocks, dims or {}, ctx_buckets)
     entries = handoff.read_specializations(specializations) if specializations else None
     precisions = handoff.read_custom_io(custom_io) if custom_io else None
     bound = _bind(dims or {}, handoff.shared_dims(entries) if entries else {})
     model = load_model(input_path, check_data_paths=False)
     weights = data_files(model, input_path)  # refuses unsafe locations; protected from overwriting below
+    _refuse_unknown_dims(dims or {}, model, input_path)
     buckets = tuple(ctx_buckets) if ctx_buckets is not None else None
     options = RewriteOptions(kv_block_size, ctx_len, num_blocks, bound, buckets)
     try:
@@ -135,6 +141,51 @@ def _check_static_shapes(
                 f"{input_path}: under specialization {result.specialization!r} the rewrite leaves "
                 f"{result.made_non_static[0].describe()} without a static shape"
             )
+
+
+def _check_ranges(
+    kv_block_size: int,
+    ctx_len: int | None,
+    num_blocks: int | None,
+    dims: Mapping[str, int],
+    ctx_buckets: Sequence[int] | None,
+) -> None:
+    """Values past any context a model can have, or past an ONNX dim, are usage errors here rather
+    than overflows deep in the rewrite."""
+    limits = [("--kv-block-size", kv_block_size, MAX_CONTEXT), ("--ctx-len", ctx_len, MAX_CONTEXT)]
+    limits += [("--ctx-buckets", bucket, MAX_CONTEXT) for bucket in ctx_buckets or ()]
+    limits += [("--num-blocks", num_blocks, MAX_DIM)]
+    limits += [(f"--dim {name}", value, MAX_DIM) for name, value in dims.items()]
+    for flag, value, limit in limits:
+        if value is not None and value > limit:
+            what = "tokens: no context is longer" if limit == MAX_CONTEXT else "the largest ONNX dim"
+            raise UsageError(f"{flag} {value} is out of range: at most {limit} ({what})")
+
+
+def _refuse_unknown_dims(
+    dims: Mapping[str, int], model: onnx.ModelProto, path: str | os.PathLike[str]
+) -> None:
+    """``--dim NAME=V`` must name a symbolic dim of the model: a typo would otherwise bind nothing."""
+    known = symbolic_dims(model)
+    unknown = sorted(set(dims) - known)
+    if unknown:
+        raise UsageError(
+            f"{path}: --dim {unknown[0]}={dims[unknown[0]]}: the model has no dim {unknown[0]!r}; "
+            f"its symbolic dims are {', '.join(sorted(known)) or 'none'}"
+        )
+
+
+def symbolic_dims(model: onnx.ModelProto) -> set[str]:
+    """The names of the symbolic dims of ``model``'s inputs, outputs and annotated values, in the
+    main graph and in its functions."""
+    values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+    values += [value for function in model.functions for value in function.value_info]
+    return {
+        dim.dim_param
+        for value in values
+        for dim in value.type.tensor_type.shape.dim
+        if dim.HasField("dim_param") and dim.dim_param
+    }
 
 
 def _refuse_overwriting_inputs(outputs: list[Path], inputs: list[str | os.PathLike[str] | None]) -> None:

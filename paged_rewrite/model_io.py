@@ -18,6 +18,8 @@ def load_model(path: str | os.PathLike[str], check_data_paths: bool = True) -> o
     """Load the graph of ``path``; external weight data stays on disk, unread. Unsafe data
     locations are refused unless ``check_data_paths`` is off (the caller runs ``data_files``)."""
     source = Path(path)
+    if source.is_dir():
+        raise NotAModelError(f"{source}: is a directory, not a model file")
     if not source.is_file():
         raise NotAModelError(f"{source}: no such file")
     try:
