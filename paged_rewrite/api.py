@@ -46,7 +46,9 @@ def rewrite(
     context when it is known (``buckets.py``). With more than one bucket the table width stays
     symbolic; ``ctx_len`` bounds the largest bucket and is always one. Beside the output go its
     manifest (``<output>.json``), the paged
-    ``<stem>.specializations.json`` and, with ``custom_io``, ``<stem>.custom_io.yaml``.
+    ``<stem>.specializations.json`` and, with ``custom_io``, ``<stem>.custom_io.yaml``: all land
+    together with the model or not at all, and none replaces a file an earlier run of this tool
+    did not record as its own (``model_io.save_model``). Missing output folders are created.
     The output is checked by path with the ONNX checker. ``full_check`` adds strict shape
     inference, and shows that every value gets a static shape under every entry of the paged
     specializations (``report.static_shapes``); a value the rewrite made non-static fails the
