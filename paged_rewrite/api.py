@@ -12,12 +12,16 @@ import onnx
 
 from paged_rewrite import handoff
 from paged_rewrite.errors import NotAModelError, OutputError, PagedRewriteError, UsageError
-from paged_rewrite.model_io import data_files, load_model, save_model, write_text_atomically
+from paged_rewrite.model_io import data_files, load_model, save_model
 from paged_rewrite.pipeline import RewriteOptions, rewrite_model
 from paged_rewrite.report import RewriteReport
 from paged_rewrite.static_shapes import check_specializations
 
 VERSION = "0.1.0"
+# The longest context (and so block, bucket) in tokens: QEfficient exports mark padding with the
+# position INT32_MAX, so no valid position reaches it.
+MAX_CONTEXT = 2**31 - 1
+MAX_DIM = 2**63 - 1  # ONNX dims are int64
 
 
 def rewrite(
@@ -42,7 +46,9 @@ def rewrite(
     context when it is known (``buckets.py``). With more than one bucket the table width stays
     symbolic; ``ctx_len`` bounds the largest bucket and is always one. Beside the output go its
     manifest (``<output>.json``), the paged
-    ``<stem>.specializations.json`` and, with ``custom_io``, ``<stem>.custom_io.yaml``.
+    ``<stem>.specializations.json`` and, with ``custom_io``, ``<stem>.custom_io.yaml``: all land
+    together with the model or not at all, and none replaces a file an earlier run of this tool
+    did not record as its own (``model_io.save_model``). Missing output folders are created.
     The output is checked by path with the ONNX checker. ``full_check`` adds strict shape
     inference, and shows that every value gets a static shape under every entry of the paged
     specializations (``report.static_shapes``); a value the rewrite made non-static fails the
@@ -50,11 +56,13 @@ def rewrite(
     dry run).
     Raises a ``PagedRewriteError`` subclass (with its exit code) on bad input.
     """
+    _check_ranges(kv_block_size, ctx_len, num_blocks, dims or {}, ctx_buckets)
     entries = handoff.read_specializations(specializations) if specializations else None
     precisions = handoff.read_custom_io(custom_io) if custom_io else None
     bound = _bind(dims or {}, handoff.shared_dims(entries) if entries else {})
     model = load_model(input_path, check_data_paths=False)
     weights = data_files(model, input_path)  # refuses unsafe locations; protected from overwriting below
+    _refuse_unknown_dims(dims or {}, model, input_path)
     buckets = tuple(ctx_buckets) if ctx_buckets is not None else None
     options = RewriteOptions(kv_block_size, ctx_len, num_blocks, bound, buckets)
     try:
@@ -72,38 +80,45 @@ def rewrite(
         origins = handoff.entry_origins(report, entries, bound)
         _check_static_shapes(model, report, specialized, origins, input_path)
     if precisions is not None and custom_io is not None:
-        sidecars["custom_io"] = handoff.paged_custom_io(precisions, report, custom_io)
+        sidecars["custom_io"] = handoff.paged_custom_io(precisions, report, custom_io).to_yaml()
     if output_path is None:
         return report
-    paths = handoff.sidecar_paths(Path(output_path))
-    written_by_us = [Path(output_path), *paths.values()]
-    if copy_weights:
-        written_by_us.append(Path(output_path).with_name(Path(output_path).name + ".data"))
-    protected = [input_path, *weights, specializations, custom_io]
-    _refuse_overwriting_inputs(written_by_us, protected)
+    target, source = Path(output_path), Path(input_path)
+    paths = handoff.sidecar_paths(target)
+    written_by_us = list({target, *paths.values()})
+    _refuse_overwriting_inputs(written_by_us, [input_path, *weights, specializations, custom_io])
+    previous = handoff.previous_files(paths["manifest"])  # what an earlier run into this name wrote
+    flags = {
+        "kv_block_size": kv_block_size,
+        "ctx_len": ctx_len,
+        "ctx_buckets": list(ctx_buckets) if ctx_buckets is not None else None,
+        "num_blocks": num_blocks,
+        "dims": dict(sorted((dims or {}).items())),
+        "specializations": Path(specializations).name if specializations else None,
+        "custom_io": Path(custom_io).name if custom_io else None,
+        "copy_weights": copy_weights,
+    }
+    document = handoff.manifest(report, source, VERSION, flags)
+    kinds = [*sidecars, "manifest", *(["data"] if copy_weights and weights else [])]
+    document["sidecars"] = sorted(kinds)  # kinds, so names follow the output
+    sidecars["manifest"] = handoff.to_json(document, indent=None)
+    replaceable = [paths[kind] for kind in previous.kinds]
     try:
-        target = save_model(model, output_path, Path(input_path), copy_weights, full_check)
+        save_model(
+            model,
+            target,
+            source,
+            copy_weights,
+            full_check,
+            sidecars={paths[kind]: text for kind, text in sidecars.items()},
+            replaceable=replaceable,
+        )
     except OutputError as error:
         if "fails the ONNX checker" in str(error):
             _blame_the_input(input_path, full_check)
         raise
     report.output_path = str(target)
-    previous = handoff.previous_sidecars(paths["manifest"])
-    document = handoff.manifest(report, Path(input_path), VERSION)
-    document["sidecars"] = sorted([*sidecars, "manifest"])  # kinds, so names follow the output
-    sidecars["manifest"] = handoff.to_json(document, indent=None)
-    written: list[Path] = []
-    try:
-        for kind, text in sorted(sidecars.items()):
-            write_text_atomically(paths[kind], text)
-            written.append(paths[kind])
-    except OutputError:
-        copied = [target.with_name(target.name + ".data")] if copy_weights else []
-        for path in [target, *copied, *written]:  # all or nothing
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        raise
-    for kind in previous - set(document["sidecars"]):  # e.g. a custom_io.yaml this run did not write
+    for kind in set(previous.kinds) - set(kinds):  # e.g. a custom_io.yaml this run did not write
         with contextlib.suppress(FileNotFoundError):
             paths[kind].unlink()
     report.files = {kind: str(paths[kind]) for kind in sorted(sidecars)}
@@ -128,6 +143,51 @@ def _check_static_shapes(
                 f"{input_path}: under specialization {result.specialization!r} the rewrite leaves "
                 f"{result.made_non_static[0].describe()} without a static shape"
             )
+
+
+def _check_ranges(
+    kv_block_size: int,
+    ctx_len: int | None,
+    num_blocks: int | None,
+    dims: Mapping[str, int],
+    ctx_buckets: Sequence[int] | None,
+) -> None:
+    """Values past any context a model can have, or past an ONNX dim, are usage errors here rather
+    than overflows deep in the rewrite."""
+    limits = [("--kv-block-size", kv_block_size, MAX_CONTEXT), ("--ctx-len", ctx_len, MAX_CONTEXT)]
+    limits += [("--ctx-buckets", bucket, MAX_CONTEXT) for bucket in ctx_buckets or ()]
+    limits += [("--num-blocks", num_blocks, MAX_DIM)]
+    limits += [(f"--dim {name}", value, MAX_DIM) for name, value in dims.items()]
+    for flag, value, limit in limits:
+        if value is not None and value > limit:
+            what = "tokens: no context is longer" if limit == MAX_CONTEXT else "the largest ONNX dim"
+            raise UsageError(f"{flag} {value} is out of range: at most {limit} ({what})")
+
+
+def _refuse_unknown_dims(
+    dims: Mapping[str, int], model: onnx.ModelProto, path: str | os.PathLike[str]
+) -> None:
+    """``--dim NAME=V`` must name a symbolic dim of the model: a typo would otherwise bind nothing."""
+    known = symbolic_dims(model)
+    unknown = sorted(set(dims) - known)
+    if unknown:
+        raise UsageError(
+            f"{path}: --dim {unknown[0]}={dims[unknown[0]]}: the model has no dim {unknown[0]!r}; "
+            f"its symbolic dims are {', '.join(sorted(known)) or 'none'}"
+        )
+
+
+def symbolic_dims(model: onnx.ModelProto) -> set[str]:
+    """The names of the symbolic dims of ``model``'s inputs, outputs and annotated values, in the
+    main graph and in its functions."""
+    values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+    values += [value for function in model.functions for value in function.value_info]
+    return {
+        dim.dim_param
+        for value in values
+        for dim in value.type.tensor_type.shape.dim
+        if dim.HasField("dim_param") and dim.dim_param
+    }
 
 
 def _refuse_overwriting_inputs(outputs: list[Path], inputs: list[str | os.PathLike[str] | None]) -> None:

@@ -10,31 +10,85 @@ class (see ``paged_rewrite.errors`` and the README).
 
 from __future__ import annotations
 
-import json
 import sys
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
 
-import click
+INTERRUPTED_EXIT = 130  # the shell's convention for SIGINT
+try:  # the rest of start-up (onnx) is imported inside the commands, under main()'s handler
+    import difflib
+    import json
+    import tempfile
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+    from typing import Any, NoReturn, TypeVar
 
-from paged_rewrite.api import rewrite
-from paged_rewrite.buckets import parse_buckets
-from paged_rewrite.errors import PagedRewriteError, UsageError, VerificationError
+    import click
+
+    from paged_rewrite.buckets import parse_buckets
+    from paged_rewrite.errors import NotAModelError, PagedRewriteError, UsageError, VerificationError
+except KeyboardInterrupt:
+    sys.stderr.write("paged-rewrite: interrupted: nothing was written\n")
+    raise SystemExit(INTERRUPTED_EXIT) from None
 
 F = TypeVar("F", bound=Callable[..., Any])
 INTERNAL_ERROR_EXIT = 1
-INTERRUPTED_EXIT = 130  # the shell's convention for SIGINT
+
+
+def _fail(kind: str, message: str, exit_code: int, as_json: bool) -> NoReturn:
+    """The one line every error prints (and, for ``--json``, the same as JSON on stdout)."""
+    line = " ".join(message.split())  # one line, whatever the message held
+    if as_json:
+        click.echo(json.dumps({"error": {"kind": kind, "message": line, "exit_code": exit_code}}))
+    click.echo(f"paged-rewrite: {kind}: {line}", err=True)
+    sys.exit(exit_code)
 
 
 class _DefaultToRewrite(click.Group):
-    """A group whose first argument, when not a subcommand, is the model of a ``rewrite``."""
+    """A group whose first argument, when not a subcommand, is the model of a ``rewrite``; every
+    error, click's own included, is one line with its exit code (README)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+        if not args:
+            raise click.UsageError(f"no command or model given; {self._commands_hint()}")
+        first = args[0]
+        if first not in self.commands and first not in ("--help", "-h", "--version"):
+            if _looks_like_a_command(first):
+                close = difflib.get_close_matches(first, list(self.commands), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise click.UsageError(f"no such command '{first}'{hint}; {self._commands_hint()}")
             args = ["rewrite", *args]
         return super().parse_args(ctx, args)
+
+    def _commands_hint(self) -> str:
+        return (
+            f"the commands are {', '.join(sorted(self.commands))}, or give a model to rewrite: "
+            "paged-rewrite MODEL -o OUTPUT --kv-block-size N (see paged-rewrite --help)"
+        )
+
+    def main(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any
+    ) -> Any:
+        arguments = list(sys.argv[1:] if args is None else args)
+        standalone = extra.pop("standalone_mode", True)
+        as_json = "--json" in arguments
+        try:
+            result = super().main(arguments, prog_name or "paged-rewrite", standalone_mode=False, **extra)
+        except click.ClickException as error:  # bad or missing flags, unknown options and commands
+            where = error.ctx.command_path if isinstance(error, click.UsageError) and error.ctx else ""
+            command = where.removeprefix("paged-rewrite").strip()
+            message = error.format_message().rstrip(".")
+            hint = f" (see paged-rewrite {command + ' ' if command else ''}--help)" if command else ""
+            _fail("usage", f"{command + ': ' if command else ''}{message}{hint}", 2, as_json)
+        except (click.Abort, KeyboardInterrupt):
+            _fail("interrupted", "nothing was written", INTERRUPTED_EXIT, as_json)
+        if not standalone:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _looks_like_a_command(word: str) -> bool:
+    """A first word that is no file and has neither a suffix nor a folder in it is a mistyped
+    command (``verfiy``), not a model path."""
+    return not word.startswith("-") and not Path(word).exists() and "." not in word and "/" not in word
 
 
 def _parse_dims(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, int]:
@@ -56,6 +110,13 @@ def _parse_buckets(_ctx: click.Context, _param: click.Parameter, value: str | No
         raise click.BadParameter(str(error)) from None
 
 
+def _require_model_file(path: Path) -> None:
+    if path.is_dir():
+        raise NotAModelError(f"{path}: is a directory, not a model file")
+    if not path.is_file():
+        raise NotAModelError(f"{path}: no such file")
+
+
 def _progress(message: str) -> None:
     """Progress for people watching a terminal; nothing in pipelines (stderr not a TTY)."""
     if sys.stderr.isatty():
@@ -67,22 +128,21 @@ def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
 
 
 def _guarded(fn: F) -> F:
-    """Turn our errors into one line + exit code; never show a traceback."""
+    """Turn our errors into one line + exit code; never show a traceback. With ``--json`` the
+    error goes to stdout as JSON too, so a pipeline reading stdout sees it."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except PagedRewriteError as exc:
-            click.echo(f"paged-rewrite: {exc.kind}: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc.kind, str(exc), exc.exit_code, as_json)
         except KeyboardInterrupt:  # temporary files are already gone (see model_io)
-            click.echo("paged-rewrite: interrupted: nothing was written", err=True)
-            sys.exit(INTERRUPTED_EXIT)
+            _fail("interrupted", "nothing was written", INTERRUPTED_EXIT, as_json)
         except (click.exceptions.Exit, click.ClickException):
             raise
         except Exception as exc:  # a bug of ours: still one line, distinct exit code
-            click.echo(f"paged-rewrite: internal error: {type(exc).__name__}: {exc}", err=True)
-            sys.exit(INTERNAL_ERROR_EXIT)
+            _fail("internal error", f"{type(exc).__name__}: {exc}", INTERNAL_ERROR_EXIT, as_json)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -103,7 +163,7 @@ def main() -> None:
 
 
 @main.command("rewrite")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
@@ -189,6 +249,8 @@ def rewrite_command(
       paged-rewrite model.onnx -o paged.onnx --kv-block-size 128 --ctx-buckets 512,1024,2048,4096
       paged-rewrite swa.onnx -o paged.onnx --kv-block-size 32 --ctx-len 128 --dim sliding_window=32
     """
+    from paged_rewrite.api import rewrite
+
     _progress(f"rewriting {model}")
     report = rewrite(
         model,
@@ -207,7 +269,7 @@ def rewrite_command(
 
 
 @main.command("inspect")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "--kv-block-size",
     type=click.IntRange(min=1),
@@ -232,11 +294,14 @@ def inspect_command(
 
     found = inspect_model(model, kv_block_size, ctx_len=ctx_len, dims=dims)
     _emit(as_json, found.to_dict(), found.summary())
+    if found.plan_error is not None:  # the code a rewrite with these flags would exit with
+        click.echo(f"paged-rewrite: {found.plan_error_kind}: {found.plan_error}", err=True)
+        sys.exit(found.plan_exit_code)
 
 
 @main.command("verify")
-@click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("paged", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("paged", type=click.Path(path_type=Path))
 @click.option(
     "--block-order",
     type=click.Choice(["identity", "shuffled"]),
@@ -278,10 +343,7 @@ def verify_command(
     from paged_rewrite.runtime.verify import verify
 
     for path in (original, paged):
-        if not path.is_file():
-            from paged_rewrite.errors import NotAModelError
-
-            raise NotAModelError(f"{path}: no such file")
+        _require_model_file(path)
     report = verify(
         original,
         paged,
@@ -313,6 +375,7 @@ def demo_command(kv_block_size: int, workdir: Path | None, as_json: bool) -> Non
     Example:
       paged-rewrite demo --kv-block-size 16
     """
+    from paged_rewrite.api import rewrite
     from paged_rewrite.builder import ExportSpec, write_qeff_export
     from paged_rewrite.runtime.verify import verify
 
@@ -322,6 +385,9 @@ def demo_command(kv_block_size: int, workdir: Path | None, as_json: bool) -> Non
         original = write_qeff_export(folder / "model.onnx", ExportSpec())
         report = rewrite(original, folder / "paged.onnx", kv_block_size, ctx_len=128)
         checked = verify(original, folder / "paged.onnx")
+        if workdir is None:  # the folder is deleted on return: name the files, not where they were
+            report.input_path, report.output_path = original.name, None
+            report.files = {kind: Path(path).name for kind, path in report.files.items()}
         _emit(
             as_json,
             {"rewrite": report.to_dict(), "verify": checked.to_dict()},

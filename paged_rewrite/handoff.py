@@ -14,10 +14,12 @@ import hashlib
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import yaml
 
 from paged_rewrite.errors import UsageError
 from paged_rewrite.report import RewriteReport
@@ -25,6 +27,8 @@ from paged_rewrite.report import RewriteReport
 Entry = dict[str, Any]
 
 
+TOOL_NAME = "paged-rewrite"  # the marker by which a manifest is known to be ours
+CustomIOLayout = Literal["io_list", "mapping", "pairs"]
 FLAT = "_flat"  # an entry read from the flat layout, written back in it
 
 
@@ -157,41 +161,102 @@ def _default_pool(entries: Iterable[Mapping[str, int]]) -> int | None:
     return rows * width + 1 if rows and width else None
 
 
-def read_custom_io(path: str | os.PathLike[str]) -> dict[str, str]:
-    """QEfficient's ``custom_io.yaml``: one ``tensor_name: precision`` mapping per line."""
-    entries: dict[str, str] = {}
+@dataclass(frozen=True)
+class CustomIO:
+    """QEfficient's per-tensor precisions (``custom_io.yaml``, read by ``qaic-exec
+    -custom-IO-list-file``) and the YAML layout they came in, so the paged file is written alike.
+
+    Layouts: ``io_list``, what QEfficient writes (``- IOName: past_key.0`` / ``Precision: float16``
+    per tensor); ``mapping`` (``past_key.0: float16``); ``pairs`` (``- past_key.0: float16``).
+    """
+
+    precisions: dict[str, str]  # tensor name -> precision, in file order
+    layout: CustomIOLayout
+
+    def to_yaml(self) -> str:
+        document: object
+        if self.layout == "io_list":
+            document = [{"IOName": name, "Precision": p} for name, p in self.precisions.items()]
+        elif self.layout == "pairs":
+            document = [{name: p} for name, p in self.precisions.items()]
+        else:
+            document = self.precisions
+        text: str = yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+        return text
+
+
+def read_custom_io(path: str | os.PathLike[str]) -> CustomIO:
+    """Read ``custom_io.yaml`` with a YAML parser; any of the layouts of ``CustomIO``."""
     try:
-        lines = Path(path).read_text().splitlines()
+        document = yaml.safe_load(Path(path).read_text())
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read ({exc})") from None
-    for number, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        match = re.fullmatch(r"""['"]?([^'":]+?)['"]?\s*:\s*['"]?([A-Za-z0-9_]+)['"]?""", text)
-        if match is None:
-            raise UsageError(f"{path}:{number}: expected 'tensor_name: precision', got {line.strip()!r}")
-        entries[match.group(1)] = match.group(2)
-    return entries
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f":{where.line + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise UsageError(f"{path}{line}: not valid YAML ({problem})") from None
+    layout: CustomIOLayout
+    if isinstance(document, dict):
+        entries, layout = list(document.items()), "mapping"
+    elif (
+        isinstance(document, list)
+        and document
+        and all(isinstance(item, dict) and set(item) == {"IOName", "Precision"} for item in document)
+    ):
+        entries, layout = [(item["IOName"], item["Precision"]) for item in document], "io_list"
+    elif isinstance(document, list) and all(isinstance(item, dict) and len(item) == 1 for item in document):
+        entries, layout = [next(iter(item.items())) for item in document], "pairs"
+    else:
+        raise UsageError(
+            f"{path}: expected QEfficient's custom IO list ('- IOName: <tensor>' / 'Precision: <type>' "
+            "per tensor) or 'tensor_name: precision' entries"
+        )
+    precisions: dict[str, str] = {}
+    for name, precision in entries:
+        if not isinstance(name, str) or not isinstance(precision, str):
+            raise UsageError(f"{path}: entry {name!r}: {precision!r}: expected a tensor name and a precision")
+        if name in precisions:
+            raise UsageError(f"{path}: tensor {name!r} is listed twice")
+        precisions[name] = precision
+    if not precisions:
+        raise UsageError(f"{path}: no tensors listed")
+    return CustomIO(precisions, layout)
 
 
-def paged_custom_io(entries: Mapping[str, str], report: RewriteReport, path: str | os.PathLike[str]) -> str:
-    """The same entries for the paged model; every named tensor must still be an input or output."""
+def paged_custom_io(custom: CustomIO, report: RewriteReport, path: str | os.PathLike[str]) -> CustomIO:
+    """The same entries for the paged model (names are unchanged). Entries for inputs the rewrite
+    removed (``batch_index`` of a continuous-batching export) are dropped and recorded in
+    ``report.custom_io_dropped``; any other name the paged model lacks is refused."""
     names = {spec.name for spec in [*report.inputs, *report.outputs]}
-    missing = sorted(set(entries) - names)
+    removed = set(report.removed_inputs)
+    report.custom_io_dropped = [name for name in custom.precisions if name in removed]
+    missing = sorted(set(custom.precisions) - names - removed)
     if missing:
         raise UsageError(f"{path}: names tensors the paged model does not have: {', '.join(missing)}")
-    return "".join(f"{name}: {precision}\n" for name, precision in entries.items())
+    kept = {name: p for name, p in custom.precisions.items() if name in names}
+    return CustomIO(kept, custom.layout)
 
 
-def manifest(report: RewriteReport, source: Path, version: str) -> dict[str, Any]:
-    """What a runtime needs to allocate the pool and build block tables."""
+MANIFEST_FORMAT = 2  # 2: num_kv_blocks / total_num_kv_blocks are int or null; flags recorded
+
+
+def manifest(report: RewriteReport, source: Path, version: str, flags: Mapping[str, Any]) -> dict[str, Any]:
+    """What a runtime needs to allocate the pool and build block tables, and the flags that shaped
+    the output. Every field has one type: ``num_kv_blocks`` and ``total_num_kv_blocks`` are the
+    static table width and pool size, or null where the dim stays symbolic (its name is in the
+    ``block_table`` / cache input shapes)."""
     return {
-        "tool": {"name": "paged-rewrite", "version": version},
+        "tool": {"name": TOOL_NAME, "version": version},
+        "format": MANIFEST_FORMAT,
+        "flags": dict(flags),
+        "bound_dims": dict(sorted(report.bound_dims.items())),
         "source": {"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
         "kv_block_size": report.kv_block_size,
-        "num_kv_blocks": report.num_kv_blocks,
-        "total_num_kv_blocks": report.total_num_kv_blocks,
+        "num_kv_blocks": report.num_kv_blocks if isinstance(report.num_kv_blocks, int) else None,
+        "total_num_kv_blocks": (
+            report.total_num_kv_blocks if isinstance(report.total_num_kv_blocks, int) else None
+        ),
         "ctx_buckets": [
             {"tokens": bucket, "num_kv_blocks": math.ceil(bucket / report.kv_block_size)}
             for bucket in report.ctx_buckets
@@ -219,24 +284,39 @@ def manifest(report: RewriteReport, source: Path, version: str) -> dict[str, Any
     }
 
 
-def previous_sidecars(manifest_path: Path) -> set[str]:
-    """Sidecar kinds an earlier run recorded in its manifest at ``manifest_path`` (ours only)."""
+@dataclass(frozen=True)
+class PreviousFiles:
+    """What an earlier run recorded in its manifest as written by it: the files it may replace."""
+
+    kinds: tuple[str, ...] = ()  # of SIDECAR_KINDS, the manifest itself included
+
+
+def previous_files(manifest_path: Path) -> PreviousFiles:
+    """The files the manifest at ``manifest_path`` says its run wrote — if it is ours (it carries
+    the tool marker); a file of the same name that is not is nobody's to overwrite."""
     try:
-        kinds = json.loads(manifest_path.read_text()).get("sidecars", [])
-    except (OSError, ValueError, AttributeError):
-        return set()
-    return {k for k in kinds if k in SIDECAR_KINDS}
+        document = json.loads(manifest_path.read_text())
+        if document["tool"]["name"] != TOOL_NAME:
+            return PreviousFiles()
+        kinds = {k for k in document.get("sidecars", []) if k in SIDECAR_KINDS} | {"manifest"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return PreviousFiles()
+    return PreviousFiles(tuple(sorted(kinds)))
 
 
-SIDECAR_KINDS = ("manifest", "specializations", "custom_io")
+SIDECAR_KINDS = ("manifest", "specializations", "custom_io", "data")
 
 
 def sidecar_paths(output: Path) -> dict[str, Path]:
+    """Where each file beside ``output`` goes, by kind: ``<output>.json``, ``<stem>.specializations.json``,
+    ``<stem>.custom_io.yaml`` (``<stem>`` is the output's name without its suffix) and
+    ``<output>.data``."""
     stem = output.name[: -len(output.suffix)] if output.suffix else output.name
     return {
         "manifest": output.with_name(output.name + ".json"),
         "specializations": output.with_name(f"{stem}.specializations.json"),
         "custom_io": output.with_name(f"{stem}.custom_io.yaml"),
+        "data": output.with_name(output.name + ".data"),  # --copy-weights
     }
 
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from paged_rewrite.api import rewrite
-from paged_rewrite.errors import UsageError
+from paged_rewrite.errors import PagedRewriteError
 from paged_rewrite.model_io import load_model
 from paged_rewrite.passes.find_cache_sites import find_cache_sites
 from paged_rewrite.report import RewriteReport
@@ -35,6 +35,8 @@ class Inspection:
     sites: list[CacheSiteInfo]
     plan: RewriteReport | None
     plan_error: str | None = None  # why no rewrite can be planned with these flags
+    plan_error_kind: str | None = None  # its kind and exit code: what a rewrite would exit with
+    plan_exit_code: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         plan = self.plan.to_dict() if self.plan is not None else None
@@ -43,6 +45,8 @@ class Inspection:
             "sites": [asdict(s) for s in self.sites],
             "plan": plan,
             "plan_error": self.plan_error,
+            "plan_error_kind": self.plan_error_kind,
+            "exit_code": self.plan_exit_code,
         }
 
     def summary(self) -> str:
@@ -65,8 +69,13 @@ def inspect_model(
     ctx_len: int | None = None,
     dims: Mapping[str, int] | None = None,
 ) -> Inspection:
-    """Find the cache sites of ``path`` and plan a rewrite (dry run); raises on refusals."""
-    sites = find_cache_sites(load_model(path))
+    """Find the cache sites of ``path`` and plan a rewrite (dry run). A model whose sites cannot be
+    listed raises (naming the file); a plan that fails is reported with the error a rewrite with
+    the same flags would raise (``plan_error``, ``plan_error_kind``, ``plan_exit_code``)."""
+    try:
+        sites = find_cache_sites(load_model(path))
+    except PagedRewriteError as error:
+        raise _naming(path, error) from None
     infos = []
     for tensor in sites.tensors:
         body = tensor.write.body
@@ -86,5 +95,13 @@ def inspect_model(
         )
     try:
         return Inspection(str(path), infos, rewrite(path, None, kv_block_size, ctx_len=ctx_len, dims=dims))
-    except UsageError as error:  # e.g. a ring buffer whose length was not given
-        return Inspection(str(path), infos, None, str(error))
+    except PagedRewriteError as error:  # e.g. a ring buffer whose length was not given
+        named = _naming(path, error)
+        return Inspection(str(path), infos, None, str(named), named.kind, named.exit_code)
+
+
+def _naming(path: str | os.PathLike[str], error: PagedRewriteError) -> PagedRewriteError:
+    """``error`` with its message starting with the file, as a rewrite's errors do."""
+    if str(error).startswith(str(path)):
+        return error
+    return type(error)(f"{path}: {error}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import onnx
@@ -18,6 +18,8 @@ def load_model(path: str | os.PathLike[str], check_data_paths: bool = True) -> o
     """Load the graph of ``path``; external weight data stays on disk, unread. Unsafe data
     locations are refused unless ``check_data_paths`` is off (the caller runs ``data_files``)."""
     source = Path(path)
+    if source.is_dir():
+        raise NotAModelError(f"{source}: is a directory, not a model file")
     if not source.is_file():
         raise NotAModelError(f"{source}: no such file")
     try:
@@ -106,93 +108,139 @@ def save_model(
     source: str | os.PathLike[str],
     copy_weights: bool = False,
     full_check: bool = False,
+    sidecars: Mapping[Path, str] | None = None,
+    replaceable: Collection[Path] = (),
 ) -> Path:
-    """Write ``model`` to ``path`` via temporary files in the same folder, checked by path with
-    the ONNX checker before they are renamed into place. On any failure nothing is left.
+    """Write ``model`` to ``path`` and its ``sidecars`` (path -> text) as one: each goes to a
+    temporary file in its target folder, the model is checked by path with the ONNX checker, and
+    only then are they renamed into place — data and sidecars first, the model last, so a model
+    in place implies its files. On any failure or interrupt, nothing is left: every file placed is
+    removed, every one replaced is restored, every folder created is removed. Missing output
+    folders are created.
+
+    Files the tool names by itself (sidecars, ``<output>.data``) must not exist unless
+    they are in ``replaceable`` (what an earlier run recorded as its own): anything else is
+    refused before a byte is written. ``path`` itself, named by the user, may be replaced.
 
     The check is structural (every node, function and name); ``full_check`` adds the checker's
     strict shape inference, which costs twice a plain load and save on a 70B-size graph.
 
     External weights are referenced, not copied, by default: their locations are relative to the
     model's folder, and the checker and onnxruntime refuse references that leave it, so such a
-    model is written into the folder of its data files. ``copy_weights`` instead streams every
-    external tensor into ``<output>.data`` beside the output (the only time weight bytes are read).
+    model is written into the folder of its data files. Links will not do either: onnx refuses
+    data files reached through a symlink, and data files with more than one hard link (as a
+    "hardlink attack"; onnx 1.23 does) — a hard link would make the *input* unloadable too. So
+    elsewhere this refuses unless ``copy_weights``, which streams every external tensor into
+    ``<output>.data`` beside the output (the only time weight bytes are read).
     """
     target, origin = Path(path), Path(source)
     if target.resolve() == origin.resolve():
         raise UsageError(f"{target}: the output must not overwrite the input model")
-    if not target.parent.is_dir():
-        raise OutputError(f"{target.parent}: output folder does not exist")
+    if target.is_dir():
+        raise UsageError(f"{target}: is a directory; -o takes the output model's file name")
     external = any(True for _ in external_tensors(model))
     if external and not copy_weights and target.parent.resolve() != origin.resolve().parent:
         raise UsageError(
             f"{target}: {origin} keeps its weights in external data files, which the output references "
             f"in place; write the output into {origin.parent} or pass --copy-weights "
-            "(external data may not be referenced from another folder)"
+            "(external data may not be referenced from another folder, nor linked: onnx refuses "
+            "symlinked and hard-linked data files)"
         )
     data_target = target.with_name(target.name + ".data")
-    tmp_name: str | None = None
-    tmp_data: str | None = None
-    backup: str | None = None  # a previous <output>.data, restored if this run fails
-    placed_data = False
+    texts = dict(sidecars or {})
+    owned = {p.resolve() for p in replaceable}
+    for implicit in [*texts, *([data_target] if external and copy_weights else [])]:
+        _refuse_foreign(implicit, owned)
+    files = _FileSet()
     try:
-        tmp_name = _temp_beside(target)
+        files.make_folders(target.parent)
+        tmp_model = files.temp_beside(target)
         if external and copy_weights:
-            tmp_data = _temp_beside(data_target)
+            tmp_data = files.temp_beside(data_target)
             _copy_external(model, origin, tmp_data, data_target.name)
-        Path(tmp_name).write_bytes(model.SerializeToString())  # onnx.save would re-walk external data
-        os.chmod(tmp_name, 0o666 & ~_umask())
-        if tmp_data is not None:
-            os.chmod(tmp_data, 0o666 & ~_umask())
-            if data_target.exists():
-                backup = _temp_beside(data_target)
-                os.replace(data_target, backup)
-            os.replace(tmp_data, data_target)  # the checker resolves the final data name
-            placed_data = True
-        onnx.checker.check_model(tmp_name, full_check=full_check)
-        os.replace(tmp_name, target)
-        placed_data = False
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, UnicodeDecodeError) as exc:
-        raise OutputError(
-            f"{target}: the rewritten model fails the ONNX checker: {_first_line(exc)}"
-        ) from None
-    except OSError as exc:
-        raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        for leftover in (tmp_name, tmp_data, data_target if placed_data else None):
-            if leftover is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
-        if backup is not None:
-            if placed_data:  # this run failed: the previous data file goes back
-                os.replace(backup, data_target)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(backup)
+        Path(tmp_model).write_bytes(model.SerializeToString())  # onnx.save would re-walk external data
+        staged_texts = {}
+        for sidecar, text in texts.items():
+            staged_texts[sidecar] = files.temp_beside(sidecar)
+            Path(staged_texts[sidecar]).write_text(text)
+        # the checker resolves data by its final name, so the data goes in place before the check
+        if external and copy_weights:
+            files.place(tmp_data, data_target)
+        onnx.checker.check_model(tmp_model, full_check=full_check)
+        for sidecar in sorted(staged_texts):
+            files.place(staged_texts[sidecar], sidecar)
+        files.place(tmp_model, target)
+    except BaseException as exc:
+        files.roll_back()
+        if isinstance(exc, (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
+            raise OutputError(
+                f"{target}: the rewritten model fails the ONNX checker: {_first_line(exc)}"
+            ) from None
+        if isinstance(exc, UnicodeDecodeError):
+            raise OutputError(f"{target}: the rewritten model fails the ONNX checker: {exc}") from None
+        if isinstance(exc, OSError):
+            raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
+        raise
+    files.finish()
     return target
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write a small text file via a temporary file and a rename."""
-    tmp = _temp_beside(path)
-    try:
-        Path(tmp).write_text(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+def _refuse_foreign(path: Path, owned: set[Path]) -> None:
+    """A file the tool names by itself may replace only a file an earlier run recorded as its own."""
+    if (path.exists() or path.is_symlink()) and path.resolve() not in owned:
+        raise OutputError(
+            f"{path}: exists and was not written by paged-rewrite (no manifest of ours lists it); "
+            "move it away or choose another -o"
+        )
 
 
-def _temp_beside(target: Path) -> str:
-    try:
+class _FileSet:
+    """Files placed as one (see ``save_model``): what was staged, placed, replaced and created, so
+    that a failure at any point can undo all of it."""
+
+    def __init__(self) -> None:
+        self.temporaries: list[str] = []
+        self.placed: list[Path] = []
+        self.backups: dict[Path, str] = {}  # a replaced file -> where it waits until the end
+        self.folders: list[Path] = []  # created by us, deepest last
+
+    def make_folders(self, folder: Path) -> None:
+        missing = [p for p in [folder, *folder.parents] if not p.exists()]
+        for created in reversed(missing):
+            created.mkdir()
+            self.folders.append(created)
+
+    def temp_beside(self, target: Path) -> str:
+        self.make_folders(target.parent)
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
-    os.close(fd)
-    return name
+        os.close(fd)
+        os.chmod(name, 0o666 & ~_umask())
+        self.temporaries.append(name)
+        return name
+
+    def place(self, temporary: str, target: Path) -> None:
+        if target.exists() or target.is_symlink():
+            backup = self.temp_beside(target)
+            os.replace(target, backup)
+            self.backups[target] = backup
+        self.placed.append(target)  # before the rename: a failed rename still restores the backup
+        os.replace(temporary, target)
+
+    def roll_back(self) -> None:
+        for target in reversed(self.placed):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+            if target in self.backups:
+                os.replace(self.backups.pop(target), target)
+        self.finish()
+        for folder in reversed(self.folders):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    def finish(self) -> None:
+        for leftover in self.temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
 
 
 def _umask() -> int:

@@ -82,6 +82,7 @@ class RewriteReport:
     rewritten: dict[str, int] = field(default_factory=dict)
     added_inputs: list[str] = field(default_factory=list)
     removed_inputs: list[str] = field(default_factory=list)
+    custom_io_dropped: list[str] = field(default_factory=list)  # --custom-io entries of removed inputs
     kept_inputs: dict[str, str] = field(default_factory=dict)  # dropped by a paged op, still read by others
     left_alone: list[LeftAloneReport] = field(default_factory=list)
     other_retained_states: list[str] = field(
@@ -124,6 +125,10 @@ class RewriteReport:
             lines.append(f"ring-buffer caches paged onto the first table columns: {self.windows}")
         if self.removed_inputs:
             lines.append(f"removed inputs (no longer used): {', '.join(self.removed_inputs)}")
+        if self.custom_io_dropped:
+            lines.append(
+                f"custom_io: dropped the entries of removed inputs: {', '.join(self.custom_io_dropped)}"
+            )
         for name, readers in self.kept_inputs.items():
             lines.append(f"kept input {name}: still read by {readers}")
         if self.other_retained_states:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from paged_rewrite.errors import PagedRewriteError, UnsupportedPatternError, VerificationError
+from paged_rewrite.errors import PagedRewriteError, UnsupportedPatternError, UsageError, VerificationError
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Scenario, drive, random_scenario
 from paged_rewrite.runtime.extra_inputs import CompCtxSchedule, ExtraInputs
@@ -186,9 +186,15 @@ def compare(
     bs = geometry.kv_block_size
     num_kv_blocks = geometry.num_kv_blocks or math.ceil(ctx_len / bs)
     if num_kv_blocks * bs != ctx_len:
-        raise UnsupportedPatternError(
-            f"ctx_len {ctx_len} must equal num_kv_blocks*kv_block_size = {num_kv_blocks}*{bs} "
-            "for a like-for-like run"
+        if geometry.num_kv_blocks:  # a static table: the paged model has exactly one context
+            fix = (
+                f"pass --ctx-len {num_kv_blocks * bs} (or leave it out), or rewrite with --ctx-len {ctx_len}"
+            )
+        else:
+            fix = f"pass a multiple of the block size, e.g. --ctx-len {num_kv_blocks * bs}"
+        raise UsageError(
+            f"{paged}: ctx_len {ctx_len} must equal num_kv_blocks*kv_block_size = {num_kv_blocks}*{bs} "
+            f"for a like-for-like run; {fix}"
         )
     needed = sum(math.ceil(s.length / bs) for s in scenario.sequences)
     num_blocks = 1 + needed + spare_blocks
