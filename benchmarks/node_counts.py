@@ -20,9 +20,6 @@ import onnx.inliner
 
 from paged_rewrite import rewrite
 
-PAGED_DOMAIN = "com.qualcomm.cloud"
-
-
 def inlined_nodes(model: onnx.ModelProto) -> int:
     return len(onnx.inliner.inline_local_functions(model).graph.node)
 
@@ -40,9 +37,13 @@ def options_for(folder: Path) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--kv-block-size", type=int, default=16)
-    parser.add_argument("--fixtures", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "fixtures")
+    parser.add_argument(
+        "--fixtures", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    )
     args = parser.parse_args()
     models = sorted((args.fixtures / "qeff").glob("*/model.onnx"))
     models += sorted((args.fixtures / "qeff-features").glob("**/model.onnx"))
@@ -61,7 +62,9 @@ def main() -> None:
             paged = onnx.load(target, load_external_data=False)
             before, after = inlined_nodes(original), inlined_nodes(paged)
             index_ops = Counter(
-                n.op_type for n in paged.graph.node if n.domain == PAGED_DOMAIN and not n.op_type.startswith("PagedCtx")
+                n.op_type
+                for n in paged.graph.node
+                if n.op_type.startswith("Paged") and not n.op_type.startswith("PagedCtx")
             )
             listed = ", ".join(f"{op} {count}" for op, count in sorted(index_ops.items()))
             print(f"| {name} | {before} | {after} | {after / before:.3f} | {listed} |", flush=True)
