@@ -119,25 +119,30 @@ class Server:
             served = waiting[0]
             request = served.request
             if isinstance(self.runner, PagedRunner):
-                served.cached_tokens = self.runner.start(request.name, request.prompt)
                 if self._blocks_short(served, running) > 0:
-                    self.runner.release(request.name)  # not now: its cache hits go back to the cache
-                    return
+                    return  # not now; nothing was taken, so its cache hits stay where they were in the LRU
+                served.cached_tokens = self.runner.start(request.name, request.prompt)
             served.next_position = served.cached_tokens
             served.admitted_at = self.clock
             running.append(waiting.pop(0))
 
     def _blocks_short(self, candidate: Served, running: list[Served]) -> int:
-        """Blocks the candidate lacks once every admitted request's reservation is honoured."""
+        """Blocks the candidate (not started yet) lacks once every admitted request's reservation
+        is honoured. Its prefix-cache hits count as held; those only the cache holds now stop
+        being available once it takes them. Asked without taking anything: a refusal must leave
+        the cache's eviction order as it was."""
         assert isinstance(self.runner, PagedRunner)
         manager = self.runner.manager
 
-        def still_needed(served: Served) -> int:
-            total = len(served.request.prompt) + served.request.max_new_tokens
-            return math.ceil(total / manager.kv_block_size) - len(manager.blocks_of(served.request.name))
+        def blocks_for(served: Served) -> int:
+            return math.ceil(
+                (len(served.request.prompt) + served.request.max_new_tokens) / manager.kv_block_size
+            )
 
-        reserved = sum(still_needed(s) for s in running)
-        return still_needed(candidate) - (manager.num_available_blocks - reserved)
+        reserved = sum(blocks_for(s) - len(manager.blocks_of(s.request.name)) for s in running)
+        hits = manager.cached_prefix(candidate.request.prompt) if manager.prefix_caching else []
+        available = manager.num_available_blocks - manager.num_idle_among(hits)
+        return blocks_for(candidate) - len(hits) - (available - reserved)
 
     def _call(self, kind: Phase, rows: list[Row]) -> np.ndarray:
         start = time.perf_counter()
