@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CTX_LEN, DIMS
+from conftest import CTX_LEN, DIMS, feature_manifest
+from derived_models import with_lora_ids
 from models import qeff_export
 
 from paged_rewrite import rewrite
 from paged_rewrite.errors import UnsupportedPatternError
 from paged_rewrite.runtime.block_manager import BlockManager, OutOfBlocksError, shuffled_order
 from paged_rewrite.runtime.driver import chunk_row
+from paged_rewrite.runtime.extra_inputs import ExtraInputs
 from paged_rewrite.runtime.prefix_cache import block_hashes
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, Row
 from paged_rewrite.runtime.serving import Request, Server
@@ -198,6 +200,34 @@ def test_prefix_caching_is_refused_where_blocks_are_not_content(paged_fixture) -
     manager = BlockManager(20, BLOCK, prefix_caching=True)
     with pytest.raises(UnsupportedPatternError, match="ring-buffer layers overwrite the first table columns"):
         PagedRunner(paged, manager, CTX_LEN // BLOCK, DIMS["gpt_oss_swa_moe"])
+
+
+def test_prefix_caching_is_refused_with_non_kv_retained_states(paged_feature_fixture) -> None:
+    """Llava's language decoder feeds back ``vision_embeds``: image tokens' K/V depend on it, so
+    equal token ids do not make equal blocks. The same runner without prefix caching is fine."""
+    _, paged = paged_feature_fixture("llava_lang_kv_offload", BLOCK)
+    context = feature_manifest("llava_lang_kv_offload")["scenario"]["ctx_len"]
+    PagedRunner(paged, BlockManager(20, BLOCK), context // BLOCK)
+    with pytest.raises(UnsupportedPatternError, match="non-KV retained states"):
+        PagedRunner(paged, BlockManager(20, BLOCK, prefix_caching=True), context // BLOCK)
+
+
+def test_prefix_caching_is_refused_with_lora_ids(tmp_path: Path) -> None:
+    """A ``lora_ids`` input: each row's K/V follow its adapter, not its tokens alone. (The
+    corpus's LoRA export does not load in onnxruntime; this is the builder's, with the input.)"""
+    paged = tmp_path / "paged.onnx"
+    rewrite(
+        with_lora_ids(qeff_export(tmp_path / "model.onnx"), tmp_path / "lora.onnx"),
+        paged,
+        BLOCK,
+        ctx_len=CTX_LEN,
+    )
+    lora = ExtraInputs(lora_ids={"A": 2})
+    runner = PagedRunner(paged, BlockManager(20, BLOCK), CTX_LEN // BLOCK, extra_inputs=lora)
+    assert runner.extra_names == ["lora_ids"]
+    runner.step([Row("A", np.arange(5), np.arange(5))])  # it runs, with its adapter id fed
+    with pytest.raises(UnsupportedPatternError, match="LoRA adapter"):
+        PagedRunner(paged, BlockManager(20, BLOCK, prefix_caching=True), CTX_LEN // BLOCK, extra_inputs=lora)
 
 
 def test_an_evicted_prefix_is_recomputed_exactly(
