@@ -9,8 +9,9 @@ Each fixture's own reference scenario (``reference.npz``) runs as the corpus's
 decode steps; the CB fixture's decode in its 4-row layout — through the original (sentinels
 patched) and the paged model (one pool, blocks handed out in shuffled order, tables narrowed per
 step to the smallest context bucket covering the call; at block size 32 also with the full table
-every step), with the extra inputs fed by ``ExtraInputs``. Same calls, same batches: the logits must be equal bit for bit,
-agree with the corpus's own onnxruntime logits, and with HF on the rows where the original does.
+every step), with the extra inputs fed by ``ExtraInputs``. Same calls, same batches: the logits
+must be equal bit for bit, agree with the corpus's own onnxruntime logits, and with HF on the rows
+where the original does.
 The prefill-only fixture returns one logits row per sequence; its proof is the final KV, read
 back through the block table and compared with the original's final retained states.
 """
