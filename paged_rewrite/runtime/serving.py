@@ -73,15 +73,28 @@ class StepRecord:
 
 class Server:
     """Serve ``requests`` on ``runner``: ``max_running`` requests at most (the paged model's
-    batch limit; the original's is its cache rows), ``chunk_len`` tokens per prefill call."""
+    batch limit; the original's is its cache rows), ``chunk_len`` tokens per prefill call.
+    ``decode_rows``: pad every decode batch of a paged model to that many rows with idle rows (a
+    device compiled for one decode batch size; at most ``max_running`` requests then). The
+    original always decodes all its cache rows."""
 
-    def __init__(self, runner: PagedRunner | ContiguousRunner, chunk_len: int, max_running: int) -> None:
+    def __init__(
+        self,
+        runner: PagedRunner | ContiguousRunner,
+        chunk_len: int,
+        max_running: int,
+        decode_rows: int | None = None,
+    ) -> None:
         self.runner = runner
         self.chunk_len = chunk_len
         self.paged = isinstance(runner, PagedRunner)
         slots = runner.slots.num_slots if isinstance(runner, ContiguousRunner) and runner.slots else None
         self.max_running = min(max_running, slots) if slots else max_running
-        self.decode_rows = slots  # the original decodes every cache row
+        if decode_rows is not None and not self.paged:
+            raise ValueError("decode_rows is for a paged model; the original decodes all its cache rows")
+        if decode_rows is not None and decode_rows < self.max_running:
+            raise ValueError(f"decode_rows {decode_rows} is below max_running {self.max_running}")
+        self.decode_rows = slots or decode_rows  # the original decodes every cache row
         self.clock = 0.0
         self.steps: list[StepRecord] = []
         self.peak_running = 0
