@@ -1,28 +1,33 @@
 """Serving: the paged model against the original continuous-batching export at the same KV memory.
 
     python benchmarks/serve.py [--requests 96] [--rate 16] [--light-rate 2] [--seed 0] [--png docs/serving.png]
+    python benchmarks/serve.py --layers 1 --ctx 1024 --requests 6 --repeat 1 --ttft-samples 2   # a smoke run
 
-Models (the project's builder, one seed): a QEfficient-style continuous-batching export with 2 layers,
-hidden 256, 4 query / 2 KV heads, head_dim 64, MLP 512, vocab 4096, context 4096 and
-``full_batch_size`` 8; its paged rewrite with ``kv_block_size`` 128 and the default context buckets
-(128, 256, ..., 4096), pool 8 * 32 + 1 = 257 blocks: the original's 8 * 4096 token slots per cache
-tensor plus the null block. Both run in onnxruntime CPU with their caches updated in place
-(``paged_rewrite.runtime.in_place``; a device keeps retained state in place, and the per-step copy
-onnxruntime otherwise makes is reported separately below) through ``paged_rewrite.runtime.serving``:
-FCFS admission reserving each request's KV in full, one 128-token prefill chunk then one decode step
-per iteration, virtual time advanced by measured call times.
+Models (the project's builder, one seed): a QEfficient-style continuous-batching export with
+``--layers`` layers (2), hidden 256, 4 query / 2 KV heads, head_dim 64, MLP 512, vocab 4096, context
+``--ctx`` (4096) and ``full_batch_size`` 8; its paged rewrite with ``kv_block_size`` 128 and the
+default context buckets (128, 256, ..., 4096), pool 8 * 32 + 1 = 257 blocks: the original's 8 * 4096
+token slots per cache tensor plus the null block. Both run in onnxruntime CPU with their caches
+updated in place (``paged_rewrite.runtime.in_place``; a device keeps retained state in place, and the
+per-step copy onnxruntime otherwise makes is reported separately below) through
+``paged_rewrite.runtime.serving``: FCFS admission reserving each request's KV in full, one 128-token
+prefill chunk then one decode step per iteration, virtual time advanced by measured call times.
+Every runner is warmed with an unrelated prompt before anything is timed on it.
 
 Workload: Poisson arrivals at ``--rate`` requests/s (a load that saturates both servers: capacity and
 throughput), and at ``--light-rate`` for the paged model alone (time to first token when it is not
-queueing); user prompt ~ lognormal(median 128, sigma 0.8)
-clipped to [8, 1536] tokens, output ~ lognormal(median 48, sigma 0.7) clipped to [4, 384] tokens;
-half the requests start with one common 512-token system prompt. Random token ids, greedy decoding
-to exactly the drawn output length.
+queueing); user prompt ~ lognormal(median 128, sigma 0.8) clipped to [8, 1536] tokens, output ~
+lognormal(median 48, sigma 0.7) clipped to [4, 384] tokens; half the requests start with one common
+512-token system prompt. (The clips and the system prompt scale with ``--ctx``: those are at 4096.)
+Random token ids, greedy decoding to exactly the drawn output length.
 
-Reported: decode step time against context fill (batch 8, caches in place and copied), time to first
-token of one prompt cold and with its system prompt cached, and for the served workloads tokens/s,
-peak concurrent sequences (the paged model's only limit is its pool; the same requests all at once
-measure that limit), TTFT p50/p95 by prefix hit, and the wall time of each run.
+Reported: decode step time against context fill (batch 8, caches in place and copied); time to first
+token of a system prompt + 64 user tokens alone, cold and with its system prompt cached, at the
+serving chunk (128, the headline) and at 64 (medians, minimums and paired ratios); for the served
+workloads tokens/s, peak concurrent sequences (the paged model's only limit is its pool; the same
+requests all at once measure that limit), TTFT p50/p95 by prefix hit, and the wall time of each run;
+and the same workloads on the paged model with prefix caching off, for TTFT p50/p95 of the
+system-prompt requests with caching on and off.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -46,43 +53,72 @@ from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
 from paged_rewrite.runtime.serving import Request, Served, Server
 from paged_rewrite.runtime.sessions import open_session
 
-SPEC = ExportSpec(num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
-                  intermediate_size=512, vocab_size=4096, continuous_batching=True)  # fmt: skip
-CTX, BLOCK, ROWS, CHUNK, SYSTEM = 4096, 128, 8, 128, 512
-POOL = ROWS * CTX // BLOCK + 1
+BLOCK, ROWS, CHUNK = 128, 8, 128
+USER_TOKENS = 64  # the user part of the TTFT probe
 MAX_RUNNING = 256  # no batch cap the pool could reach: the paged model's concurrency is its memory's
 SYSTEM_MARK = "-system"  # names of the requests whose prompt starts with the common system prompt
 FILLS = (1 / 32, 1 / 16, 1 / 10, 1 / 4, 1 / 2, 1.0)
+R = TypeVar("R", PagedRunner, ContiguousRunner)
 
 
-def build(folder: Path) -> tuple[Path, Path]:
-    original = write_qeff_export(folder / "cb.onnx", SPEC)
-    rewrite(original, folder / "paged.onnx", BLOCK, ctx_len=CTX, num_blocks=POOL)
+@dataclass(frozen=True)
+class Setup:
+    """The models' size and the workload's lengths, all at the defaults' scale for ``ctx = 4096``."""
+
+    layers: int = 2
+    ctx: int = 4096
+
+    @property
+    def spec(self) -> ExportSpec:
+        return ExportSpec(num_layers=self.layers, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
+                          intermediate_size=512, vocab_size=4096, continuous_batching=True)  # fmt: skip
+
+    @property
+    def pool(self) -> int:
+        return ROWS * self.ctx // BLOCK + 1
+
+    @property
+    def system(self) -> int:
+        return self.ctx // 8
+
+    @property
+    def max_user(self) -> int:
+        return self.ctx * 3 // 8
+
+    @property
+    def max_output(self) -> int:
+        return self.ctx * 3 // 32
+
+
+def build(setup: Setup, folder: Path) -> tuple[Path, Path]:
+    original = write_qeff_export(folder / "cb.onnx", setup.spec)
+    rewrite(original, folder / "paged.onnx", BLOCK, ctx_len=setup.ctx, num_blocks=setup.pool)
     return original, folder / "paged.onnx"
 
 
-def decode_vs_fill(original: Path, paged: Path, repeat: int) -> list[dict[str, float]]:
+def decode_vs_fill(setup: Setup, original: Path, paged: Path, repeat: int) -> list[dict[str, float]]:
     """Median decode step (ms) at batch 8, every row at the same position, per context fill:
     the original, the paged model with the narrowest bucket and with the full table; caches
     updated in place and, for the first two, copied (onnxruntime's default)."""
     sessions = {"original": open_session(original, patch_sentinels=True), "paged": open_session(paged)}
     widths = [-(-b // BLOCK) for b in PagedGeometry.of(paged).ctx_buckets]
     rng = np.random.default_rng(0)
-    names = [f"past_{k}.{layer}" for layer in range(SPEC.num_layers) for k in ("key", "value")]
-    shape = (SPEC.num_kv_heads, SPEC.head_dim)
-    caches = {n: rng.standard_normal((ROWS, shape[0], CTX, shape[1]), np.float32) for n in names}
-    pools = {n: rng.standard_normal((POOL, shape[0], BLOCK, shape[1]), np.float32) for n in names}
+    spec, ctx = setup.spec, setup.ctx
+    names = [f"past_{k}.{layer}" for layer in range(spec.num_layers) for k in ("key", "value")]
+    shape = (spec.num_kv_heads, spec.head_dim)
+    caches = {n: rng.standard_normal((ROWS, shape[0], ctx, shape[1]), np.float32) for n in names}
+    pools = {n: rng.standard_normal((setup.pool, shape[0], BLOCK, shape[1]), np.float32) for n in names}
     aliases = {n: f"{n}_RetainedState" for n in names}
     rows: list[dict[str, float]] = []
     for fill in FILLS:
-        position = round(fill * CTX) - 1
-        tokens = {"input_ids": rng.integers(0, SPEC.vocab_size, (ROWS, 1)),
+        position = round(fill * ctx) - 1
+        tokens = {"input_ids": rng.integers(0, spec.vocab_size, (ROWS, 1)),
                   "position_ids": np.full((ROWS, 1), position)}  # fmt: skip
         narrow = pick_width(position + 1, widths, BLOCK)
         cases = {
             "original": ("original", {**tokens, **caches, "batch_index": np.arange(ROWS)[:, None]}),
             "paged": ("paged", _paged_feeds(tokens, pools, narrow, position)),
-            "paged_full_width": ("paged", _paged_feeds(tokens, pools, CTX // BLOCK, position)),
+            "paged_full_width": ("paged", _paged_feeds(tokens, pools, ctx // BLOCK, position)),
         }
         samples: dict[str, list[float]] = {f"{c}_{m}": [] for c in cases for m in ("in_place", "copy")}
         calls = [(case, mode) for case in cases for mode in ("in_place", "copy")]
@@ -120,15 +156,16 @@ def _paged_feeds(tokens: dict[str, np.ndarray], pools: dict[str, np.ndarray], co
     return {**tokens, **pools, "block_table": table, "slot_id": np.full(ROWS, position % BLOCK)}
 
 
-def workload(count: int, rate: float, seed: int) -> list[Request]:
+def workload(setup: Setup, count: int, rate: float, seed: int) -> list[Request]:
     rng = np.random.default_rng(seed)
-    system = rng.integers(0, SPEC.vocab_size, SYSTEM)
+    vocab = setup.spec.vocab_size
+    system = rng.integers(0, vocab, setup.system)
     arrivals = np.cumsum(rng.exponential(1 / rate, count))
     requests = []
     for index, arrival in enumerate(arrivals):
-        user = int(np.clip(rng.lognormal(np.log(128), 0.8), 8, 1536))
-        output = int(np.clip(rng.lognormal(np.log(48), 0.7), 4, 384))
-        prompt = rng.integers(0, SPEC.vocab_size, user)
+        user = int(np.clip(rng.lognormal(np.log(128), 0.8), 8, setup.max_user))
+        output = int(np.clip(rng.lognormal(np.log(48), 0.7), 4, setup.max_output))
+        prompt = rng.integers(0, vocab, user)
         shared = rng.random() < 0.5
         if shared:
             prompt = np.r_[system, prompt]
@@ -136,36 +173,69 @@ def workload(count: int, rate: float, seed: int) -> list[Request]:
     return requests
 
 
-def paged_runner(paged: Path, caching: bool = True) -> PagedRunner:
-    manager = BlockManager(POOL, BLOCK, prefix_caching=caching)
-    return PagedRunner(paged, manager, CTX // BLOCK, check_isolation=False, in_place=True)
+def paged_runner(setup: Setup, paged: Path, caching: bool = True) -> PagedRunner:
+    manager = BlockManager(setup.pool, BLOCK, prefix_caching=caching)
+    runner = PagedRunner(paged, manager, setup.ctx // BLOCK, check_isolation=False, in_place=True)
+    return warmed(setup, runner, MAX_RUNNING)
 
 
-def original_runner(original: Path) -> ContiguousRunner:
-    return ContiguousRunner(original, {"ctx_len": CTX, "full_batch_size": ROWS}, in_place=True)
+def original_runner(setup: Setup, original: Path) -> ContiguousRunner:
+    runner = ContiguousRunner(original, {"ctx_len": setup.ctx, "full_batch_size": ROWS}, in_place=True)
+    return warmed(setup, runner, ROWS)
 
 
-def ttft_cold_and_hit(original: Path, paged: Path, samples: int, chunk: int) -> dict[str, float]:
+def warmed(setup: Setup, runner: R, max_running: int) -> R:
+    """``runner`` after serving an unrelated prompt as long as the TTFT probe, at both chunk
+    lengths: a session's first calls pay for its allocations and first kernel runs, which no
+    timed call should. (A paged runner's cache keeps the prompt's blocks, idle: nothing later
+    starts with these random tokens, and idle cached blocks are as available as free ones.)"""
+    rng = np.random.default_rng(99)
+    for chunk in (CHUNK // 2, CHUNK):
+        prompt = rng.integers(0, setup.spec.vocab_size, setup.system + USER_TOKENS)
+        Server(runner, chunk, max_running).run([Request(f"warm-{chunk}", prompt, 2)])
+    return runner
+
+
+def ttft_cold_and_hit(
+    setup: Setup, original: Path, paged: Path, samples: int, chunk: int
+) -> dict[str, float]:
     """TTFT (ms) of a system prompt + 64 user tokens alone on an idle server, prefilled in chunks of
-    ``chunk``: the paged model with nothing cached, with the system prompt cached, and the original
-    (which cannot cache)."""
+    ``chunk``: the paged model with nothing cached (cold), with the system prompt cached (hit), and
+    the original (which cannot cache). One warmed runner per model, reused by every sample. Each
+    sample draws new prompts (a cold probe finds nothing cached; the hit probe's system prompt was
+    cached, untimed, by a request just before) and times its three probes back to back in random
+    order; ratios are paired (each sample's cold against the same sample's hit), minimums too."""
     rng = np.random.default_rng(1)
-    system = rng.integers(0, SPEC.vocab_size, SYSTEM)
+    vocab = setup.spec.vocab_size
+    runners: dict[str, PagedRunner | ContiguousRunner] = {
+        "paged": paged_runner(setup, paged), "original": original_runner(setup, original)
+    }  # fmt: skip
+    limits = {"paged": MAX_RUNNING, "original": ROWS}
+
+    def served(model: str, request: Request) -> Served:
+        return Server(runners[model], chunk, limits[model]).run([request])[0]
+
     times: dict[str, list[float]] = {"paged_cold": [], "paged_hit": [], "original": []}
     for index in range(samples):
-        prompt = np.r_[system, rng.integers(0, SPEC.vocab_size, 64)]
-        warm = Request("warm", np.r_[system, rng.integers(0, SPEC.vocab_size, 40)], 1, 0.0)
-        probe = Request(f"p{index}", prompt, 1, 1e3)
-        served = {
-            s.request.name: s for s in Server(paged_runner(paged), chunk, MAX_RUNNING).run([warm, probe])
-        }
-        assert served[probe.name].cached_tokens == SYSTEM
-        times["paged_hit"].append(served[probe.name].ttft)
-        times["paged_cold"].append(Server(paged_runner(paged), chunk, MAX_RUNNING).run([probe])[0].ttft)
-        times["original"].append(Server(original_runner(original), chunk, ROWS).run([probe])[0].ttft)
-    result = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    result["cold_over_hit"] = result["paged_cold"] / result["paged_hit"]
-    print(f"TTFT alone, chunk {chunk} (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()))
+        system = rng.integers(0, vocab, setup.system)
+        served("paged", Request(f"seed{index}", np.r_[system, rng.integers(0, vocab, 40)], 1))
+        hit = Request(f"hit{index}", np.r_[system, rng.integers(0, vocab, USER_TOKENS)], 1)
+        cold = Request(f"cold{index}", rng.integers(0, vocab, setup.system + USER_TOKENS), 1)
+        probes = {"paged_hit": ("paged", hit, setup.system), "paged_cold": ("paged", cold, 0),
+                  "original": ("original", Request(f"original{index}", cold.prompt, 1), 0)}  # fmt: skip
+        for key in rng.permutation(list(probes)):
+            model, request, cached = probes[key]
+            outcome = served(model, request)
+            assert outcome.cached_tokens == cached, (key, outcome.cached_tokens)
+            times[key].append(outcome.ttft)
+    result = {f"{k}_median": statistics.median(v) * 1e3 for k, v in times.items()}
+    result.update({f"{k}_min": min(v) * 1e3 for k, v in times.items()})
+    for key in ("paged_cold", "original"):
+        pairs = zip(times[key], times["paged_hit"], strict=True)
+        result[f"{key}_over_hit_paired"] = statistics.median(c / h for c, h in pairs)
+        result[f"{key}_over_hit_min"] = result[f"{key}_min"] / result["paged_hit_min"]
+    result["samples"] = samples
+    print(f"TTFT alone, chunk {chunk} (ms): " + ", ".join(f"{k} {v:.3g}" for k, v in result.items()))
     return result
 
 
@@ -180,7 +250,8 @@ def serve(server: Server, requests: list[Request], label: str) -> tuple[dict[str
     generated = sum(len(s.tokens) for s in served)
     makespan = max(s.finished_at for s in served) - min(r.arrival for r in requests)
     hits = [s for s in served if s.cached_tokens > 0]
-    system_cold = [s for s in served if s.request.name.endswith(SYSTEM_MARK) and not s.cached_tokens]
+    system = [s for s in served if s.request.name.endswith(SYSTEM_MARK)]
+    system_cold = [s for s in system if not s.cached_tokens]
     other = [s for s in served if not s.request.name.endswith(SYSTEM_MARK)]
     decode = [s for s in server.steps if s.kind == "decode"]
     summary = {
@@ -190,6 +261,8 @@ def serve(server: Server, requests: list[Request], label: str) -> tuple[dict[str
         "peak_running": server.peak_running,
         "ttft_p50_ms": percentile([s.ttft for s in served], 50),
         "ttft_p95_ms": percentile([s.ttft for s in served], 95),
+        "ttft_system_p50_ms": percentile([s.ttft for s in system], 50),
+        "ttft_system_p95_ms": percentile([s.ttft for s in system], 95),
         "ttft_system_hit_p50_ms": percentile([s.ttft for s in hits], 50),
         "ttft_system_hit_p95_ms": percentile([s.ttft for s in hits], 95),
         "ttft_system_cold_p50_ms": percentile([s.ttft for s in system_cold], 50),
@@ -206,7 +279,11 @@ def serve(server: Server, requests: list[Request], label: str) -> tuple[dict[str
 
 
 def plot(
-    path: Path, fills: list[dict[str, float]], runs: dict[str, list[Served]], light: dict[str, list[Served]]
+    path: Path,
+    fills: list[dict[str, float]],
+    runs: dict[str, list[Served]],
+    light: dict[str, list[Served]],
+    uncached: dict[str, list[Served]],
 ) -> None:
     import matplotlib
 
@@ -251,6 +328,9 @@ def plot(
         for suffix, group in groups.items():
             ttft = np.sort([s.ttft for s in group])
             right.plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft), label=label + suffix)
+    for label, served in uncached.items():
+        ttft = np.sort([s.ttft for s in served if s.request.name.endswith(SYSTEM_MARK)])
+        right.plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft), ":", label=label + ", system prompt")
     right.set(xscale="log", xlabel="time to first token (s)", ylabel="share of requests",
               title="Time to first token")  # fmt: skip
     right.legend(fontsize=7, loc="upper left")
@@ -265,32 +345,65 @@ def main() -> None:
     parser.add_argument("--light-rate", type=float, default=2.0, help="arrivals per second, paged model only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=15, help="timed runs per decode-vs-fill case")
+    parser.add_argument("--ttft-samples", type=int, default=15, help="samples per TTFT-alone case")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of both models")
+    parser.add_argument("--ctx", type=int, default=4096,
+                        help="context (tokens): a multiple of 128, at least 1024; the workload scales with it")  # fmt: skip
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.ctx % BLOCK or args.ctx // 8 < BLOCK:
+        parser.error(
+            f"--ctx {args.ctx}: a multiple of {BLOCK}, at least {8 * BLOCK} (the system prompt is a block)"
+        )
+    setup = Setup(args.layers, args.ctx)
     started = time.perf_counter()
     load_before = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     with tempfile.TemporaryDirectory() as tmp:
-        original, paged = build(Path(tmp))
-        fills = decode_vs_fill(original, paged, args.repeat)
-        ttft = {f"chunk_{c}": ttft_cold_and_hit(original, paged, 5, c) for c in (64, CHUNK)}
-        requests = workload(args.requests, args.rate, args.seed)
+        original, paged = build(setup, Path(tmp))
+        fills = decode_vs_fill(setup, original, paged, args.repeat)
+        # The serving configuration's chunk first: the headline; half of it second.
+        ttft = {f"chunk_{c}": ttft_cold_and_hit(setup, original, paged, args.ttft_samples, c)
+                for c in (CHUNK, CHUNK // 2)}  # fmt: skip
+        requests = workload(setup, args.requests, args.rate, args.seed)
         original_summary, original_served = serve(
-            Server(original_runner(original), CHUNK, ROWS), requests, "original"
+            Server(original_runner(setup, original), CHUNK, ROWS), requests, "original"
         )
         paged_summary, paged_served = serve(
-            Server(paged_runner(paged), CHUNK, MAX_RUNNING), requests, "paged"
+            Server(paged_runner(setup, paged), CHUNK, MAX_RUNNING), requests, "paged"
         )
+        uncached_summary, uncached_served = serve(
+            Server(paged_runner(setup, paged, caching=False), CHUNK, MAX_RUNNING), requests,
+            "paged, prefix caching off",
+        )  # fmt: skip
         # Capacity: every request at once, so the pool alone bounds how many run together (the
         # original's bound is its 8 cache rows whatever the load).
         burst = [Request(r.name, r.prompt, r.max_new_tokens, 0.0) for r in requests]
-        burst_summary, _ = serve(Server(paged_runner(paged), CHUNK, MAX_RUNNING), burst, "paged, all at once")
-        light = workload(args.requests, args.light_rate, args.seed)
-        light_summary, light_served = serve(
-            Server(paged_runner(paged), CHUNK, MAX_RUNNING), light, "paged, light"
+        burst_summary, _ = serve(
+            Server(paged_runner(setup, paged), CHUNK, MAX_RUNNING), burst, "paged, all at once"
         )
-    results = {"decode_vs_fill_ms": fills, "ttft_alone_ms": ttft, "original": original_summary,
-               "paged": paged_summary, "paged_burst": burst_summary, "paged_light": light_summary,
+        light = workload(setup, args.requests, args.light_rate, args.seed)
+        light_summary, light_served = serve(
+            Server(paged_runner(setup, paged), CHUNK, MAX_RUNNING), light, "paged, light"
+        )
+        light_uncached_summary, _ = serve(
+            Server(paged_runner(setup, paged, caching=False), CHUNK, MAX_RUNNING), light,
+            "paged, light, prefix caching off",
+        )  # fmt: skip
+    caching = {
+        label: {f"{key}_caching_{state}": summary[key] for state, summary in (("on", on), ("off", off))
+                for key in ("ttft_system_p50_ms", "ttft_system_p95_ms")}
+        for label, on, off in (("load", paged_summary, uncached_summary),
+                               ("light", light_summary, light_uncached_summary))
+    }  # fmt: skip
+    for label, values in caching.items():
+        print(f"system-prompt TTFT, {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    results = {"setup": {"layers": setup.layers, "ctx": setup.ctx, "requests": args.requests},
+               "decode_vs_fill_ms": fills, "ttft_alone_ms": ttft, "original": original_summary,
+               "paged": paged_summary, "paged_prefix_caching_off": uncached_summary,
+               "paged_burst": burst_summary, "paged_light": light_summary,
+               "paged_light_prefix_caching_off": light_uncached_summary,
+               "system_prompt_ttft_prefix_caching_on_vs_off": caching,
                "total_wall_s": time.perf_counter() - started, "load_average_before": load_before,
                "load_average_after": Path("/proc/loadavg").read_text().split()[0] if load_before != "?" else "?"}  # fmt: skip
     print(json.dumps(results, indent=1))
@@ -298,8 +411,9 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.png:
         runs = {f"original (8 cache rows), {args.rate:g} req/s": original_served,
-                f"paged (257-block pool), {args.rate:g} req/s": paged_served}  # fmt: skip
-        plot(args.png, fills, runs, {f"paged, {args.light_rate:g} req/s": light_served})
+                f"paged ({setup.pool}-block pool), {args.rate:g} req/s": paged_served}  # fmt: skip
+        plot(args.png, fills, runs, {f"paged, {args.light_rate:g} req/s": light_served},
+             {f"paged, prefix caching off, {args.rate:g} req/s": uncached_served})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -163,6 +163,22 @@ def cb_with_adapter_gather(source: Path, path: Path) -> Path:
     return path
 
 
+def with_lora_ids(source: Path, path: Path) -> Path:
+    """An export (``source``) whose rows each pick an adapter by ``lora_ids`` int64 ``[batch_size,
+    1]`` (a ``Gather`` of stacked adapter weights, an extra output): QEfficient's LoRA input, on a
+    graph onnxruntime runs (its own ``CtxGatherCB`` on adapter weights does not load there)."""
+    model = onnx.load(source)
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info("lora_ids", TensorProto.INT64, ["batch_size", 1]))
+    graph.initializer.append(helper.make_tensor("adapter_weights", TensorProto.FLOAT, [3, 4], [0.5] * 12))
+    graph.node.append(
+        helper.make_node("Gather", ["adapter_weights", "lora_ids"], ["adapter"], name="/lora/Gather")
+    )
+    graph.output.append(helper.make_tensor_value_info("adapter", TensorProto.FLOAT, ["batch_size", 1, 4]))
+    onnx.save(model, path)
+    return path
+
+
 def without_function(source: Path, path: Path, name: str) -> Path:
     """``source`` with the model-local function ``name`` deleted (its calls stay)."""
     model = onnx.load(source)

@@ -15,9 +15,10 @@ from models import qeff_export
 from paged_rewrite import UsageError, rewrite
 from paged_rewrite.buckets import default_ladder, pick_width, resolve_buckets
 from paged_rewrite.cli import main
-from paged_rewrite.runtime.block_manager import BlockManager
+from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
+from paged_rewrite.runtime.driver import chunk_row
 from paged_rewrite.runtime.geometry import PagedGeometry
-from paged_rewrite.runtime.runners import PagedRunner, Row
+from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, Row
 from paged_rewrite.runtime.verify import verify
 
 CTX = 128
@@ -79,6 +80,34 @@ def test_buckets_flow_into_specializations_manifest_and_metadata(tmp_path: Path)
     assert too_long.exit_code == 2 and not (tmp_path / "x.onnx").exists()
 
 
+def test_a_bucket_that_is_not_a_whole_number_of_blocks_rounds_up(tmp_path: Path) -> None:
+    """100 tokens in blocks of 32 need 4 blocks (3 hold only 96): in the specializations, the
+    manifest, and as the static width of a one-bucket rewrite."""
+    source = qeff_export(tmp_path / "model.onnx")
+    for ctx_len, blocks in (("160", {"ctx100": "4", "ctx160": "5"}), ("100", None)):
+        out = tmp_path / f"paged{ctx_len}.onnx"
+        result = CliRunner().invoke(
+            main,
+            [str(source), "-o", str(out), "--kv-block-size", "32", "--ctx-len", ctx_len,
+             "--ctx-buckets", "100"],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((tmp_path / f"paged{ctx_len}.onnx.json").read_text())
+        assert manifest["ctx_buckets"][0] == {"tokens": 100, "num_kv_blocks": 4}
+        entries = json.loads((tmp_path / f"paged{ctx_len}.specializations.json").read_text())[
+            "specializations"
+        ]
+        if blocks is None:  # one bucket: the width is static, the graph's own
+            assert manifest["num_kv_blocks"] == 4 and PagedGeometry.of(out).num_kv_blocks == 4
+            assert all("num_kv_blocks" not in e["symbols"] for e in entries)
+        else:
+            assert {e["name"]: e["symbols"]["num_kv_blocks"] for e in entries} == {
+                f"{phase}_{bucket}": width
+                for phase in ("prefill", "decode")
+                for bucket, width in blocks.items()
+            }
+
+
 def test_one_bucket_keeps_the_table_width_static(tmp_path: Path) -> None:
     report = rewrite(
         qeff_export(tmp_path / "model.onnx"), tmp_path / "p.onnx", 16, ctx_len=CTX, ctx_buckets=[CTX]
@@ -130,6 +159,46 @@ def test_a_table_narrower_than_a_row_is_harmless_and_flagged(models: tuple[Path,
     for pool in runner.pools.values():  # only block 0 and A's first block were written
         touched = {int(b) for b in np.nonzero(np.abs(pool).reshape(len(pool), -1).sum(1))[0]}
         assert touched <= {0, first}
+
+
+@pytest.mark.parametrize(
+    ("columns", "tokens", "cut"), [(1, 16, False), (1, 17, True), (2, 32, False), (2, 33, True)]
+)
+def test_the_cut_flag_at_the_tables_last_position(
+    models: tuple[Path, Path], columns: int, tokens: int, cut: bool
+) -> None:
+    """A table of ``columns`` blocks of 16 holds ``16 * columns`` positions: a row that fills
+    exactly those is not cut (and its logits are the original's); one position more is."""
+    original, paged = models
+    runner = PagedRunner(paged, BlockManager(10, 16), CTX // 16, ctx_buckets=[16 * columns])
+    row = Row("A", np.arange(tokens) % 200, np.arange(tokens))
+    logits = runner.step([row], "prefill")
+    record = runner.table_widths[0]
+    assert record.columns == columns
+    assert record.needed_columns == columns + cut
+    assert record.rows_cut == (("A",) if cut else ())
+    want = ContiguousRunner(original, {"ctx_len": CTX}).step([row], "prefill")
+    assert np.array_equal(logits, want) != cut
+
+
+@pytest.mark.parametrize(("position", "columns"), [(31, 2), (32, 4), (63, 4), (64, 8)])
+def test_a_decode_step_gets_the_bucket_holding_its_own_position(
+    models: tuple[Path, Path], position: int, columns: int
+) -> None:
+    """Buckets of 16, 32, 64 and 128 tokens (1, 2, 4, 8 blocks of 16). A decode step at position
+    ``p`` writes and attends to ``p`` too, so it needs ``p + 1`` positions: at 32 and 64 the next
+    bucket up, one position after a bucket is full. Logits equal the original's bit for bit."""
+    original, paged = models
+    prompt = np.random.default_rng(position).integers(0, 200, position)
+    paged_runner = PagedRunner(paged, BlockManager(10, 16, shuffled_order(10, 4)), CTX // 16)
+    contiguous = ContiguousRunner(original, {"ctx_len": CTX})
+    for first in range(0, position, 32):
+        chunk = chunk_row("A", prompt, first, 32)
+        assert np.array_equal(paged_runner.step([chunk], "prefill"), contiguous.step([chunk], "prefill"))
+    row = Row("A", np.array([7]), np.array([position]))
+    assert np.array_equal(paged_runner.step([row], "decode"), contiguous.step([row], "decode"))
+    assert paged_runner.table_widths[-1].columns == columns
+    assert not any(record.rows_cut for record in paged_runner.table_widths)
 
 
 def test_qefficient_flat_specializations_are_read_and_written_flat(tmp_path: Path) -> None:

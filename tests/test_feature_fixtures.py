@@ -8,9 +8,10 @@ Each fixture's own reference scenario (``reference.npz``) runs as the corpus's
 ``tools/replay_ort.py`` runs it — each sequence alone at batch 1, its prefill chunks then its
 decode steps; the CB fixture's decode in its 4-row layout — through the original (sentinels
 patched) and the paged model (one pool, blocks handed out in shuffled order, tables narrowed per
-step to the smallest context bucket covering the call), with the extra inputs fed by
-``ExtraInputs``. Same calls, same batches: the logits must be equal bit for bit,
-agree with the corpus's own onnxruntime logits, and with HF on the rows where the original does.
+step to the smallest context bucket covering the call; at block size 32 also with the full table
+every step), with the extra inputs fed by ``ExtraInputs``. Same calls, same batches: the logits
+must be equal bit for bit, agree with the corpus's own onnxruntime logits, and with HF on the rows
+where the original does.
 The prefill-only fixture returns one logits row per sequence; its proof is the final KV, read
 back through the block table and compared with the original's final retained states.
 """
@@ -45,7 +46,10 @@ from paged_rewrite.runtime.verify import PagedGeometry, final_kv_diff, verify
 BLOCK_SIZES = [16, 32, 128]
 # gpt_oss_prefill_only's context is 64 tokens; a 128-token block is refused as larger than it.
 BLOCK_SIZES_OF = {"gpt_oss_prefill_only": [16, 32, 64]}
-CASES = [(name, bs) for name in RUNNABLE_FEATURE_FIXTURES for bs in BLOCK_SIZES_OF.get(name, BLOCK_SIZES)]
+# Tables narrowed per step at every block size, and the full table at block size 32.
+CASES = [
+    (name, bs, False) for name in RUNNABLE_FEATURE_FIXTURES for bs in BLOCK_SIZES_OF.get(name, BLOCK_SIZES)
+] + [(name, 32, True) for name in RUNNABLE_FEATURE_FIXTURES]
 ORT_TOLERANCE = 1e-5  # the corpus's logits come from another onnxruntime build
 
 
@@ -119,7 +123,7 @@ def model_dims(manifest: dict) -> dict[str, int]:  # type: ignore[type-arg]
     return dims
 
 
-def _run_reference(paged_feature_fixture, name: str, kv_block_size: int):  # type: ignore[no-untyped-def]
+def _run_reference(paged_feature_fixture, name: str, kv_block_size: int, full_width: bool = False):  # type: ignore[no-untyped-def]
     original, paged = paged_feature_fixture(name, kv_block_size)
     manifest, ref = feature_manifest(name), _reference(name)
     # The sentinels found by structure are the ones the corpus patches.
@@ -139,7 +143,7 @@ def _run_reference(paged_feature_fixture, name: str, kv_block_size: int):  # typ
         for s, slot in zip(manifest["scenario"]["sequences"], ref.get("cb_slots", []), strict=False)
     }
     contiguous = ContiguousRunner(original, dims, slots, extra_inputs=extras)
-    paged_runner = PagedRunner(paged, manager, ctx_len // kv_block_size, dims, extras)
+    paged_runner = PagedRunner(paged, manager, ctx_len // kv_block_size, dims, extras, full_width=full_width)
     steps = drive([contiguous, paged_runner], scenario)
     return manifest, ref, scenario, steps, contiguous, paged_runner
 
@@ -153,15 +157,12 @@ def _run_reference(paged_feature_fixture, name: str, kv_block_size: int):  # typ
 ORIGINAL_FAULTS = {"gpt_oss_kv_prefix": {"A": 1}}  # sequence -> first unfaithful logits row
 
 
-@pytest.mark.parametrize(
-    ("name", "kv_block_size"),
-    CASES,
-)
+@pytest.mark.parametrize(("name", "kv_block_size", "full_width"), CASES)
 def test_paged_matches_original_on_the_reference_scenario(
-    paged_feature_fixture, name: str, kv_block_size: int
+    paged_feature_fixture, name: str, kv_block_size: int, full_width: bool
 ) -> None:
     manifest, ref, scenario, steps, contiguous, paged_runner = _run_reference(
-        paged_feature_fixture, name, kv_block_size
+        paged_feature_fixture, name, kv_block_size, full_width
     )
     # Only the KV caches are paged (not vision_embeds), whatever they are called (past_key.0_llm).
     assert sorted(paged_runner.pools) == sorted(manifest["cache_tensors"]["kv"])
@@ -181,10 +182,14 @@ def test_paged_matches_original_on_the_reference_scenario(
     assert all(not record.foreign_blocks_changed for record in paged_runner.isolation)
     # Tables narrowed to the context in use (the runner's default), never short of a row's
     # context; a prefill-only graph has one bucket, its whole context (add_paged_inputs._buckets).
+    # Or the full table every step.
     widths = [record.columns for record in paged_runner.table_widths]
     assert all(not record.rows_cut for record in paged_runner.table_widths)
     full = manifest["scenario"]["ctx_len"] // kv_block_size
-    assert min(widths) < full or name == "gpt_oss_prefill_only" or full == 1
+    if full_width:
+        assert set(widths) == {full}
+    else:
+        assert min(widths) < full or name == "gpt_oss_prefill_only" or full == 1
     faithful_sequences = [s for s in scenario.sequences if s.name not in faults]
     assert final_kv_diff(contiguous, paged_runner, Scenario(faithful_sequences)) == 0.0
 

@@ -5,13 +5,19 @@ prefill — with logits equal, bit for bit, to the uncached run on the real expo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-from conftest import CTX_LEN, DIMS
+from conftest import CTX_LEN, DIMS, feature_manifest
+from derived_models import with_lora_ids
+from models import qeff_export
 
+from paged_rewrite import rewrite
 from paged_rewrite.errors import UnsupportedPatternError
 from paged_rewrite.runtime.block_manager import BlockManager, OutOfBlocksError, shuffled_order
 from paged_rewrite.runtime.driver import chunk_row
+from paged_rewrite.runtime.extra_inputs import ExtraInputs
 from paged_rewrite.runtime.prefix_cache import block_hashes
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, Row
 from paged_rewrite.runtime.serving import Request, Server
@@ -53,6 +59,64 @@ def test_match_reference_counts_and_lru_eviction() -> None:
     assert manager.match_prefix("E", prompt) == 4  # the first block is still cached
     with pytest.raises(OutOfBlocksError):
         manager.append("D", 8)
+
+
+def test_a_cached_block_a_sequence_holds_is_never_evicted() -> None:
+    """B takes A's two cached blocks; they are then not idle, so pool pressure cannot evict them:
+    an allocation that finds only B's blocks cached fails rather than take one from under B."""
+    manager = BlockManager(5, 4, prefix_caching=True)  # 4 usable blocks of 4 tokens
+    prompt = np.arange(9)
+    manager.match_prefix("A", prompt)
+    manager.append("A", 9)  # 3 blocks, 2 of them full
+    manager.cache_prompt("A", prompt)
+    manager.free("A")
+    assert manager.num_available_blocks == 4  # 2 free, 2 cached and idle
+    assert manager.match_prefix("B", prompt) == 8
+    assert manager.num_available_blocks == 2  # B holds the cached ones now
+    manager.append("C", 8)  # the two free blocks
+    with pytest.raises(OutOfBlocksError):
+        manager.append("C", 1)
+    assert len(manager.prefix_cache or []) == 2 and manager.cached_prefix(prompt) == manager.blocks_of("B")
+    manager.free("B")  # now only the cache holds them: the next allocation may take one
+    manager.append("C", 1)
+    assert len(manager.prefix_cache or []) == 1
+
+
+@pytest.fixture(scope="module")
+def builder_paged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("prefix_builder")
+    paged = folder / "paged.onnx"
+    rewrite(qeff_export(folder / "model.onnx"), paged, BLOCK, ctx_len=CTX_LEN)
+    return paged
+
+
+def test_a_refused_admission_leaves_the_eviction_order_alone(
+    builder_paged: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a then b leave two cached blocks each (a's released first: the least recently used). "big"
+    is admitted and needs the whole pool, so as it prefills it evicts the two least recently used
+    cached blocks. "c" arrives with it, starts with a's prompt, and is refused every iteration
+    while big runs (the pool is big's): looking at a's blocks for that check is not using them,
+    so big evicts a's blocks, not b's, and c, admitted after big, finds nothing cached."""
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 200, 33), rng.integers(0, 200, 33)  # 2 full blocks each + 1 token
+    manager = BlockManager(11, BLOCK, prefix_caching=True)  # 10 usable blocks
+    server = Server(PagedRunner(builder_paged, manager, CTX_LEN // BLOCK, check_isolation=False), CHUNK, 8)
+    server.run([Request("a", a, 1, 0.0), Request("b", b, 1, 1.0)])
+    cached = {name: manager.cached_prefix(np.r_[prompt, 0]) for name, prompt in (("a", a), ("b", b))}
+    assert [len(blocks) for blocks in cached.values()] == [2, 2] and manager.num_free_blocks == 6
+    evicted: list[int] = []
+    cache = manager.prefix_cache
+    assert cache is not None
+    evict = cache.evict
+    monkeypatch.setattr(cache, "evict", lambda: evicted.append(evict()) or evicted[-1])
+
+    big = Request("big", rng.integers(0, 200, 120), 2, 10.0)  # 8 blocks: the 6 free + 2 evicted
+    c = Request("c", np.r_[a[:32], rng.integers(0, 200, 11)], 1, 10.0)  # 3 blocks, 2 of them a's
+    served = {s.request.name: s for s in server.run([big, c])}
+    assert served["c"].admitted_at >= served["big"].finished_at  # refused while big ran
+    assert sorted(evicted[:2]) == sorted(cached["a"])  # big's evictions: a's, the least recently used
+    assert served["c"].cached_tokens == 0
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +200,34 @@ def test_prefix_caching_is_refused_where_blocks_are_not_content(paged_fixture) -
     manager = BlockManager(20, BLOCK, prefix_caching=True)
     with pytest.raises(UnsupportedPatternError, match="ring-buffer layers overwrite the first table columns"):
         PagedRunner(paged, manager, CTX_LEN // BLOCK, DIMS["gpt_oss_swa_moe"])
+
+
+def test_prefix_caching_is_refused_with_non_kv_retained_states(paged_feature_fixture) -> None:
+    """Llava's language decoder feeds back ``vision_embeds``: image tokens' K/V depend on it, so
+    equal token ids do not make equal blocks. The same runner without prefix caching is fine."""
+    _, paged = paged_feature_fixture("llava_lang_kv_offload", BLOCK)
+    context = feature_manifest("llava_lang_kv_offload")["scenario"]["ctx_len"]
+    PagedRunner(paged, BlockManager(20, BLOCK), context // BLOCK)
+    with pytest.raises(UnsupportedPatternError, match="non-KV retained states"):
+        PagedRunner(paged, BlockManager(20, BLOCK, prefix_caching=True), context // BLOCK)
+
+
+def test_prefix_caching_is_refused_with_lora_ids(tmp_path: Path) -> None:
+    """A ``lora_ids`` input: each row's K/V follow its adapter, not its tokens alone. (The
+    corpus's LoRA export does not load in onnxruntime; this is the builder's, with the input.)"""
+    paged = tmp_path / "paged.onnx"
+    rewrite(
+        with_lora_ids(qeff_export(tmp_path / "model.onnx"), tmp_path / "lora.onnx"),
+        paged,
+        BLOCK,
+        ctx_len=CTX_LEN,
+    )
+    lora = ExtraInputs(lora_ids={"A": 2})
+    runner = PagedRunner(paged, BlockManager(20, BLOCK), CTX_LEN // BLOCK, extra_inputs=lora)
+    assert runner.extra_names == ["lora_ids"]
+    runner.step([Row("A", np.arange(5), np.arange(5))])  # it runs, with its adapter id fed
+    with pytest.raises(UnsupportedPatternError, match="LoRA adapter"):
+        PagedRunner(paged, BlockManager(20, BLOCK, prefix_caching=True), CTX_LEN // BLOCK, extra_inputs=lora)
 
 
 def test_an_evicted_prefix_is_recomputed_exactly(

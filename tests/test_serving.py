@@ -24,6 +24,20 @@ def _requests() -> list[Request]:
     return [Request(f"r{i}", rng.integers(0, 200, n), 5) for i, n in enumerate(lengths)]  # all at once
 
 
+def _recorded(runner: PagedRunner | ContiguousRunner) -> list[tuple[str, list, np.ndarray]]:
+    """Record every call of ``runner``: its kind, each row's (sequence, last position), logits."""
+    calls: list[tuple[str, list, np.ndarray]] = []
+    step = runner.step
+
+    def recording(rows, phase=None):  # type: ignore[no-untyped-def]
+        logits = step(rows, phase)
+        calls.append((phase, [(r.seq, int(r.position_ids.max())) for r in rows], logits))
+        return logits
+
+    runner.step = recording  # type: ignore[method-assign]
+    return calls
+
+
 def test_original_and_paged_serve_every_request(paged_fixture) -> None:
     original, paged, _ = paged_fixture("llama_cb", BLOCK)
     contiguous = Server(ContiguousRunner(original, {"ctx_len": CTX_LEN, "full_batch_size": 4}), 32, 64)
@@ -35,12 +49,35 @@ def test_original_and_paged_serve_every_request(paged_fixture) -> None:
         assert sorted(results) == [f"r{i}" for i in range(6)]
         assert all(len(s.tokens) == 5 and s.finished_at >= s.first_token_at >= s.request.arrival
                    for s in results.values())  # fmt: skip
-    # The first token comes from a batch-1 prefill call both models run alike: bit-exact logits.
-    assert all(served["original"][n].tokens[0] == served["paged"][n].tokens[0] for n in served["paged"])
+    # Different batches (the paged model runs 6 at once, decoding live rows only), same greedy tokens.
+    assert all(served["original"][n].tokens == served["paged"][n].tokens for n in served["paged"])
     assert contiguous.peak_running == 4 and pooled.peak_running == 6  # cache rows vs pool blocks
     assert all(not r.foreign_blocks_changed for r in runner.isolation)
     decode_widths = [s.table_columns for s in pooled.steps if s.kind == "decode"]
     assert decode_widths and max(decode_widths) <= 8 and min(decode_widths) < 8  # narrowed tables
+
+
+def test_in_the_originals_batches_the_paged_model_gives_its_logits_bit_for_bit(paged_fixture) -> None:
+    """The paged server held to the original's batches: 4 requests at most, every decode call
+    padded to 4 rows. Then the two servers make the same calls (same rows, same positions, same
+    order), and every call's logits are equal bit for bit, so every token is too."""
+    original, paged, _ = paged_fixture("llama_cb", BLOCK)
+    contiguous = ContiguousRunner(original, {"ctx_len": CTX_LEN, "full_batch_size": 4})
+    runner = PagedRunner(paged, BlockManager(40, BLOCK, prefix_caching=True), CTX_LEN // BLOCK)
+    calls = {"original": _recorded(contiguous), "paged": _recorded(runner)}
+    servers = {"original": Server(contiguous, 32, 64), "paged": Server(runner, 32, 4, decode_rows=4)}
+    served = {
+        name: {s.request.name: s.tokens for s in server.run(_requests())} for name, server in servers.items()
+    }
+    assert served["original"] == served["paged"] and all(len(t) == 5 for t in served["paged"].values())
+    assert [c[:2] for c in calls["original"]] == [c[:2] for c in calls["paged"]]
+    assert sum(kind == "decode" for kind, _, _ in calls["paged"]) > 1
+    for (kind, rows, want), (_, _, got) in zip(calls["original"], calls["paged"], strict=True):
+        live = [index for index, (seq, _) in enumerate(rows) if seq is not None]
+        assert np.array_equal(got[live], want[live]), (kind, rows)
+    assert all(len(rows) == 4 for kind, rows, _ in calls["paged"] if kind == "decode")
+    with pytest.raises(ValueError, match="below max_running"):
+        Server(runner, 32, 8, decode_rows=4)
 
 
 def test_admission_waits_for_blocks_and_never_runs_out(paged_fixture) -> None:

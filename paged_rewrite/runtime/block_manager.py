@@ -148,6 +148,17 @@ class BlockManager:
         if seq in self._sequences:
             raise ValueError(f"sequence {seq!r} already exists")
         cache = self._require_cache()
+        blocks = self.cached_prefix(prompt)
+        for block in blocks:
+            self._references[block] += 1
+            cache.mark_busy(block)
+        self._sequences[seq] = _Sequence(blocks, len(blocks) * self.kv_block_size)
+        return len(blocks) * self.kv_block_size
+
+    def cached_prefix(self, prompt: np.ndarray) -> list[int]:
+        """The cached blocks ``match_prefix`` would start ``prompt`` on, without taking them: no
+        reference, no change to the eviction order (an admission check may still say no)."""
+        cache = self._require_cache()
         reusable = (len(prompt) - 1) // self.kv_block_size
         blocks = []
         for digest in block_hashes(prompt[: reusable * self.kv_block_size], self.kv_block_size):
@@ -155,11 +166,12 @@ class BlockManager:
             if block is None:
                 break
             blocks.append(block)
-        for block in blocks:
-            self._references[block] += 1
-            cache.mark_busy(block)
-        self._sequences[seq] = _Sequence(blocks, len(blocks) * self.kv_block_size)
-        return len(blocks) * self.kv_block_size
+        return blocks
+
+    def num_idle_among(self, blocks: Sequence[int]) -> int:
+        """How many of ``blocks`` only the prefix cache holds (taking them makes them unavailable)."""
+        cache = self.prefix_cache
+        return 0 if cache is None else sum(cache.is_idle(block) for block in set(blocks))
 
     def cache_prompt(self, seq: Hashable, prompt: np.ndarray) -> None:
         """Name the full blocks of ``seq``'s prefilled ``prompt`` by content. A block whose content

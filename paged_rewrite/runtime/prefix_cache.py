@@ -52,6 +52,9 @@ class PrefixCache:
         self._block_of[digest] = block
         self._hash_of[block] = digest
 
+    def is_idle(self, block: int) -> bool:
+        return block in self._idle
+
     def mark_idle(self, block: int) -> None:
         """No sequence holds ``block`` any more: it becomes the most recently used idle block."""
         self._idle[block] = None

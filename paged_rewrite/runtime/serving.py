@@ -73,15 +73,28 @@ class StepRecord:
 
 class Server:
     """Serve ``requests`` on ``runner``: ``max_running`` requests at most (the paged model's
-    batch limit; the original's is its cache rows), ``chunk_len`` tokens per prefill call."""
+    batch limit; the original's is its cache rows), ``chunk_len`` tokens per prefill call.
+    ``decode_rows``: pad every decode batch of a paged model to that many rows with idle rows (a
+    device compiled for one decode batch size; at most ``max_running`` requests then). The
+    original always decodes all its cache rows."""
 
-    def __init__(self, runner: PagedRunner | ContiguousRunner, chunk_len: int, max_running: int) -> None:
+    def __init__(
+        self,
+        runner: PagedRunner | ContiguousRunner,
+        chunk_len: int,
+        max_running: int,
+        decode_rows: int | None = None,
+    ) -> None:
         self.runner = runner
         self.chunk_len = chunk_len
         self.paged = isinstance(runner, PagedRunner)
         slots = runner.slots.num_slots if isinstance(runner, ContiguousRunner) and runner.slots else None
         self.max_running = min(max_running, slots) if slots else max_running
-        self.decode_rows = slots  # the original decodes every cache row
+        if decode_rows is not None and not self.paged:
+            raise ValueError("decode_rows is for a paged model; the original decodes all its cache rows")
+        if decode_rows is not None and decode_rows < self.max_running:
+            raise ValueError(f"decode_rows {decode_rows} is below max_running {self.max_running}")
+        self.decode_rows = slots or decode_rows  # the original decodes every cache row
         self.clock = 0.0
         self.steps: list[StepRecord] = []
         self.peak_running = 0
@@ -119,25 +132,30 @@ class Server:
             served = waiting[0]
             request = served.request
             if isinstance(self.runner, PagedRunner):
-                served.cached_tokens = self.runner.start(request.name, request.prompt)
                 if self._blocks_short(served, running) > 0:
-                    self.runner.release(request.name)  # not now: its cache hits go back to the cache
-                    return
+                    return  # not now; nothing was taken, so its cache hits stay where they were in the LRU
+                served.cached_tokens = self.runner.start(request.name, request.prompt)
             served.next_position = served.cached_tokens
             served.admitted_at = self.clock
             running.append(waiting.pop(0))
 
     def _blocks_short(self, candidate: Served, running: list[Served]) -> int:
-        """Blocks the candidate lacks once every admitted request's reservation is honoured."""
+        """Blocks the candidate (not started yet) lacks once every admitted request's reservation
+        is honoured. Its prefix-cache hits count as held; those only the cache holds now stop
+        being available once it takes them. Asked without taking anything: a refusal must leave
+        the cache's eviction order as it was."""
         assert isinstance(self.runner, PagedRunner)
         manager = self.runner.manager
 
-        def still_needed(served: Served) -> int:
-            total = len(served.request.prompt) + served.request.max_new_tokens
-            return math.ceil(total / manager.kv_block_size) - len(manager.blocks_of(served.request.name))
+        def blocks_for(served: Served) -> int:
+            return math.ceil(
+                (len(served.request.prompt) + served.request.max_new_tokens) / manager.kv_block_size
+            )
 
-        reserved = sum(still_needed(s) for s in running)
-        return still_needed(candidate) - (manager.num_available_blocks - reserved)
+        reserved = sum(blocks_for(s) - len(manager.blocks_of(s.request.name)) for s in running)
+        hits = manager.cached_prefix(candidate.request.prompt) if manager.prefix_caching else []
+        available = manager.num_available_blocks - manager.num_idle_among(hits)
+        return blocks_for(candidate) - len(hits) - (available - reserved)
 
     def _call(self, kind: Phase, rows: list[Row]) -> np.ndarray:
         start = time.perf_counter()
