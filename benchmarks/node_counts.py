@@ -20,6 +20,7 @@ import onnx.inliner
 
 from paged_rewrite import rewrite
 
+
 def inlined_nodes(model: onnx.ModelProto) -> int:
     return len(onnx.inliner.inline_local_functions(model).graph.node)
 
