@@ -88,6 +88,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         bound_dims=dict(sorted(layout.bound_dims.items())),
         inputs=[TensorSpec.of(v) for v in model.graph.input],
         outputs=[TensorSpec.of(v) for v in model.graph.output],
+        warnings=_warnings(rewritten, layout),
     )
 
 
@@ -109,6 +110,25 @@ def _rewrite_plan(sites: CacheSites) -> dict[str, int]:
         plan[f"{site.node.op_type} -> {rule.emits}"] += 1
     plan["Shape(cache) -> logical shape"] += len(sites.shape_reads)
     return dict(sorted(plan.items()))
+
+
+def _warnings(rewritten: Mapping[str, int], layout: PagedLayout) -> list[str]:
+    """A context the block size does not divide is read as ``num_kv_blocks * kv_block_size``
+    positions (the extra ones masked, so logits are unchanged); but a BlockedKV export splits the
+    context it reads into its KV blocks, so the split moves and the sums are taken in another
+    order: equal within float rounding, not bit for bit."""
+    context = layout.context_dim if isinstance(layout.context_dim, int) else None
+    if isinstance(layout.context_dim, str):
+        context = layout.bound_dims.get(layout.context_dim)
+    blocked = any(plan.startswith("CtxGatherBlockedKV") for plan in rewritten)
+    if not blocked or context is None or context % layout.kv_block_size == 0:
+        return []
+    logical = -(-context // layout.kv_block_size) * layout.kv_block_size
+    return [
+        f"BlockedKV export: the context of {context} tokens is not a multiple of --kv-block-size "
+        f"{layout.kv_block_size}, so the paged model reads {logical} positions and its KV blocks split "
+        f"them differently from the original: logits agree within float rounding, not bit for bit"
+    ]
 
 
 def _other_retained_states(model: onnx.ModelProto, sites: CacheSites) -> list[str]:

@@ -97,6 +97,7 @@ class RewriteReport:
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
     static_shapes: list[StaticShapeReport] = field(default_factory=list)  # per specialization, --full-check
+    warnings: list[str] = field(default_factory=list)  # the output is right, but not what one might assume
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +112,7 @@ class RewriteReport:
             f"total_num_kv_blocks={self.total_num_kv_blocks} (block {self.null_block} is the null block)",
             f"added inputs: {', '.join(self.added_inputs)}",
         ]
+        lines += [f"warning: {warning}" for warning in self.warnings]
         if self.paged_op_nodes:
             nodes = ", ".join(f"{op} {count}" for op, count in self.paged_op_nodes.items())
             lines.append(f"paged ops emitted (nodes in each flat body): {nodes}")
