@@ -24,6 +24,7 @@ class Body:
         self.name = proto.name
         self._before: dict[int, list[onnx.NodeProto]] = {}
         self._consumers: dict[str, list[tuple[onnx.NodeProto, int]]] | None = None
+        self._watched = False  # True: only the watched names are indexed
 
     def __iter__(self) -> Iterator[onnx.NodeProto]:
         return iter(self.proto.node)
@@ -50,6 +51,7 @@ class Body:
                 if users is not None:
                     users.append((node, position))
         self._consumers = index
+        self._watched = True
 
     def consumers(self, name: str) -> list[tuple[onnx.NodeProto, int]]:
         """``(node, input index)`` of every node of this body that reads ``name`` (a watched name,
@@ -61,6 +63,10 @@ class Body:
                     if value:
                         everything.setdefault(value, []).append((node, position))
             self._consumers = everything
+        if name not in self._consumers and self._watched:
+            raise KeyError(
+                f"{self.name or 'the graph'}: consumers of {name!r} were not indexed (watch it first)"
+            )
         return self._consumers.get(name, [])
 
     def insert_before(self, anchor: onnx.NodeProto, nodes: Sequence[onnx.NodeProto]) -> None:
@@ -92,6 +98,7 @@ class Body:
         self.proto.node.extend(ordered)
         self._before.clear()
         self._consumers = None
+        self._watched = False
 
 
 def prune_unread(body: onnx.GraphProto | onnx.FunctionProto, seeds: set[str]) -> int:

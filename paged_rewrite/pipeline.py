@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from paged_rewrite.domain import QEFF_DOMAIN
 from paged_rewrite.errors import NotAModelError, OutputError
 from paged_rewrite.graph import undefined_ops
 from paged_rewrite.passes.add_paged_inputs import PagedLayout, add_paged_inputs
-from paged_rewrite.passes.cache_op_rules import QEFF_DOMAIN, rule_for
+from paged_rewrite.passes.cache_op_rules import rule_for
 from paged_rewrite.passes.finalize_model import finalize_model
 from paged_rewrite.passes.find_cache_sites import find_cache_sites
 from paged_rewrite.passes.page_reads import page_reads

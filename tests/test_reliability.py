@@ -191,3 +191,32 @@ def test_specialization_contradicting_the_context_is_refused(tmp_path: Path) -> 
     with pytest.raises(UsageError, match="'b' has ctx_len=512"):
         rewrite(source, tmp_path / "p.onnx", 16, ctx_len=128, specializations=specs)
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_a_nameless_node_is_named_by_its_first_output(tmp_path: Path) -> None:
+    """Node names are optional in ONNX: an error about a nameless node names what it computes."""
+    from conftest import fixture_model
+
+    from paged_rewrite import UnsupportedPatternError
+
+    model = onnx.load(fixture_model("llama_default"))
+    scatter = next(n for n in model.graph.node if n.op_type == "CtxScatter")
+    scatter.name = ""
+    scatter.input.append(scatter.input[1])  # an arity no rule knows
+    onnx.save(model, tmp_path / "odd.onnx")
+    with pytest.raises(UnsupportedPatternError) as error:
+        rewrite(tmp_path / "odd.onnx", tmp_path / "p.onnx", 16)
+    assert "the com.qualcomm.cloud::CtxScatter node computing 'past_key.0_RetainedState'" in str(error.value)
+
+
+def test_consumers_of_a_name_not_watched_are_not_silently_empty() -> None:
+    from onnx import helper
+
+    from paged_rewrite.graph import Body
+
+    graph = helper.make_graph([helper.make_node("Relu", ["a"], ["b"])], "g", [], [])
+    body = Body(graph)
+    body.watch({"a"})
+    assert [node.op_type for node, _ in body.consumers("a")] == ["Relu"]
+    with pytest.raises(KeyError, match="'b' were not indexed"):
+        body.consumers("b")

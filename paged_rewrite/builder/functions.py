@@ -15,7 +15,9 @@ import numpy.typing as npt
 import onnx
 from onnx import AttributeProto, NodeProto, helper, numpy_helper
 
-QAIC_DOMAIN = "com.qualcomm.cloud"
+from paged_rewrite.domain import QEFF_DOMAIN
+
+QAIC_DOMAIN = QEFF_DOMAIN
 """Domain of the ``Ctx*`` cache ops."""
 QTI_DOMAIN = "com.qti.aisw.onnx"
 """Domain of ``CustomRMSNorm``."""

@@ -13,8 +13,9 @@ import onnx
 from onnx import helper
 
 from paged_rewrite.custom_ops.vocabulary import op_vocabulary
+from paged_rewrite.domain import QEFF_DOMAIN
 
-PAGED_DOMAIN = "com.qualcomm.cloud"
+PAGED_DOMAIN = QEFF_DOMAIN  # the paged ops live beside the ops they replace
 LIBRARY_FILE = Path(__file__).with_name("paged_ops.onnxlib")
 # The ops a rewritten model may call, in the order they are emitted.
 EMITTED_OPS = (

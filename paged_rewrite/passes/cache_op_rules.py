@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-QEFF_DOMAIN = "com.qualcomm.cloud"
+from paged_rewrite.domain import QEFF_DOMAIN
+
 KV_POSITION_AXIS = 2  # [batch, kv_heads, ctx_len, head_dim]: positions index axis 2
 
 

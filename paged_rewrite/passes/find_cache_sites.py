@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import onnx
 
+from paged_rewrite.domain import QEFF_DOMAIN
 from paged_rewrite.errors import NoCacheError, UnsupportedPatternError
 from paged_rewrite.graph import Body, dims_of, function_key, used_names
 from paged_rewrite.passes.cache_op_rules import (
     KV_POSITION_AXIS,
-    QEFF_DOMAIN,
     CtxOpRule,
     is_ctx_op,
     known_arities,

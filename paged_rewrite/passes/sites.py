@@ -15,8 +15,12 @@ Dim = int | str | None
 
 
 def where(node: onnx.NodeProto) -> str:
-    """How errors name a node: its name and ``domain::op``."""
-    return f"node {node.name!r} ({node.domain or 'ai.onnx'}::{node.op_type})"
+    """How errors name a node: its name and ``domain::op``; a nameless node (names are optional
+    in ONNX) by its first output, which is unique."""
+    op = f"{node.domain or 'ai.onnx'}::{node.op_type}"
+    if node.name:
+        return f"node {node.name!r} ({op})"
+    return f"the {op} node computing {node.output[0]!r}" if node.output else f"a nameless {op} node"
 
 
 @dataclass

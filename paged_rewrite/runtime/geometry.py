@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import numpy_helper
 
+from paged_rewrite.domain import QEFF_DOMAIN
 from paged_rewrite.errors import UnsupportedPatternError
 
-PAGED_DOMAIN = "com.qualcomm.cloud"
+PAGED_DOMAIN = QEFF_DOMAIN
 _WRITE_POSITIONS = 3  # PagedWriteIndex(pool, block_table, slot_id, position_ids, slot_period)
 _SEARCH_DEPTH = 4
 
