@@ -82,9 +82,14 @@ def _has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def open_session(model_path: str | os.PathLike[str], patch_sentinels: bool = False) -> ort.InferenceSession:
-    """A CPU session; with ``patch_sentinels`` the INT32_MAX constants are overridden first."""
+def open_session(
+    model_path: str | os.PathLike[str], patch_sentinels: bool = False, threads: int | None = None
+) -> ort.InferenceSession:
+    """A CPU session; with ``patch_sentinels`` the INT32_MAX constants are overridden first;
+    ``threads`` sets onnxruntime's intra-op threads (its default: one per physical core)."""
     options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
     options.log_severity_level = 4  # fatal only: failures are reported by the caller, in one line
     keep_alive = []
     source: str | bytes = os.fspath(model_path)
