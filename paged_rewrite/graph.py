@@ -103,8 +103,9 @@ class Body:
 
 def prune_unread(body: onnx.GraphProto | onnx.FunctionProto, seeds: set[str]) -> int:
     """Remove the nodes that compute only values nobody reads, starting from ``seeds`` (values an
-    edit stopped reading) and following their producers; returns how many went. Nodes that were
-    unread before the edit are not touched: only what the seeds kept alive can go."""
+    edit stopped reading) and following their producers; returns how many went. Only nodes
+    reachable from a seed are looked at (an unread node elsewhere stays), and a value read inside
+    a subgraph or returned by the body keeps its producer."""
     outputs = {v.name for v in body.output} if isinstance(body, onnx.GraphProto) else set(body.output)
     readers: dict[str, int] = {}
     for node in body.node:

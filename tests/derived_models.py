@@ -187,3 +187,51 @@ def without_function(source: Path, path: Path, name: str) -> Path:
     model.functions.extend(kept)
     onnx.save(model, path)
     return path
+
+
+def read_positions_through_split(source: Path, path: Path) -> Path:
+    """``source`` (a subfunction export) whose layer reads its cache at output 1 of
+    ``Split(Concat(ctx_indices * 0, ctx_indices))``: the same positions, from the second output
+    of a two-output node, so a rewrite that moves the computation out of the layer must take
+    that output, not the first (which is all zeros)."""
+    model = onnx.load(source)
+    layer = next(f for f in model.functions if any(n.op_type == "CtxGather" for n in f.node))
+    gathers = [n for n in layer.node if n.op_type == "CtxGather"]
+    positions = gathers[0].input[1]
+    assert all(n.input[1] == positions for n in gathers)
+    added = [
+        helper.make_node(
+            "Constant", [], ["split.zero"], value=helper.make_tensor("z", TensorProto.INT64, [], [0])
+        ),
+        helper.make_node("Mul", [positions, "split.zero"], ["split.zeros"]),
+        helper.make_node("Concat", ["split.zeros", positions], ["split.both"], axis=-1),
+        helper.make_node("Split", ["split.both"], ["split.first", "split.second"], axis=-1),  # halves
+    ]
+    first = list(layer.node).index(gathers[0])
+    nodes = [*layer.node[:first], *added, *layer.node[first:]]
+    for node in gathers:
+        node.input[1] = "split.second"
+    del layer.node[:]
+    layer.node.extend(nodes)
+    onnx.save(model, path)
+    return path
+
+
+def positions_renamed_for_one_call(source: Path, path: Path) -> Path:
+    """``source`` (a subfunction export) whose second layer call gets ``position_ids`` through an
+    ``Identity``: the same values under another name, so the calls no longer feed the layer's
+    positions input from one main-graph value."""
+    model = onnx.load(source)
+    layers = {(f.domain, f.name) for f in model.functions if any(n.op_type == "CtxScatter" for n in f.node)}
+    calls = [n for n in model.graph.node if (n.domain, n.op_type) in layers]
+    assert len(calls) >= 2
+    renamed = helper.make_node(
+        "Identity", ["position_ids"], ["position_ids.renamed"], name="position_ids.renamed"
+    )
+    calls[1].input[list(calls[1].input).index("position_ids")] = "position_ids.renamed"
+    nodes = list(model.graph.node)
+    nodes.insert(nodes.index(calls[1]), renamed)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, path)
+    return path

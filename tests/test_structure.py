@@ -116,7 +116,8 @@ def test_shape_of_cache_is_rewired_to_the_logical_view(paged_fixture) -> None:
 
 # Index ops per call, by hand: every fixture's layers write at position_ids and read the same
 # recomputed positions, so one of each serves all caches (gpt_oss: its window layers write at
-# ring slots and read a window, so two of each, and a second logical shape for the window).
+# ring slots and read a window, so two of each, and a window shape beside the logical shape;
+# BlockedKV: each of its 4 KV blocks reads its own positions, shared by both layers).
 INDEX_OPS = {
     "llama_default": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
     "llama_cb": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
@@ -124,6 +125,22 @@ INDEX_OPS = {
     "qwen2_default": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
     "gpt2_default": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
     "llama_subfunctions": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
+    "llama_blockedkv": {"PagedWriteIndex": 1, "PagedReadIndex": 4, "PagedLogicalShape": 1},  # per KV block
+    "gpt_oss_swa_moe": {
+        "PagedWriteIndex": 2,
+        "PagedReadIndexCCL": 2,
+        "PagedLogicalShape": 1,
+        "PagedWindowShape": 1,
+    },
+}
+# Where the two index ops per call are all the paging adds: at most 5% more nodes once inlined.
+WITHIN_5_PERCENT = {
+    "llama_default",
+    "llama_cb",
+    "mistral_default",
+    "qwen2_default",
+    "gpt2_default",
+    "llama_subfunctions",
 }
 
 
@@ -141,7 +158,8 @@ def test_addresses_are_computed_once_per_call(paged_fixture, name: str) -> None:
         "original": len(onnx.inliner.inline_local_functions(original).graph.node),
         "paged": len(onnx.inliner.inline_local_functions(paged).graph.node),
     }
-    assert inlined["paged"] <= 1.05 * inlined["original"], inlined
+    if name in WITHIN_5_PERCENT:
+        assert inlined["paged"] <= 1.05 * inlined["original"], inlined
 
 
 def test_static_sizes_from_flags(tmp_path) -> None:

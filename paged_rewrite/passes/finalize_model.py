@@ -85,7 +85,7 @@ def _drop_dead_function_inputs(model: onnx.ModelProto, function: Body, layout: P
     every call, so the graph input can go too when nothing else reads it."""
     proto = function.proto
     assert isinstance(proto, onnx.FunctionProto)
-    read = {name for node in proto.node for name in node.input} | set(proto.output)
+    read = used_names([proto]) | set(proto.output)  # subgraphs may read any outer value
     # block_table / slot_id too: a layer whose index ops all moved to the main graph reads neither.
     droppable = layout.dropped | {layout.block_table, layout.slot_id}
     dead = [i for i, name in enumerate(proto.input) if name in droppable and name not in read]

@@ -44,7 +44,15 @@ POOL = "<pool>"
 
 _EXPRESSION_DEPTH = 32  # producers followed when comparing operands; deeper values compare by name
 _NONDETERMINISTIC = frozenset(
-    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Dropout"}
+    {
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Multinomial",
+        "Dropout",
+        "Bernoulli",
+    }
 )
 _SMALL_CONSTANT = 64  # initializers of at most this many elements compare by value
 _MAX_HOISTED_NODES = 48  # a layer function's position computation copied to the main graph
@@ -80,7 +88,7 @@ class SharedIndex:
             self._calls.setdefault(function_key(node), []).append(node)
         self._threaded: dict[tuple[str, str], list[str]] = {}  # function -> hoisted inputs added
         self._expressions: dict[int, _Expressions] = {}
-        self._clones: dict[str, dict[str, str]] = {}  # function -> its values moved -> their copies
+        self._clones: dict[tuple[str, str], dict[str, str]] = {}  # function -> values moved -> copies
         self._producer_maps: dict[int, dict[str, onnx.NodeProto]] = {}
         self._orders: dict[int, dict[int, int]] = {}
         self._cache_names = {t.name for t in sites.tensors}
@@ -180,7 +188,10 @@ class SharedIndex:
             if actual is None and chain is None:
                 return None
             resolved.append(actual if actual is not None else chain)  # type: ignore[arg-type]
-        return [o if not isinstance(o, list) else self._clone(site.body, o, calls) for o in resolved]
+        return [
+            self._clone(site.body, o, calls, given) if isinstance(o, list) else o
+            for o, given in zip(resolved, operands, strict=True)
+        ]
 
     def _chain(self, function: Body, name: str, calls: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
         """The nodes of ``function`` computing ``name`` from its inputs (each fed the same by
@@ -207,14 +218,18 @@ class SharedIndex:
 
         return chain if visit(name) else None
 
-    def _clone(self, function: Body, chain: list[onnx.NodeProto], calls: list[onnx.NodeProto]) -> str:
+    def _clone(
+        self, function: Body, chain: list[onnx.NodeProto], calls: list[onnx.NodeProto], name: Operand
+    ) -> str:
         """Move ``chain`` to the main graph, before the function's first call: the copies compute
         once what every call computed alike, the function reads them as new inputs where it used
         the chain's values for anything else (its mask, say), and its own nodes are pruned when the
-        model is finalized. Returns the name of the copy of the chain's last value."""
-        renamed = self._clones.setdefault(function.name, {})  # a value moved once serves all
-        if chain[-1].output[0] in renamed:
-            return renamed[chain[-1].output[0]]
+        model is finalized. Returns the name of the copy of ``name`` (the chain's last node computes
+        it, as one of its outputs)."""
+        assert isinstance(name, str)
+        renamed = self._clones.setdefault(function_key_of(function), {})  # moved once, serves all
+        if name in renamed:
+            return renamed[name]
         formal = function.input_names
         copies = []
         for node in chain:
@@ -237,7 +252,7 @@ class SharedIndex:
         first = min(calls, key=lambda call: order[id(call)])
         self._copies.append((first, copies))  # inserted by place(), after the ops they may read
         self._read_moved_values(function, chain, renamed, calls)
-        return renamed[chain[-1].output[0]]
+        return renamed[name]
 
     def _read_moved_values(
         self,
@@ -325,12 +340,15 @@ def function_key_of(body: Body) -> tuple[str, str]:
 class _Expressions:
     """What a value of one body computes, as a small int: equal ints, equal values (see the
     module doc). Built lazily, while the passes edit the body in place: a ``Shape`` the rewire
-    turned into an ``Identity`` of the shared logical shape is read as that."""
+    turned into an ``Identity`` of the shared logical shape is read as that. So the pipeline
+    rewires the shapes before any position is keyed; the later edits (cache ops becoming paged
+    ops, which are never comparable) can only make values compare unequal, never equal."""
 
     def __init__(self, body: onnx.GraphProto | onnx.FunctionProto) -> None:
         self._body = body
         self._producers = {out: node for node in body.node for out in node.output}
         self._constants: dict[str, onnx.TensorProto] = {}
+        self._initializers_seen = 0
         self._ids: dict[object, int] = {}
         self._keys: dict[tuple[str, int], int] = {}
 
@@ -360,8 +378,10 @@ class _Expressions:
         """A small initializer (main graph only), by name; initializers added by the passes too."""
         if not isinstance(self._body, onnx.GraphProto):
             return None
-        if name not in self._constants and len(self._constants) < len(self._body.initializer):
-            self._constants = {t.name: t for t in self._body.initializer}
+        if name not in self._constants and self._initializers_seen < len(self._body.initializer):
+            self._initializers_seen = len(self._body.initializer)  # the passes add some
+            inputs = {value.name for value in self._body.input}  # an input may override one
+            self._constants = {t.name: t for t in self._body.initializer if t.name not in inputs}
         tensor = self._constants.get(name)
         if (
             tensor is None
