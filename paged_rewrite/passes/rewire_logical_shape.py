@@ -1,7 +1,8 @@
 """Rewire, don't patch: every ``Shape`` of a cache (input or written output, in the graph or in
 a function body) becomes the shape the contiguous cache had — ``PagedLogicalShape``
 (``[batch, heads, num_kv_blocks*kv_block_size, head_dim]``) for full-context caches,
-``PagedWindowShape`` (``[batch, heads, window, head_dim]``) for ring buffers. Masks, context
+``PagedWindowShape`` (``[batch, heads, window, head_dim]``, through the ring's own table) for ring
+buffers. Masks, context
 lengths and batch sizes derived downstream then follow the logical view. Like the addresses, the
 logical shape is computed once per call for every cache of the same heads and head_dim
 (``shared_index``); each ``Shape`` node becomes an ``Identity`` of it (a ``Slice`` for
@@ -23,9 +24,8 @@ def rewire_logical_shape(sites: CacheSites, layout: PagedLayout, shared: SharedI
         start, end = attributes.get("start", 0), attributes.get("end")
         if length_dim in layout.windows:
             window = (layout.windows[length_dim],)
-            (logical,) = shared.request(
-                site, "PagedWindowShape", [POOL, layout.block_table, window], ["window_shape"]
-            )
+            table = layout.group_of(length_dim).table  # its window table, or the one shared table
+            (logical,) = shared.request(site, "PagedWindowShape", [POOL, table, window], ["window_shape"])
         else:
             (logical,) = shared.request(
                 site, "PagedLogicalShape", [POOL, layout.block_table], ["logical_shape"]

@@ -46,6 +46,13 @@ class BlockManager:
     to each, so they outlive their sequence. ``match_prefix(seq, prompt)`` starts a new sequence
     on the cached blocks its prompt begins with. When the free list is empty, the least recently
     used cached block no sequence holds is evicted and reused.
+
+    Window groups (``window=W``): the manager of the pools of a ring-buffer layer group, addressed
+    by its own table ``block_table_w<W>``. A sequence holds at most ``ceil(W / kv_block_size)``
+    blocks, allocated as its ring first fills and then reused as the ring turns (ring slot
+    ``p % W`` lives at column ``(p % W) // kv_block_size``); its table has exactly that many
+    columns. Its blocks are rewritten as the sequence grows, so they are never shared by content
+    (no prefix caching); ``fork`` shares them until either side writes (copy on write).
     """
 
     def __init__(
@@ -55,6 +62,7 @@ class BlockManager:
         block_order: Sequence[int] | None = None,
         ring_lengths: Sequence[int] = (),
         prefix_caching: bool = False,
+        window: int | None = None,
     ) -> None:
         if num_blocks < 2:
             raise ValueError(
@@ -62,6 +70,12 @@ class BlockManager:
             )
         if kv_block_size < 1:
             raise ValueError(f"kv_block_size must be positive, got {kv_block_size}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be positive, got {window}")
+        if window is not None and prefix_caching:
+            raise ValueError(
+                "a window group's ring blocks are rewritten as a sequence grows: no prefix caching"
+            )
         order = list(block_order) if block_order is not None else list(range(1, num_blocks))
         if sorted(order) != list(range(1, num_blocks)):
             raise ValueError(
@@ -75,12 +89,24 @@ class BlockManager:
         self._copies: list[tuple[int, int]] = []
         # Ring-buffer (sliding-window) layers write position p at ring slot p % ring, inside
         # the first columns of the table: copy on write must cover those columns too.
-        self.ring_lengths = tuple(ring_lengths)
+        self.window = window
+        self.ring_lengths = (window,) if window is not None else tuple(ring_lengths)
         self.prefix_cache = PrefixCache() if prefix_caching else None
 
     @property
     def prefix_caching(self) -> bool:
         return self.prefix_cache is not None
+
+    @property
+    def max_blocks_per_sequence(self) -> int | None:
+        """A window group's ring of blocks per sequence; None for a full-context group."""
+        return -(-self.window // self.kv_block_size) if self.window is not None else None
+
+    def blocks_for(self, length: int) -> int:
+        """Blocks a sequence of ``length`` positions holds."""
+        needed = -(-length // self.kv_block_size)
+        ring = self.max_blocks_per_sequence
+        return needed if ring is None else min(needed, ring)
 
     @property
     def num_free_blocks(self) -> int:
@@ -106,7 +132,7 @@ class BlockManager:
     def ensure_capacity(self, seq: Hashable, length: int) -> None:
         """Allocate blocks so that logical positions ``[0, length)`` of ``seq`` have a home."""
         state = self._sequences.setdefault(seq, _Sequence())
-        needed = -(-length // self.kv_block_size)
+        needed = self.blocks_for(length)
         while len(state.blocks) < needed:
             state.blocks.append(self._allocate())
 
@@ -116,9 +142,12 @@ class BlockManager:
         self.ensure_capacity(seq, length)
         state = self._sequences[seq]
         size = self.kv_block_size
-        columns = set(range(state.length // size, -(-length // size)))
+        columns = set() if self.window is not None else set(range(state.length // size, -(-length // size)))
         for ring in self.ring_lengths:
-            columns |= {(p % ring) // size for p in range(state.length, length)}
+            if length - state.length >= ring:  # the write goes round the whole ring
+                columns |= set(range(-(-ring // size)))
+            else:
+                columns |= {(p % ring) // size for p in range(state.length, length)}
         for column in sorted(columns):
             block = state.blocks[column]
             if self._references[block] > 1:
