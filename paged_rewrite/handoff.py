@@ -75,7 +75,10 @@ def paged_specializations(
     row at the full context plus the null block, ``rows * num_kv_blocks + 1`` with the most rows
     and the widest table of any entry (rows = ``full_batch_size`` for continuous batching, else
     ``batch_size``). Each window group's pool (``total_num_kv_blocks_w<W>``) is likewise the same
-    in every entry: ``rows * ceil(W / kv_block_size) + 1``, a ring of blocks per row.
+    in every entry: ``rows * ceil(W / kv_block_size) + 1``, a ring of blocks per row; for a window
+    over logical positions (``[p0 - W, p0 + S)`` of a full-length cache, whose blocks behind the
+    window a runtime frees) ``rows * (ceil((W + S) / kv_block_size) + 1) + 1``, with ``S`` the
+    longest ``seq_len`` of any entry (1 where none says).
     """
     symbols = sorted({d for spec in report.inputs for d in spec.shape if isinstance(d, str)})
     context = report.context_dim or "ctx_len"
@@ -161,15 +164,22 @@ def _rows(entries: Iterable[Mapping[str, int]]) -> int:
 
 
 def _window_pools(report: RewriteReport, entries: Sequence[Mapping[str, int]]) -> dict[str, int]:
-    """``total_num_kv_blocks_w<W>`` of each window group with a symbolic pool: a ring of
-    ``ceil(W / kv_block_size)`` blocks for each of the most rows of any entry, plus the null
-    block; nothing when no entry knows its rows."""
+    """``total_num_kv_blocks_w<W>`` of each window group with a symbolic pool, for each of the
+    most rows of any entry plus the null block: a ring of ``ceil(W / kv_block_size)`` blocks, or
+    the blocks a window ``[p0 - W, p0 + S)`` at any alignment touches; nothing when no entry
+    knows its rows."""
     rows = _rows(entries)
-    return {
-        str(group["pool_dim"]): rows * int(group["num_kv_blocks"]) + 1
-        for group in report.kv_groups
-        if group["window"] is not None and isinstance(group["pool_dim"], str) and rows
-    }
+    chunk = max((v.get("seq_len", 1) for v in entries), default=1)
+    pools = {}
+    for group in report.kv_groups:
+        if group["window"] is None or not isinstance(group["pool_dim"], str) or not rows:
+            continue
+        if group["window_addressing"] == "ring":
+            per_row = int(group["num_kv_blocks"])
+        else:
+            per_row = math.ceil((group["window"] + chunk) / report.kv_block_size) + 1
+        pools[group["pool_dim"]] = rows * per_row + 1
+    return pools
 
 
 def _default_pool(entries: Iterable[Mapping[str, int]]) -> int | None:

@@ -141,13 +141,14 @@ def _kv_groups(layout: PagedLayout, sites: CacheSites) -> list[dict[str, Any]]:
     full context) — what a runtime needs to keep one free list per group."""
     groups = []
     for group in layout.groups:
-        caches = [t.name for t in sites.tensors if layout.group_of(t.length_dim).table == group.table]
+        caches = [t.name for t in sites.tensors if layout.group_of(t).table == group.table]
         groups.append(
             {
                 "table": group.table,
                 "num_kv_blocks": group.columns if isinstance(group.columns, int) else None,
                 "pool_dim": group.pool_dim,
                 "window": group.window,
+                "window_addressing": group.addressing,
                 "caches": caches,
             }
         )

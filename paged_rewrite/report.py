@@ -125,10 +125,12 @@ class RewriteReport:
             )
         windowed = [g for g in self.kv_groups if g["window"] is not None]
         for group in windowed:
+            kind, width = "ring-buffer caches", f"{group['num_kv_blocks']} columns"
+            if group["window_addressing"] == "logical_positions":
+                kind, width = "full-length caches read over logical positions", "as wide as block_table"
             lines.append(
-                f"ring-buffer caches of window {group['window']} in their own pools "
-                f"[{group['pool_dim']}, ...] addressed by {group['table']} ({group['num_kv_blocks']} columns): "
-                f"{', '.join(group['caches'])}"
+                f"{kind} of window {group['window']} in their own pools [{group['pool_dim']}, ...] "
+                f"addressed by {group['table']} ({width}): {', '.join(group['caches'])}"
             )
         if self.windows and not windowed:
             lines.append(f"ring-buffer caches paged onto the first table columns: {self.windows}")

@@ -73,6 +73,7 @@ def test_each_window_length_gets_its_own_table_and_pool(tmp_path: Path) -> None:
             "num_kv_blocks": None,
             "pool_dim": "total_num_kv_blocks",
             "window": None,
+            "window_addressing": None,
             "caches": ["past_key.1", "past_value.1"],
         },
         {
@@ -80,6 +81,7 @@ def test_each_window_length_gets_its_own_table_and_pool(tmp_path: Path) -> None:
             "num_kv_blocks": 2,
             "pool_dim": "total_num_kv_blocks_w32",
             "window": 32,
+            "window_addressing": "ring",
             "caches": ["past_key.0", "past_value.0"],
         },
     ]
@@ -106,6 +108,7 @@ def test_shared_window_table_keeps_the_single_table_layout(tmp_path: Path) -> No
             "num_kv_blocks": None,
             "pool_dim": "total_num_kv_blocks",
             "window": None,
+            "window_addressing": None,
             "caches": ["past_key.0", "past_value.0", "past_key.1", "past_value.1"],
         }
     ]
@@ -251,3 +254,123 @@ def test_oversubscribed_window_pool_matches_the_original(tmp_path: Path) -> None
             reference.release(name)
     assert peak == 4 and rings.num_free_blocks == 4
     assert all(not record.foreign_blocks_changed for record in paged.isolation)
+
+
+# Logical-position windows: QEfficient's disaggregated decode export of gpt-oss (retain_full_kv)
+# keeps the sliding layer's cache at full length and reads [p0 - 32, p0 + S) from it.
+RETAIN = "ort_failing/gpt_oss_decode_retain_full_kv"
+
+
+def _runnable_retain(tmp_path: Path) -> Path:
+    """The export with its value_info removed: onnxruntime refuses it only because one stale
+    annotation says the sliding layer's gather returns ctx_len positions (it returns S + 32; see
+    the corpus README). The computation is untouched."""
+    model = onnx.load(feature_fixture_model(RETAIN))
+    del model.graph.value_info[:]
+    path = tmp_path / "retain.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "corpus", "dims"),
+    [
+        (RETAIN, "features", {}),
+        ("gpt_oss_swa_moe", "qeff", DIMS),
+        ("llama4_text", "features", {}),
+        ("gemma2_ctx256", "features", {}),
+        ("ort_failing/qwen3_moe_prefill_chunked", "features", {}),
+        ("llama_default", "qeff", {}),
+    ],
+)
+def test_logical_position_windows_are_found_by_structure(
+    name: str, corpus: str, dims: dict[str, int]
+) -> None:
+    """Only the retain_full_kv export reads a window of logical positions (its layer 0, window
+    32); the ring of gpt_oss_swa_moe stays a ring, Llama 4's chunks (p % 32 into a full cache),
+    Gemma 2 (the whole cache) and the rest have none."""
+    source = feature_fixture_model(name) if corpus == "features" else fixture_model(name)
+    ctx_len = 256 if name == "gemma2_ctx256" else CTX_LEN
+    report = rewrite(source, None, 16, ctx_len=ctx_len, dims=dims)
+    logical = [g for g in report.kv_groups if g["window_addressing"] == "logical_positions"]
+    if name == RETAIN:
+        assert logical == [
+            {
+                "table": "block_table_w32",
+                "num_kv_blocks": None,
+                "pool_dim": "total_num_kv_blocks_w32",
+                "window": 32,
+                "window_addressing": "logical_positions",
+                "caches": ["past_key.0", "past_value.0"],
+            }
+        ]
+    else:
+        assert logical == []
+
+
+def test_logical_window_blocks_behind_the_window_are_freed() -> None:
+    manager = BlockManager(12, 16, window=WINDOW, logical=True)
+    manager.append("a", 100)  # blocks wholly before 100 - 32 = 68: columns 0-3 (positions 0-63)
+    assert manager.blocks_of("a")[:4] == [-1, -1, -1, -1]
+    assert -1 not in manager.blocks_of("a")[4:] and len(manager.blocks_of("a")) == 7
+    assert manager.num_used_blocks == 3 and manager.num_free_blocks == 11 - 3
+    assert manager.block_table(["a"], 8)[0, :4].tolist() == [-1, -1, -1, -1]
+    manager.free("a")
+    assert manager.num_free_blocks == 11
+
+
+def test_logical_window_pool_matches_the_original(tmp_path: Path) -> None:
+    """Two sequences (prompts of 30 and 20 tokens in 16-token chunks, 80 decode steps: 110 and 100
+    positions) with a window pool of 1 + 4 + 4 = 9 blocks — at most ceil((32 + 16) / 16) + 1 = 4 per
+    sequence — against the full layer's 1 + 7 + 7 = 15. Full-width tables: this export reads S + 32
+    positions whatever the context, which a narrower table cannot hold (its own index fails)."""
+    original = _runnable_retain(tmp_path)
+    out = tmp_path / "paged.onnx"
+    rewrite(original, out, 16, ctx_len=CTX_LEN)
+    window = BlockManager(9, 16, shuffled_order(9, 3), window=WINDOW, logical=True)
+    full = BlockManager(15, 16, shuffled_order(15, 4))
+    paged = PagedRunner(out, full, 8, full_width=True, window_managers={"block_table_w32": window})
+    reference = ContiguousRunner(original, {"ctx_len": CTX_LEN})
+    steps = drive([reference, paged], random_scenario(256, [30, 20], num_decode=80, chunk_len=16, seed=5))
+    for step in steps:
+        assert np.array_equal(step.logits[0], step.logits[1]), step.index
+    assert all(not record.foreign_blocks_changed for record in paged.isolation)
+    assert window.blocks_of("A")[:4] == [-1] * 4  # 110 - 32 = 78: columns 0-3 freed
+    assert window.blocks_of("B")[:4] == [-1] * 4  # 100 - 32 = 68: columns 0-3 freed
+    assert window.num_used_blocks == 3 + 3
+
+
+def test_adversarial_logical_window_table_stays_harmless(tmp_path: Path) -> None:
+    """Garbage on both full-width tables of the retain_full_kv export (the window pool smaller
+    than the full one): writes stay in each row's own listed blocks of each group."""
+    out = tmp_path / "paged.onnx"
+    rewrite(_runnable_retain(tmp_path), out, 16, ctx_len=CTX_LEN)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(13)
+    full_pool, window_pool, bs = 24, 9, 16
+    for _ in range(30):
+        batch, seq = int(rng.integers(1, 4)), int(rng.choice([1, 7, 16]))
+        pools = {}
+        for kind in ("key", "value"):
+            pools[f"past_{kind}.0"] = rng.standard_normal((window_pool, 2, bs, 16)).astype(np.float32)
+            pools[f"past_{kind}.1"] = rng.standard_normal((full_pool, 2, bs, 16)).astype(np.float32)
+        tables = {
+            "0": rng.choice([-1, 0, *range(window_pool + 6), 40], size=(batch, 8)).astype(np.int64),
+            "1": rng.choice([-1, 0, *range(full_pool), 40], size=(batch, 8)).astype(np.int64),
+        }
+        positions = rng.choice([-1, 255, 130, *range(CTX_LEN)], size=(batch, seq)).astype(np.int64)
+        slot_id = rng.integers(-1, bs + 1, batch).astype(np.int64)
+        feeds = {
+            "input_ids": rng.integers(0, 256, (batch, seq)).astype(np.int64),
+            "position_ids": positions,
+            "block_table": tables["1"],
+            "block_table_w32": tables["0"],
+            "slot_id": slot_id,
+            **pools,
+        }
+        got = dict(zip(names, session.run(None, feeds), strict=True))
+        for name, before in pools.items():
+            size = window_pool if name.endswith("0") else full_pool
+            allowed = contract_writes(tables[name[-1]], positions, slot_id, bs, size)
+            assert unexpected_writes(before, got[f"{name}_RetainedState"], allowed) == [], name

@@ -25,7 +25,7 @@ def replace_by_rule(
         f"no rule for {node.op_type}"
     )
     assert site.cache is not None
-    table = layout.group_of(site.cache.length_dim).table  # the group's own table: see shared_index
+    table = layout.group_of(site.cache).table  # the group's own table: see shared_index
     paged: dict[str, Operand] = {"cache": POOL, "block_table": table, "slot_id": layout.slot_id}
     paged.update(constants or {})
     index_operands = [

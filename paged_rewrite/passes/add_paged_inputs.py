@@ -8,9 +8,11 @@ the dim ``total_num_kv_blocks``. Each distinct ring length ``W`` (a sliding wind
 table ``block_table_w<W>`` of static width ``ceil(W / kv_block_size)`` and pool dim
 ``total_num_kv_blocks_w<W>``: ring slot ``p % W`` lives at column ``(p % W) // kv_block_size``,
 so a window layer holds window-sized memory (as vLLM's hybrid KV cache manager and
-TensorRT-LLM give each attention-window group its own pool). With ``shared_window_table`` the
-rings live in the first columns of the one ``block_table`` instead (every pool as large as a
-full-context pool)."""
+TensorRT-LLM give each attention-window group its own pool). A full-length cache read as a
+window over logical positions (``logical_windows.py``) gets a table ``block_table_w<W>`` as wide
+as ``block_table`` and a pool of its own: the runtime frees its blocks behind the window. With
+``shared_window_table`` every window lives in the one ``block_table`` instead (every pool as
+large as a full-context pool)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from onnx import helper
 from paged_rewrite.buckets import columns_for, resolve_buckets
 from paged_rewrite.errors import UnsupportedPatternError, UsageError
 from paged_rewrite.graph import Body
+from paged_rewrite.passes.logical_windows import logical_windows
 from paged_rewrite.passes.sites import CacheSites, CacheTensor, Dim, where
 
 BLOCK_TABLE = "block_table"
@@ -44,6 +47,16 @@ class TableGroup:
     columns: int | str
     pool_dim: int | str
     window: int | None = None
+    # a window over logical positions [p0 - W, p0 + S) of a full-length cache, not a ring: the
+    # table spans the context and a runtime frees the blocks behind the window
+    logical: bool = False
+
+    @property
+    def addressing(self) -> str | None:
+        """How its caches are addressed: ``ring``, ``logical_positions``, or None (full context)."""
+        if self.window is None:
+            return None
+        return "logical_positions" if self.logical else "ring"
 
 
 @dataclass
@@ -64,6 +77,7 @@ class PagedLayout:
     dropped: set[str] = field(default_factory=set)  # operands the paged ops no longer take
     # length dim -> its table group; a dim absent here (the context dim) uses the full group
     window_groups: dict[Dim, TableGroup] = field(default_factory=dict)
+    logical_groups: dict[str, TableGroup] = field(default_factory=dict)  # cache name -> its group
     shared_window_table: bool = False
     _names: Iterator[int] = field(default_factory=itertools.count)
 
@@ -75,21 +89,22 @@ class PagedLayout:
     def full_group(self) -> TableGroup:
         return TableGroup(self.block_table, self.num_kv_blocks, self.total_num_kv_blocks)
 
-    def group_of(self, length_dim: Dim) -> TableGroup:
-        """The table group of the caches of length ``length_dim``."""
-        return self.window_groups.get(length_dim, self.full_group)
+    def group_of(self, tensor: CacheTensor) -> TableGroup:
+        """The table group of ``tensor``: its logical-position window, its ring, or the full one."""
+        found = self.logical_groups.get(tensor.name)
+        return found if found is not None else self.window_groups.get(tensor.length_dim, self.full_group)
 
     def pool_signature(self, tensor: CacheTensor) -> tuple[int, int, str]:
         """What a paged address depends on besides its operands: the pool's heads and head_dim,
         and its group's table (pools of different groups differ in their number of blocks, which
         bounds the table entries an index op accepts)."""
-        return (*tensor.pool_signature, self.group_of(tensor.length_dim).table)
+        return (*tensor.pool_signature, self.group_of(tensor).table)
 
     @property
     def groups(self) -> list[TableGroup]:
         """Every table group, the full one first, then the windows in ascending order."""
-        windows = sorted(set(self.window_groups.values()), key=lambda g: g.window or 0)
-        return [self.full_group, *windows]
+        windows = {*self.window_groups.values(), *self.logical_groups.values()}
+        return [self.full_group, *sorted(windows, key=lambda g: (g.window or 0, g.logical))]
 
     @property
     def tables(self) -> list[str]:
@@ -113,7 +128,9 @@ def add_paged_inputs(
 ) -> PagedLayout:
     """Append ``block_table`` int64 ``[batch, num_kv_blocks]``, one ``block_table_w<W>`` int64
     ``[batch, ceil(W / kv_block_size)]`` per ring length ``W`` (none with
-    ``shared_window_table``) and ``slot_id`` int64 ``[batch]``.
+    ``shared_window_table``) and ``slot_id`` int64 ``[batch]``. Full-length caches read as a window
+    ``W`` over logical positions (``logical_windows.py``) get a table ``block_table_w<W>`` of width
+    ``num_kv_blocks`` per ``W`` (none with ``shared_window_table``).
 
     ``ctx_len`` binds the length axis of the full-context caches, whatever that dim is named.
     The table width stays the symbolic ``num_kv_blocks`` whenever there are several context
@@ -151,6 +168,7 @@ def add_paged_inputs(
     )
     if not shared_window_table:
         layout.window_groups = _window_groups(windows, kv_block_size)
+        layout.logical_groups = _logical_groups(layout, logical_windows(sites, context_dim))
     for body in sites.bodies:
         _refuse_name_clash(body, [*layout.tables, SLOT_ID])
     int64 = onnx.TensorProto.INT64
@@ -179,6 +197,24 @@ def _window_groups(windows: Mapping[Dim, int], kv_block_size: int) -> dict[Dim, 
     return {dim: by_length[ring] for dim, ring in windows.items()}
 
 
+def _logical_groups(layout: PagedLayout, windows: Mapping[str, int]) -> dict[str, TableGroup]:
+    """One group per window length of the caches read over logical positions."""
+    rings = {group.window for group in layout.window_groups.values() if group.window is not None}
+    clash = sorted(rings & set(windows.values()))
+    if clash:
+        raise UnsupportedPatternError(
+            f"the model has a ring and a logical-position window both of length {clash[0]}: "
+            "rewrite with --shared-window-table"
+        )
+    by_length = {
+        window: TableGroup(
+            f"{BLOCK_TABLE}_w{window}", layout.num_kv_blocks, f"{TOTAL_NUM_KV_BLOCKS}_w{window}", window, True
+        )
+        for window in sorted(set(windows.values()))
+    }
+    return {cache: by_length[window] for cache, window in windows.items()}
+
+
 def _table_of_function(sites: CacheSites, layout: PagedLayout, function: Body) -> str:
     """The one table a layer function's caches use. A function body serving caches of two table
     groups (a ring and a full-context layer through one body) would need a table per call; such
@@ -190,7 +226,7 @@ def _table_of_function(sites: CacheSites, layout: PagedLayout, function: Body) -
         for t in sites.tensors
         if t.call is not None and (t.call.domain, t.call.op_type) == (proto.domain, proto.name)
     ]
-    tables = sorted({layout.group_of(t.length_dim).table for t in served}) or [layout.block_table]
+    tables = sorted({layout.group_of(t).table for t in served}) or [layout.block_table]
     if len(tables) > 1:
         raise UnsupportedPatternError(
             f"function {function.name!r} serves caches of several table groups ({', '.join(tables)}): "

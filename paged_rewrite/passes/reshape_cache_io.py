@@ -13,7 +13,7 @@ from paged_rewrite.passes.sites import CacheSites
 def reshape_cache_io(sites: CacheSites, layout: PagedLayout) -> None:
     """Give every cache input and output the pool shape; fix stale intermediate shapes."""
     for tensor in sites.tensors:
-        blocks = layout.group_of(tensor.length_dim).pool_dim  # a window group's pool is its own
+        blocks = layout.group_of(tensor).pool_dim  # a window group's pool is its own
         pool = [blocks, tensor.kv_heads, layout.kv_block_size, tensor.head_dim]
         set_dims(tensor.input, pool)
         set_dims(tensor.output, pool)

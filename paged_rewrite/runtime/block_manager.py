@@ -53,6 +53,13 @@ class BlockManager:
     ``p % W`` lives at column ``(p % W) // kv_block_size``); its table has exactly that many
     columns. Its blocks are rewritten as the sequence grows, so they are never shared by content
     (no prefix caching); ``fork`` shares them until either side writes (copy on write).
+
+    Logical-position windows (``window=W, logical=True``): the manager of a full-length cache that
+    the model reads only over ``[p0 - W, p0 + S)`` (QEfficient's chunked and disaggregated
+    sliding-window exports). Its table spans the context like ``block_table``; once a sequence
+    has filled ``length`` positions, every block wholly before ``length - W`` is never read again
+    and goes back to the free list, its table entry ``-1`` (reads of it return the null block's
+    zeros). A sequence thus holds at most ``ceil(W / kv_block_size) + 1`` blocks between calls.
     """
 
     def __init__(
@@ -63,6 +70,7 @@ class BlockManager:
         ring_lengths: Sequence[int] = (),
         prefix_caching: bool = False,
         window: int | None = None,
+        logical: bool = False,
     ) -> None:
         if num_blocks < 2:
             raise ValueError(
@@ -72,6 +80,8 @@ class BlockManager:
             raise ValueError(f"kv_block_size must be positive, got {kv_block_size}")
         if window is not None and window < 1:
             raise ValueError(f"window must be positive, got {window}")
+        if logical and window is None:
+            raise ValueError("a logical-position window needs its length: window=W")
         if window is not None and prefix_caching:
             raise ValueError(
                 "a window group's ring blocks are rewritten as a sequence grows: no prefix caching"
@@ -90,7 +100,8 @@ class BlockManager:
         # Ring-buffer (sliding-window) layers write position p at ring slot p % ring, inside
         # the first columns of the table: copy on write must cover those columns too.
         self.window = window
-        self.ring_lengths = (window,) if window is not None else tuple(ring_lengths)
+        self.logical = logical
+        self.ring_lengths = (window,) if window is not None and not logical else tuple(ring_lengths)
         self.prefix_cache = PrefixCache() if prefix_caching else None
 
     @property
@@ -99,13 +110,18 @@ class BlockManager:
 
     @property
     def max_blocks_per_sequence(self) -> int | None:
-        """A window group's ring of blocks per sequence; None for a full-context group."""
-        return -(-self.window // self.kv_block_size) if self.window is not None else None
+        """A ring group's blocks per sequence (its table width); None for the other groups."""
+        if self.window is None or self.logical:
+            return None
+        return -(-self.window // self.kv_block_size)
 
-    def blocks_for(self, length: int) -> int:
-        """Blocks a sequence of ``length`` positions holds."""
+    def blocks_for(self, length: int, chunk: int = 1) -> int:
+        """Blocks a sequence of ``length`` positions holds at most, while a call writes ``chunk``
+        positions (a logical-position window holds those behind ``length - chunk - W`` no more)."""
         needed = -(-length // self.kv_block_size)
         ring = self.max_blocks_per_sequence
+        if self.logical and self.window is not None:
+            return min(needed, -(-(self.window + chunk) // self.kv_block_size) + 1)
         return needed if ring is None else min(needed, ring)
 
     @property
@@ -123,16 +139,17 @@ class BlockManager:
         return len(self._references)
 
     def blocks_of(self, seq: Hashable) -> list[int]:
-        """Physical blocks of ``seq``, in logical order."""
+        """Physical blocks of ``seq``, in logical order (``-1`` where a logical-position window freed one)."""
         return list(self._sequences[seq].blocks)
 
     def length_of(self, seq: Hashable) -> int:
         return self._sequences[seq].length
 
     def ensure_capacity(self, seq: Hashable, length: int) -> None:
-        """Allocate blocks so that logical positions ``[0, length)`` of ``seq`` have a home."""
+        """Allocate blocks so that logical positions ``[0, length)`` of ``seq`` have a home (a
+        logical-position window's freed columns stay ``-1``)."""
         state = self._sequences.setdefault(seq, _Sequence())
-        needed = self.blocks_for(length)
+        needed = -(-length // self.kv_block_size) if self.logical else self.blocks_for(length)
         while len(state.blocks) < needed:
             state.blocks.append(self._allocate())
 
@@ -150,7 +167,7 @@ class BlockManager:
                 columns |= {(p % ring) // size for p in range(state.length, length)}
         for column in sorted(columns):
             block = state.blocks[column]
-            if self._references[block] > 1:
+            if block != UNALLOCATED and self._references[block] > 1:
                 private = self._allocate()
                 self._release(block)
                 state.blocks[column] = private
@@ -162,7 +179,8 @@ class BlockManager:
             raise ValueError(f"sequence {child!r} already exists")
         source = self._sequences[parent]
         for block in source.blocks:
-            self._references[block] += 1
+            if block != UNALLOCATED:
+                self._references[block] += 1
         self._sequences[child] = _Sequence(list(source.blocks), source.length)
 
     def take_copies(self) -> list[tuple[int, int]]:
@@ -244,12 +262,23 @@ class BlockManager:
         state = self._sequences.setdefault(seq, _Sequence())
         self.ensure_capacity(seq, state.length + num_tokens)
         state.length += num_tokens
+        if self.logical and self.window is not None:
+            self._free_behind(state, state.length - self.window)
+
+    def _free_behind(self, state: _Sequence, first_read: int) -> None:
+        """Release the blocks wholly before position ``first_read``: the model reads no position
+        before ``p0 - W`` again, ``p0`` being at least the sequence's length."""
+        for column in range(max(first_read, 0) // self.kv_block_size):
+            if state.blocks[column] != UNALLOCATED:
+                self._release(state.blocks[column])
+                state.blocks[column] = UNALLOCATED
 
     def free(self, seq: Hashable) -> None:
         """Drop ``seq``; blocks no other sequence shares go back to the free list."""
         state = self._sequences.pop(seq)
         for block in reversed(state.blocks):
-            self._release(block)
+            if block != UNALLOCATED:
+                self._release(block)
 
     def block_table(
         self, seqs: Sequence[Hashable | None], num_columns: int, truncate: bool = False

@@ -23,13 +23,15 @@ _SEARCH_DEPTH = 4
 @dataclass(frozen=True)
 class TableGroup:
     """One block table of a paged model and the pools it addresses: ``block_table`` (full
-    context, ``window`` None, width bucketed) or a window group's ``block_table_w<W>`` (ring
-    length ``window``, static width ``num_kv_blocks``)."""
+    context, ``window`` None, width bucketed) or a window group's ``block_table_w<W>``: a ring of
+    length ``window`` (static width ``num_kv_blocks``), or with ``logical`` a window over logical
+    positions of full-length caches (as wide as ``block_table``)."""
 
     table: str
     caches: tuple[str, ...]
     window: int | None = None
     num_kv_blocks: int | None = None
+    logical: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,13 @@ class PagedGeometry:
             raise UnsupportedPatternError(f"{paged_path}: needs a static kv_block_size and vocab size")
         ops = [node.op_type for node in _model_nodes(model)]
         groups = tuple(
-            TableGroup(g["table"], tuple(g["caches"]), g["window"], g["num_kv_blocks"])
+            TableGroup(
+                g["table"],
+                tuple(g["caches"]),
+                g["window"],
+                g["num_kv_blocks"],
+                g.get("window_addressing") == "logical_positions",
+            )
             for g in json.loads(metadata.get("paged_rewrite.groups", "[]"))
         )
         return cls(

@@ -236,8 +236,8 @@ class PagedRunner(StepRunner):
         feeds = self._inputs(rows, phase)
         feeds["block_table"] = manager.block_table(seqs, width, truncate=True)
         for table, group in self.managers.items():
-            if group.window is not None and table != "block_table":
-                feeds[table] = group.block_table(seqs, group.max_blocks_per_sequence or 0)
+            if table != "block_table":  # a ring's own width; a logical window's spans the context too
+                feeds[table] = group.block_table(seqs, group.max_blocks_per_sequence or width, truncate=True)
         feeds["slot_id"] = manager.slot_id(seqs)
         feeds.update(self.pools)
         before = (
@@ -348,20 +348,22 @@ class PagedRunner(StepRunner):
 def _window_managers(
     geometry: PagedGeometry, manager: BlockManager, given: Mapping[str, BlockManager] | None
 ) -> dict[str, BlockManager]:
-    """A manager per window table of the model: the one given, else one as large as ``manager``."""
+    """A manager per window table of the model: the one given, else one as large as ``manager``
+    (a ring group's, or a logical-position window's that frees blocks behind the window)."""
     given = dict(given or {})
     unknown = sorted(set(given) - {g.table for g in geometry.window_groups})
     if unknown:
         raise ValueError(f"window_managers: the model has no table {unknown[0]!r}")
     managers = {}
     for group in geometry.window_groups:
+        size = manager.kv_block_size
         found = given.get(group.table) or BlockManager(
-            manager.num_blocks, manager.kv_block_size, window=group.window
+            manager.num_blocks, size, window=group.window, logical=group.logical
         )
-        if found.window != group.window or found.kv_block_size != manager.kv_block_size:
+        if (found.window, found.logical, found.kv_block_size) != (group.window, group.logical, size):
             raise ValueError(
-                f"window_managers[{group.table!r}] must be a BlockManager(window={group.window}) "
-                f"with kv_block_size {manager.kv_block_size}"
+                f"window_managers[{group.table!r}] must be a BlockManager(window={group.window}, "
+                f"logical={group.logical}) with kv_block_size {size}"
             )
         managers[group.table] = found
     return managers

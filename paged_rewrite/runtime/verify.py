@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from paged_rewrite.errors import PagedRewriteError, UnsupportedPatternError, UsageError, VerificationError
-from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
+from paged_rewrite.runtime.block_manager import UNALLOCATED, BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Scenario, drive, random_scenario
 from paged_rewrite.runtime.extra_inputs import CompCtxSchedule, ExtraInputs
 from paged_rewrite.runtime.geometry import PagedGeometry
@@ -151,14 +151,20 @@ def final_kv_diff(original: ContiguousRunner, paged: PagedRunner, scenario: Scen
     """Max abs difference between each sequence's caches in the original and its paged caches
     read back through the block table, over the slots the sequence wrote: ``p % length`` for
     its positions ``p`` (``length`` the original's cache length: a ring's window, or the
-    context). Other slots may differ by design: the original writes padding into its last slot,
-    the paged model into the null block."""
+    context), except those a logical-position window freed (behind the window, never read again).
+    Other slots may differ by design: the original writes padding into its last slot, the paged
+    model into the null block."""
     worst = 0.0
     for script in scenario.sequences:
         want = original.kv_view(script.name)
         got = paged.kv_view(script.name, {name: view.shape[2] for name, view in want.items()})
         for name, view in want.items():
-            slots = sorted({p % view.shape[2] for p in range(script.length)})
+            held = paged.managers[paged.table_of[name]].blocks_of(script.name)
+            size = paged.manager.kv_block_size
+            freed = {
+                p for p in range(script.length) if p // size < len(held) and held[p // size] == UNALLOCATED
+            }
+            slots = sorted({p % view.shape[2] for p in range(script.length)} - freed)
             worst = max(worst, _abs_diff(view[:, :, slots], got[name][:, :, slots]))
     return worst
 
@@ -202,13 +208,16 @@ def compare(
     num_blocks = 1 + needed + spare_blocks
     order = shuffled_order(num_blocks, seed) if block_order == "shuffled" else None
     manager = BlockManager(num_blocks, bs, order, ring_lengths=geometry.ring_lengths)
-    window_managers = {}  # a window group's pool holds a ring per sequence, and spare blocks
+    window_managers = {}  # a window group's pool: what its window holds per sequence, and spare blocks
     for offset, group in enumerate(geometry.window_groups, start=1):
         assert group.window is not None
-        ring = BlockManager(2, bs, window=group.window)
-        size = 1 + sum(ring.blocks_for(s.length) for s in scenario.sequences) + spare_blocks
+        probe = BlockManager(2, bs, window=group.window, logical=group.logical)
+        held = sum(probe.blocks_for(s.length, scenario.chunk_len) for s in scenario.sequences)
+        size = 1 + held + spare_blocks
         shuffled = shuffled_order(size, seed + offset) if block_order == "shuffled" else None
-        window_managers[group.table] = BlockManager(size, bs, shuffled, window=group.window)
+        window_managers[group.table] = BlockManager(
+            size, bs, shuffled, window=group.window, logical=group.logical
+        )
     extra_inputs = extra_inputs or ExtraInputs(comp_ctx_lengths=CompCtxSchedule.spread(ctx_len))
     all_dims = {**geometry.dims, "ctx_len": ctx_len, **(dims or {})}
     try:
