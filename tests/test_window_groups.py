@@ -20,8 +20,8 @@ from contract import contract_writes
 
 from paged_rewrite import rewrite
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
-from paged_rewrite.runtime.driver import drive, random_scenario
-from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, unexpected_writes
+from paged_rewrite.runtime.driver import chunk_row, drive, random_scenario
+from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, Row, unexpected_writes
 from paged_rewrite.runtime.verify import verify
 
 WINDOW = 32
@@ -374,3 +374,78 @@ def test_adversarial_logical_window_table_stays_harmless(tmp_path: Path) -> None
             size = window_pool if name.endswith("0") else full_pool
             allowed = contract_writes(tables[name[-1]], positions, slot_id, bs, size)
             assert unexpected_writes(before, got[f"{name}_RetainedState"], allowed) == [], name
+
+
+# Prefix sharing per group: a ring group shares only the blocks inside the window of the hit.
+
+
+def test_ring_prefix_hit_needs_only_the_window_blocks() -> None:
+    """A 64-token prompt prefilled in one go and cached at the end: its 32-slot ring (two blocks
+    of 16) then holds logical blocks 2 and 3 only — blocks 0 and 1 were overwritten. A hit at 3
+    blocks needs the window [1, 3): block 1 is gone, and so are the windows of 2 and 1 blocks; a
+    hit at 4 blocks needs [2, 4): both there. The full group would have all four."""
+    prompt = np.arange(100, 164)
+    ring = BlockManager(8, 16, window=WINDOW, prefix_caching=True)
+    full = BlockManager(8, 16, prefix_caching=True)
+    for manager in (ring, full):
+        manager.append("a", 64)
+        manager.cache_prompt("a", prompt)
+    longer = np.r_[prompt, 7]  # 65 tokens: four full blocks may be reused
+    assert full.prefix_blocks(prompt) == 3 and full.prefix_blocks(longer) == 4
+    assert ring.prefix_blocks(prompt) == 0
+    assert ring.prefix_blocks(longer) == 4
+    held = ring.blocks_of("a")  # column 0 holds logical block 2, column 1 block 3
+    ring.free("a")
+    assert ring.match_prefix("b", longer) == 64
+    assert ring.blocks_of("b") == held
+
+
+def test_ring_prefix_hit_gives_the_uncached_logits(tmp_path: Path) -> None:
+    """A = S + a and B = S + b share a 48-token prefix S (three blocks of 16); both are 64 tokens,
+    prefilled in 16-token chunks (no padding, so the original is a fair reference). While A
+    prefills, each ring block is named as soon as it is full, so B's hit at 3 blocks finds its
+    window [1, 3) in the ring cache and the full group's blocks 0-2: B prefills from 48, and its
+    logits equal its uncached run's and the original's from there on, through 8 decode steps that
+    turn the ring again."""
+    out = tmp_path / "paged.onnx"
+    original = fixture_model("gpt_oss_swa_moe")
+    rewrite(original, out, 16, ctx_len=CTX_LEN, dims=DIMS)
+    rng = np.random.default_rng(21)
+    shared = rng.integers(0, 256, 48)
+    a, b = np.r_[shared, rng.integers(0, 256, 16)], np.r_[shared, rng.integers(0, 256, 16)]
+    decode = rng.integers(0, 256, 8)
+
+    def serve(
+        runner: PagedRunner | ContiguousRunner, name: str, prompt: np.ndarray, start: int
+    ) -> list[np.ndarray]:
+        logits = [
+            runner.step([chunk_row(name, prompt, first, 16)], "prefill") for first in range(start, 64, 16)
+        ]
+        for t, token in enumerate(decode):
+            logits.append(runner.step([Row(name, np.array([token]), np.array([64 + t]))], "decode"))
+        return logits
+
+    rings = BlockManager(12, 16, shuffled_order(12, 7), window=WINDOW, prefix_caching=True)
+    full = BlockManager(20, 16, shuffled_order(20, 8), prefix_caching=True)
+    cached = PagedRunner(out, full, 8, DIMS, window_managers={"block_table_w32": rings})
+    assert cached.start("A", a) == 0
+    serve(cached, "A", a, 0)
+    cached.cache_prompt("A", a)
+    full_blocks = full.blocks_of("A")[:3]
+    cached.release("A")
+    assert cached.start("B", b) == 48
+    assert full.blocks_of("B") == full_blocks and len(rings.blocks_of("B")) == 2
+    hit = serve(cached, "B", b, 48)
+    cold = serve(PagedRunner(out, BlockManager(20, 16), 8, DIMS), "B", b, 0)
+    reference = serve(ContiguousRunner(original, {"ctx_len": CTX_LEN, **DIMS}), "B", b, 0)
+    assert len(hit) == len(cold) - 3
+    for got, want, expected in zip(hit, cold[3:], reference[3:], strict=True):
+        assert np.array_equal(got, want) and np.array_equal(got, expected)
+    assert all(not record.foreign_blocks_changed for record in cached.isolation)
+
+
+def test_prefix_caching_is_refused_for_windows_it_cannot_name() -> None:
+    with pytest.raises(ValueError, match="multiple of kv_block_size"):
+        BlockManager(8, 16, window=24, prefix_caching=True)
+    with pytest.raises(ValueError, match="multiple of kv_block_size"):
+        BlockManager(8, 16, window=WINDOW, logical=True, prefix_caching=True)

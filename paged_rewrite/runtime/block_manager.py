@@ -51,8 +51,12 @@ class BlockManager:
     by its own table ``block_table_w<W>``. A sequence holds at most ``ceil(W / kv_block_size)``
     blocks, allocated as its ring first fills and then reused as the ring turns (ring slot
     ``p % W`` lives at column ``(p % W) // kv_block_size``); its table has exactly that many
-    columns. Its blocks are rewritten as the sequence grows, so they are never shared by content
-    (no prefix caching); ``fork`` shares them until either side writes (copy on write).
+    columns; ``fork`` shares them until either side writes (copy on write). Prefix caching in a
+    ring group (``W`` a multiple of the block size) follows the layer type, as in vLLM: a full
+    block is named by the same hash chain as in the full group while its ring column still holds
+    it (``cache_prompt``; the cache's reference makes the ring's next lap copy it on write), and a
+    hit of ``k`` blocks needs only the blocks inside the window at ``k``, ``[k - W/size, k)``,
+    placed at their ring columns (``prefix_blocks``, ``match_prefix(limit=k)``).
 
     Logical-position windows (``window=W, logical=True``): the manager of a full-length cache that
     the model reads only over ``[p0 - W, p0 + S)`` (QEfficient's chunked and disaggregated
@@ -82,9 +86,10 @@ class BlockManager:
             raise ValueError(f"window must be positive, got {window}")
         if logical and window is None:
             raise ValueError("a logical-position window needs its length: window=W")
-        if window is not None and prefix_caching:
+        if window is not None and prefix_caching and (logical or window % kv_block_size):
             raise ValueError(
-                "a window group's ring blocks are rewritten as a sequence grows: no prefix caching"
+                "prefix caching in a window group needs a ring whose length is a multiple of "
+                "kv_block_size (its ring columns then hold whole blocks of positions)"
             )
         order = list(block_order) if block_order is not None else list(range(1, num_blocks))
         if sorted(order) != list(range(1, num_blocks)):
@@ -188,25 +193,53 @@ class BlockManager:
         copies, self._copies = self._copies, []
         return copies
 
-    def match_prefix(self, seq: Hashable, prompt: np.ndarray) -> int:
-        """Start ``seq`` on the cached blocks ``prompt`` begins with; return how many positions
-        they hold (the first position left to prefill). At least the prompt's last token is left
-        out: its logits are the first output, and it must be written into a block of its own."""
+    def match_prefix(self, seq: Hashable, prompt: np.ndarray, limit: int | None = None) -> int:
+        """Start ``seq`` on the cached blocks ``prompt`` begins with (at most ``limit`` blocks of
+        positions); return how many positions they hold (the first position left to prefill). At
+        least the prompt's last token is left out: its logits are the first output, and it must
+        be written into a block of its own."""
         if seq in self._sequences:
             raise ValueError(f"sequence {seq!r} already exists")
         cache = self._require_cache()
-        blocks = self.cached_prefix(prompt)
+        hit = self.prefix_blocks(prompt, limit)
+        blocks = self.cached_prefix(prompt, hit)
         for block in blocks:
             self._references[block] += 1
             cache.mark_busy(block)
-        self._sequences[seq] = _Sequence(blocks, len(blocks) * self.kv_block_size)
-        return len(blocks) * self.kv_block_size
+        self._sequences[seq] = _Sequence(blocks, hit * self.kv_block_size)
+        return hit * self.kv_block_size
 
-    def cached_prefix(self, prompt: np.ndarray) -> list[int]:
+    def prefix_blocks(self, prompt: np.ndarray, limit: int | None = None) -> int:
+        """How many blocks of positions a hit on ``prompt`` covers (at most ``limit``): the cached
+        run of its first blocks, or in a ring group the largest ``k`` whose window blocks
+        ``[k - W/size, k)`` are all cached."""
+        size, cache = self.kv_block_size, self._require_cache()
+        reusable = (len(prompt) - 1) // size if limit is None else min(limit, (len(prompt) - 1) // size)
+        digests = list(block_hashes(prompt[: reusable * size], size))
+        ring = self.max_blocks_per_sequence
+        if ring is None:
+            return next((k for k, d in enumerate(digests) if cache.lookup(d) is None), len(digests))
+        for hit in range(reusable, 0, -1):
+            if all(cache.lookup(digests[j]) is not None for j in range(max(0, hit - ring), hit)):
+                return hit
+        return 0
+
+    def cached_prefix(self, prompt: np.ndarray, limit: int | None = None) -> list[int]:
         """The cached blocks ``match_prefix`` would start ``prompt`` on, without taking them: no
-        reference, no change to the eviction order (an admission check may still say no)."""
+        reference, no change to the eviction order (an admission check may still say no). In a
+        ring group, the window blocks of the hit in ring-column order."""
         cache = self._require_cache()
+        ring = self.max_blocks_per_sequence
+        if ring is not None:
+            hit = self.prefix_blocks(prompt, limit)
+            digests = list(block_hashes(prompt[: hit * self.kv_block_size], self.kv_block_size))
+            columns = [UNALLOCATED] * min(hit, ring)
+            for j in range(max(0, hit - ring), hit):
+                columns[j % ring] = cache.lookup(digests[j]) or UNALLOCATED
+            return columns
         reusable = (len(prompt) - 1) // self.kv_block_size
+        if limit is not None:
+            reusable = min(reusable, limit)
         blocks = []
         for digest in block_hashes(prompt[: reusable * self.kv_block_size], self.kv_block_size):
             block = cache.lookup(digest)
@@ -225,10 +258,15 @@ class BlockManager:
         is cached already (under another block) stays private to ``seq``."""
         cache = self._require_cache()
         state = self._sequences[seq]
-        filled = min(len(prompt), state.length) // self.kv_block_size
-        for block, digest in zip(
-            state.blocks[:filled], block_hashes(prompt, self.kv_block_size), strict=False
-        ):
+        size = self.kv_block_size
+        filled = min(len(prompt), state.length) // size
+        digests = list(block_hashes(prompt[: filled * size], size))
+        pairs = list(zip(state.blocks[:filled], digests, strict=False))
+        ring = self.max_blocks_per_sequence
+        if ring is not None:  # the blocks its ring columns still hold: none a later lap began
+            oldest = max(0, -(-state.length // size) - ring)
+            pairs = [(state.blocks[j % ring], digests[j]) for j in range(oldest, filled)]
+        for block, digest in pairs:
             if cache.lookup(digest) is None and not cache.holds(block):
                 cache.insert(digest, block)
                 self._references[block] += 1  # the cache's own reference

@@ -187,6 +187,7 @@ class PagedRunner(StepRunner):
         self.isolation: list[IsolationRecord] = []
         self.table_widths: list[TableWidthRecord] = []
         self.blocks_in_use: list[int] = []  # distinct pool blocks held after each step
+        self._prompts: dict[Hashable, np.ndarray] = {}  # with ring groups and prefix caching
         if manager.prefix_caching:
             self._refuse_prefix_caching()
 
@@ -252,6 +253,9 @@ class PagedRunner(StepRunner):
             if row.seq is not None:
                 for group in self.managers.values():
                     group.append(row.seq, row.num_valid)
+                if row.seq in self._prompts:  # name ring blocks before the ring's next lap rewrites them
+                    for group in self._window_groups():
+                        group.cache_prompt(row.seq, self._prompts[row.seq])
         self.blocks_in_use.append(manager.num_used_blocks)
         return kept_logits(out)
 
@@ -289,24 +293,46 @@ class PagedRunner(StepRunner):
         self.table_widths.append(TableWidthRecord(record.step, columns, needed_columns, cut))
 
     def start(self, seq: Hashable, prompt: np.ndarray) -> int:
-        """Begin ``seq``: with prefix caching, take the cached blocks its prompt starts with.
-        Returns the first position to prefill (0 without a cache hit)."""
+        """Begin ``seq``: with prefix caching, take the cached blocks its prompt starts with, in
+        every table group (a hit every group agrees on: ``prefix_hit_blocks``). Returns the first
+        position to prefill (0 without a cache hit)."""
         if self.manager.prefix_caching:
-            return self.manager.match_prefix(seq, prompt)
+            hit = self.prefix_hit_blocks(prompt)
+            if self._window_groups():
+                self._prompts[seq] = prompt  # ring blocks are named as the prompt fills them
+            return min(group.match_prefix(seq, prompt, hit) for group in self.managers.values())
         for group in self.managers.values():
             group.ensure_capacity(seq, 0)  # known to the manager, holding nothing yet
         return 0
 
+    def prefix_hit_blocks(self, prompt: np.ndarray) -> int:
+        """Blocks of positions a prefix hit on ``prompt`` covers: the full group's cached run,
+        cut to where every ring group still has its window's blocks."""
+        hit = self.manager.prefix_blocks(prompt)
+        for group in self._window_groups():
+            hit = group.prefix_blocks(prompt, hit)
+        return hit
+
     def cache_prompt(self, seq: Hashable, prompt: np.ndarray) -> None:
         """``seq`` has prefilled ``prompt``: offer its full blocks to later requests."""
         if self.manager.prefix_caching:
-            self.manager.cache_prompt(seq, prompt)
+            for group in self.managers.values():
+                group.cache_prompt(seq, prompt)
+
+    def _window_groups(self) -> list[BlockManager]:
+        return [group for table, group in self.managers.items() if table != "block_table"]
 
     def _refuse_prefix_caching(self) -> None:
         """A cached block is shared by content: it must hold nothing but its tokens' K/V."""
         reason = None
-        if self.manager.ring_lengths or self.geometry.ring_lengths or self.geometry.window_groups:
+        windows = self._window_groups()
+        if self.manager.ring_lengths or self.geometry.ring_lengths:
             reason = "its ring-buffer layers overwrite the first table columns as a sequence grows"
+        elif any(not group.prefix_caching for group in windows):
+            reason = (
+                "a window group's manager has no prefix cache (its ring length must be a multiple "
+                "of kv_block_size, and a logical-position window frees its blocks)"
+            )
         elif self.states.per_row or self.states.shared_io:
             reason = "its non-KV retained states (e.g. vision embeddings) shape the KV beyond the tokens"
         elif "lora_ids" in self.extra_names:
@@ -334,6 +360,7 @@ class PagedRunner(StepRunner):
         return views
 
     def release(self, seq: Hashable) -> None:
+        self._prompts.pop(seq, None)
         for group in self.managers.values():
             group.free(seq)
         self._release_state(seq)
@@ -357,8 +384,9 @@ def _window_managers(
     managers = {}
     for group in geometry.window_groups:
         size = manager.kv_block_size
+        caching = manager.prefix_caching and not group.logical and (group.window or 0) % size == 0
         found = given.get(group.table) or BlockManager(
-            manager.num_blocks, size, window=group.window, logical=group.logical
+            manager.num_blocks, size, window=group.window, prefix_caching=caching, logical=group.logical
         )
         if (found.window, found.logical, found.kv_block_size) != (group.window, group.logical, size):
             raise ValueError(

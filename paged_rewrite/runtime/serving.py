@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from paged_rewrite.runtime.block_manager import BlockManager
+from paged_rewrite.runtime.block_manager import UNALLOCATED, BlockManager
 from paged_rewrite.runtime.driver import chunk_row, greedy_token
 from paged_rewrite.runtime.extra_inputs import Phase
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, Row
@@ -148,13 +148,16 @@ class Server:
         the cache's eviction order as it was."""
         assert isinstance(self.runner, PagedRunner)
         shortest = -math.inf
+        caching = self.runner.manager.prefix_caching
+        hit = self.runner.prefix_hit_blocks(candidate.request.prompt) if caching else 0
         for manager in self.runner.managers.values():
 
             def blocks_for(served: Served, manager: BlockManager = manager) -> int:
                 return manager.blocks_for(len(served.request.prompt) + served.request.max_new_tokens)
 
-            reserved = sum(blocks_for(s) - len(manager.blocks_of(s.request.name)) for s in running)
-            hits = manager.cached_prefix(candidate.request.prompt) if manager.prefix_caching else []
+            held = [sum(b != UNALLOCATED for b in manager.blocks_of(s.request.name)) for s in running]
+            reserved = sum(blocks_for(s) - h for s, h in zip(running, held, strict=True))
+            hits = manager.cached_prefix(candidate.request.prompt, hit) if caching else []
             available = manager.num_available_blocks - manager.num_idle_among(hits)
             shortest = max(shortest, blocks_for(candidate) - len(hits) - (available - reserved))
         return int(shortest)
