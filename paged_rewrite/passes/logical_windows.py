@@ -58,7 +58,6 @@ def _served(sites: CacheSites, cache: CacheTensor) -> list[CacheTensor]:
 
 def _window_of(body: Body, positions: str) -> int | None:
     producers = {out: node for node in body.proto.node for out in node.output}
-    constants = _int_constants(body)
     queue = deque([(positions, 0)])
     seen = set()
     while queue:
@@ -68,7 +67,7 @@ def _window_of(body: Body, positions: str) -> int | None:
             continue
         seen.add(name)
         if node.op_type == "Sub" and node.domain in ("", "ai.onnx") and len(node.input) == 2:
-            window = constants.get(node.input[1])
+            window = _int_constant(body, producers, node.input[1])
             if window is not None and window > 0 and _reaches_positions(node.input[0], producers):
                 return window
         queue.extend((value, depth + 1) for value in node.input if value)
@@ -87,19 +86,26 @@ def _reaches_positions(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
     return False
 
 
-def _int_constants(body: Body) -> dict[str, int]:
-    """Integer scalar constants of ``body``: ``Constant`` nodes, and initializers of the graph."""
-    tensors: dict[str, onnx.TensorProto] = {}
-    if isinstance(body.proto, onnx.GraphProto):
-        tensors = {t.name: t for t in body.proto.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
-    for node in body.proto.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            tensors[node.output[0]] = node.attribute[0].t
-    values = {}
-    for name, tensor in tensors.items():
-        if len(tensor.dims) > 1 or (tensor.dims and tensor.dims[0] != 1):
-            continue
+def _int_constant(body: Body, producers: dict[str, onnx.NodeProto], name: str) -> int | None:
+    """``name`` as an integer scalar: a ``Constant`` node's value, or a graph initializer's; None
+    for anything else, a malformed tensor included (a damaged input is the checker's to blame)."""
+    node = producers.get(name)
+    tensor = None
+    if (
+        node is not None
+        and node.op_type == "Constant"
+        and node.attribute
+        and node.attribute[0].name == "value"
+    ):
+        tensor = node.attribute[0].t
+    elif node is None and isinstance(body.proto, onnx.GraphProto):
+        tensor = next((t for t in body.proto.initializer if t.name == name), None)
+    if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL or sum(tensor.dims) > 1:
+        return None
+    try:
         value = numpy_helper.to_array(tensor)
-        if np.issubdtype(value.dtype, np.integer):
-            values[name] = int(value.reshape(()))
-    return values
+    except (ValueError, TypeError):
+        return None
+    if value.size != 1 or not np.issubdtype(value.dtype, np.integer):
+        return None
+    return int(value.reshape(()))
