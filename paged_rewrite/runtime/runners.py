@@ -150,11 +150,13 @@ class PagedRunner(StepRunner):
     (ring layers, non-KV retained states, LoRA ids). ``dims`` and ``extra_inputs`` serve the
     non-KV inputs, as for ``ContiguousRunner``.
 
-    **Window groups.** A model whose ring-buffer layers have tables of their own
-    (``block_table_w<W>``, see ``PagedGeometry.groups``) gets one ``BlockManager(window=W)`` per
-    window, with its own free list and pools of its own size: ``window_managers`` by table name,
-    by default one as large as ``manager`` (equal capacity; pass smaller ones to save memory).
-    Each step passes every table; each group's copies, isolation and pools stay its own."""
+    **Window groups.** A model whose window layers have tables of their own
+    (``block_table_w<W>``, see ``PagedGeometry.groups``: rings, or windows over logical positions)
+    gets one ``BlockManager(window=W)`` (``logical=True`` for the latter) per window, with its own
+    free list and pools of its own size: ``window_managers`` by table name, by default one as large
+    as ``manager`` (equal capacity; pass smaller ones to save memory). Each step passes every
+    table; each group's copies, isolation and pools stay its own. With prefix caching, every
+    group takes part (``prefix_hit_blocks``)."""
 
     def __init__(
         self,
