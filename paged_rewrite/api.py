@@ -36,6 +36,7 @@ def rewrite(
     custom_io: str | os.PathLike[str] | None = None,
     full_check: bool = False,
     ctx_buckets: Sequence[int] | None = None,
+    shared_window_table: bool = False,
 ) -> RewriteReport:
     """Rewrite the QEfficient export at ``input_path`` into a paged-KV model at ``output_path``.
 
@@ -53,7 +54,9 @@ def rewrite(
     inference, and shows that every value gets a static shape under every entry of the paged
     specializations (``report.static_shapes``); a value the rewrite made non-static fails the
     rewrite, naming it. The input is only read. With ``output_path=None`` nothing is written (a
-    dry run).
+    dry run). Ring-buffer (sliding-window) caches get a block table and pool dim per window
+    length (``block_table_w<W>``, ``total_num_kv_blocks_w<W>``) unless ``shared_window_table``,
+    which keeps them in the first columns of the one ``block_table``.
     Raises a ``PagedRewriteError`` subclass (with its exit code) on bad input.
     """
     _check_ranges(kv_block_size, ctx_len, num_blocks, dims or {}, ctx_buckets)
@@ -64,7 +67,7 @@ def rewrite(
     weights = data_files(model, input_path)  # refuses unsafe locations; protected from overwriting below
     _refuse_unknown_dims(dims or {}, model, input_path)
     buckets = tuple(ctx_buckets) if ctx_buckets is not None else None
-    options = RewriteOptions(kv_block_size, ctx_len, num_blocks, bound, buckets)
+    options = RewriteOptions(kv_block_size, ctx_len, num_blocks, bound, buckets, shared_window_table)
     try:
         report = rewrite_model(model, options)
     except PagedRewriteError as error:  # name the model in every refusal
@@ -97,6 +100,7 @@ def rewrite(
         "specializations": Path(specializations).name if specializations else None,
         "custom_io": Path(custom_io).name if custom_io else None,
         "copy_weights": copy_weights,
+        "shared_window_table": shared_window_table,
     }
     document = handoff.manifest(report, source, VERSION, flags)
     kinds = [*sidecars, "manifest", *(["data"] if copy_weights and weights else [])]

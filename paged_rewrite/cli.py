@@ -225,6 +225,12 @@ def main() -> None:
     help="Also run the ONNX checker's strict shape inference, and show every value static under "
     "every specialization written.",
 )
+@click.option(
+    "--shared-window-table",
+    is_flag=True,
+    help="Keep sliding-window rings in the first columns of the one block_table (every pool full "
+    "size) instead of a table and pool per window length.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_guarded
 def rewrite_command(
@@ -239,6 +245,7 @@ def rewrite_command(
     custom_io: Path | None,
     copy_weights: bool,
     full_check: bool,
+    shared_window_table: bool,
     as_json: bool,
 ) -> None:
     """Rewrite MODEL into a paged-KV model, with its manifest and specializations beside it.
@@ -264,6 +271,7 @@ def rewrite_command(
         custom_io=custom_io,
         full_check=full_check,
         ctx_buckets=ctx_buckets,
+        shared_window_table=shared_window_table,
     )
     _emit(as_json, report.to_dict(), report.summary())
 

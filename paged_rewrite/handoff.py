@@ -74,7 +74,11 @@ def paged_specializations(
     buffers cannot change shape between specializations: ``--num-blocks``, or enough for every
     row at the full context plus the null block, ``rows * num_kv_blocks + 1`` with the most rows
     and the widest table of any entry (rows = ``full_batch_size`` for continuous batching, else
-    ``batch_size``).
+    ``batch_size``). Each window group's pool (``total_num_kv_blocks_w<W>``) is likewise the same
+    in every entry: ``rows * ceil(W / kv_block_size) + 1``, a ring of blocks per row; for a window
+    over logical positions (``[p0 - W, p0 + S)`` of a full-length cache, whose blocks behind the
+    window a runtime frees) ``rows * (ceil((W + S) / kv_block_size) + 1) + 1``, with ``S`` the
+    longest ``seq_len`` of any entry (1 where none says).
     """
     symbols = sorted({d for spec in report.inputs for d in spec.shape if isinstance(d, str)})
     context = report.context_dim or "ctx_len"
@@ -99,8 +103,10 @@ def paged_specializations(
                 named["name"] = f"{entry.get('name', 'Default')}_ctx{bucket}"
             expanded.append((named, values))
     total = num_blocks if num_blocks is not None else _default_pool(values for _, values in expanded)
+    window_pools = _window_pools(report, [values for _, values in expanded])
     out = []
     for entry, values in expanded:
+        values.update(window_pools)
         if total is not None:
             values["total_num_kv_blocks"] = total
         missing = [s for s in symbols if s not in values]
@@ -152,11 +158,35 @@ def _entry_buckets(report: RewriteReport, context_len: int | None) -> list[int |
     return [context_len] if context_len is not None else [None]
 
 
+def _rows(entries: Iterable[Mapping[str, int]]) -> int:
+    """The most token rows of any entry (``full_batch_size`` for CB, else ``batch_size``), 0 if unknown."""
+    return max((v.get("full_batch_size", v.get("batch_size", 0)) for v in entries), default=0)
+
+
+def _window_pools(report: RewriteReport, entries: Sequence[Mapping[str, int]]) -> dict[str, int]:
+    """``total_num_kv_blocks_w<W>`` of each window group with a symbolic pool, for each of the
+    most rows of any entry plus the null block: a ring of ``ceil(W / kv_block_size)`` blocks, or
+    the blocks a window ``[p0 - W, p0 + S)`` at any alignment touches; nothing when no entry
+    knows its rows."""
+    rows = _rows(entries)
+    chunk = max((v.get("seq_len", 1) for v in entries), default=1)
+    pools = {}
+    for group in report.kv_groups:
+        if group["window"] is None or not isinstance(group["pool_dim"], str) or not rows:
+            continue
+        if group["window_addressing"] == "ring":
+            per_row = int(group["num_kv_blocks"])
+        else:
+            per_row = math.ceil((group["window"] + chunk) / report.kv_block_size) + 1
+        pools[group["pool_dim"]] = rows * per_row + 1
+    return pools
+
+
 def _default_pool(entries: Iterable[Mapping[str, int]]) -> int | None:
     """The most rows of any entry at the widest table, plus the null block; None if no entry
     knows its rows or its width."""
     entries = list(entries)
-    rows = max((v.get("full_batch_size", v.get("batch_size", 0)) for v in entries), default=0)
+    rows = _rows(entries)
     width = max((v.get("num_kv_blocks", 0) for v in entries), default=0)
     return rows * width + 1 if rows and width else None
 
@@ -238,14 +268,17 @@ def paged_custom_io(custom: CustomIO, report: RewriteReport, path: str | os.Path
     return CustomIO(kept, custom.layout)
 
 
-MANIFEST_FORMAT = 2  # 2: num_kv_blocks / total_num_kv_blocks are int or null; flags recorded
+# 2: num_kv_blocks / total_num_kv_blocks are int or null; flags recorded. 3: "groups", a block
+# table and pool dim per window length.
+MANIFEST_FORMAT = 3
 
 
 def manifest(report: RewriteReport, source: Path, version: str, flags: Mapping[str, Any]) -> dict[str, Any]:
     """What a runtime needs to allocate the pool and build block tables, and the flags that shaped
     the output. Every field has one type: ``num_kv_blocks`` and ``total_num_kv_blocks`` are the
     static table width and pool size, or null where the dim stays symbolic (its name is in the
-    ``block_table`` / cache input shapes)."""
+    ``block_table`` / cache input shapes). ``groups`` lists every block table with its caches,
+    width, pool dim and window (null: full context), the full-context ``block_table`` first."""
     return {
         "tool": {"name": TOOL_NAME, "version": version},
         "format": MANIFEST_FORMAT,
@@ -263,6 +296,7 @@ def manifest(report: RewriteReport, source: Path, version: str, flags: Mapping[s
         ],
         "null_block": report.null_block,
         "windows": report.windows,
+        "groups": report.kv_groups,
         "inputs": [vars(spec) for spec in report.inputs],
         "outputs": [vars(spec) for spec in report.outputs],
         "removed_inputs": report.removed_inputs,

@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import onnx
 
@@ -36,6 +37,7 @@ class RewriteOptions:
     num_blocks: int | None = None
     dims: Mapping[str, int] = field(default_factory=dict)
     ctx_buckets: tuple[int, ...] | None = None
+    shared_window_table: bool = False  # rings in the first columns of the one table (add_paged_inputs)
 
 
 def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteReport:
@@ -54,6 +56,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         options.num_blocks,
         options.ctx_len,
         options.ctx_buckets,
+        options.shared_window_table,
     )
     shared = SharedIndex(sites, layout)  # the index ops the next three request, each made once
     rewire_logical_shape(sites, layout, shared)  # first: positions derive from the cache shape
@@ -61,7 +64,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
     page_reads(sites, layout, shared)
     shared.place()
     reshape_cache_io(sites, layout)
-    finalized = finalize_model(sites, layout, metadata=_layout_metadata(layout))
+    finalized = finalize_model(sites, layout, metadata=_layout_metadata(layout, sites))
     dangling = sorted(undefined_ops(model) - undefined_before)
     if dangling:  # a bug of ours, caught before anything is written
         raise OutputError(
@@ -79,7 +82,8 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         rewritten=rewritten,
         functions=[body.name for body in sites.functions],
         windows={str(dim): ring for dim, ring in layout.windows.items()},
-        added_inputs=[layout.block_table, layout.slot_id],
+        added_inputs=[*layout.tables, layout.slot_id],
+        kv_groups=_kv_groups(layout, sites),
         removed_inputs=finalized.removed_inputs,
         kept_inputs=finalized.kept_inputs,
         paged_op_nodes=finalized.paged_op_nodes,
@@ -140,7 +144,7 @@ def _other_retained_states(model: onnx.ModelProto, sites: CacheSites) -> list[st
     return [v.name for v in model.graph.input if f"{v.name}_RetainedState" in outputs and v.name not in paged]
 
 
-def _layout_metadata(layout: PagedLayout) -> dict[str, str]:
+def _layout_metadata(layout: PagedLayout, sites: CacheSites) -> dict[str, str]:
     """What a runtime needs to drive the paged model, stored in its metadata_props."""
     return {
         "paged_rewrite.kv_block_size": str(layout.kv_block_size),
@@ -149,4 +153,24 @@ def _layout_metadata(layout: PagedLayout) -> dict[str, str]:
         "paged_rewrite.ctx_buckets": json.dumps(list(layout.ctx_buckets)),
         "paged_rewrite.dims": json.dumps(layout.bound_dims, sort_keys=True),
         "paged_rewrite.windows": json.dumps({str(d): n for d, n in layout.windows.items()}, sort_keys=True),
+        "paged_rewrite.groups": json.dumps(_kv_groups(layout, sites), sort_keys=True),
     }
+
+
+def _kv_groups(layout: PagedLayout, sites: CacheSites) -> list[dict[str, Any]]:
+    """Per table: its caches, width (null where symbolic), pool dim and ring length (null for
+    full context) — what a runtime needs to keep one free list per group."""
+    groups = []
+    for group in layout.groups:
+        caches = [t.name for t in sites.tensors if layout.group_of(t).table == group.table]
+        groups.append(
+            {
+                "table": group.table,
+                "num_kv_blocks": group.columns if isinstance(group.columns, int) else None,
+                "pool_dim": group.pool_dim,
+                "window": group.window,
+                "window_addressing": group.addressing,
+                "caches": caches,
+            }
+        )
+    return groups

@@ -93,6 +93,8 @@ class RewriteReport:
     functions: list[str] = field(default_factory=list)
     paged_op_nodes: dict[str, int] = field(default_factory=dict)  # emitted paged op -> nodes in its flat body
     windows: dict[str, int] = field(default_factory=dict)
+    # per block table: its caches, width, pool dim and window (pipeline._kv_groups)
+    kv_groups: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # sidecar files written beside the output
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
@@ -123,7 +125,16 @@ class RewriteReport:
             lines.append(
                 f"rewrote inside local functions (one shared body each): {', '.join(self.functions)}"
             )
-        if self.windows:
+        windowed = [g for g in self.kv_groups if g["window"] is not None]
+        for group in windowed:
+            kind, width = "ring-buffer caches", f"{group['num_kv_blocks']} columns"
+            if group["window_addressing"] == "logical_positions":
+                kind, width = "full-length caches read over logical positions", "as wide as block_table"
+            lines.append(
+                f"{kind} of window {group['window']} in their own pools [{group['pool_dim']}, ...] "
+                f"addressed by {group['table']} ({width}): {', '.join(group['caches'])}"
+            )
+        if self.windows and not windowed:
             lines.append(f"ring-buffer caches paged onto the first table columns: {self.windows}")
         if self.removed_inputs:
             lines.append(f"removed inputs (no longer used): {', '.join(self.removed_inputs)}")

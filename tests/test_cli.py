@@ -134,3 +134,35 @@ def test_ring_buffer_needs_its_dim_and_takes_it_from_the_flag(tmp_path: Path) ->
     )
     assert done.returncode == 0, done.stderr
     assert run("verify", source, tmp_path / "p.onnx").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "tables"),
+    [
+        ((), ["block_table", "block_table_w32", "slot_id"]),
+        (("--shared-window-table",), ["block_table", "slot_id"]),
+    ],
+)
+def test_window_tables_by_default_and_one_table_with_the_flag(
+    tmp_path: Path, flags: tuple[str, ...], tables: list[str]
+) -> None:
+    source = fixture_model("gpt_oss_swa_moe")
+    out = tmp_path / "p.onnx"
+    done = run(
+        source,
+        "-o",
+        out,
+        "--kv-block-size",
+        16,
+        "--ctx-len",
+        128,
+        "--dim",
+        "sliding_window=32",
+        *flags,
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["added_inputs"] == tables
+    checked = run("verify", source, out, "--json")
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["max_abs_diff"] == 0.0

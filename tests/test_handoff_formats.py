@@ -105,10 +105,11 @@ def test_manifest_records_the_flags_and_one_type_per_field(tmp_path: Path) -> No
         "specializations": None,
         "custom_io": None,
         "copy_weights": False,
+        "shared_window_table": False,
     }
     assert one["flags"]["ctx_buckets"] == [128] and one["flags"]["num_blocks"] is None
     assert ladder["bound_dims"] == {"batch_size": 2, "ctx_len": 128}
     # the table width: symbolic with two buckets (null), static with one (an int), never a string
     assert ladder["num_kv_blocks"] is None and one["num_kv_blocks"] == 8
     assert ladder["total_num_kv_blocks"] == 33 and one["total_num_kv_blocks"] is None
-    assert ladder["format"] == one["format"] == 2
+    assert ladder["format"] == one["format"] == 3  # 3: "groups", a table per window length

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CTX_LEN, DIMS, feature_manifest
+from conftest import CTX_LEN, DIMS, feature_manifest, fixture_model
 from derived_models import with_lora_ids
 from models import qeff_export
 
@@ -193,10 +193,14 @@ def test_the_server_skips_cached_prefill_and_serves_the_same_tokens(
         assert len(served[True][name].tokens) == 6
 
 
-def test_prefix_caching_is_refused_where_blocks_are_not_content(paged_fixture) -> None:
-    """gpt_oss layer 0 is a 32-slot ring in the first table columns: those blocks hold the last
-    32 positions, rewritten as the sequence grows, not the K/V of their own tokens."""
-    _, paged, _ = paged_fixture("gpt_oss_swa_moe", BLOCK)
+def test_prefix_caching_is_refused_where_blocks_are_not_content(tmp_path: Path) -> None:
+    """With --shared-window-table, gpt_oss layer 0 is a 32-slot ring in the first table columns:
+    those blocks hold the last 32 positions, rewritten as the sequence grows, named by nothing the
+    full group's hash chain can see. (With its own table the ring group caches per window:
+    tests/test_window_groups.py.)"""
+    paged = tmp_path / "paged.onnx"
+    rewrite(fixture_model("gpt_oss_swa_moe"), paged, BLOCK, ctx_len=CTX_LEN, dims=DIMS["gpt_oss_swa_moe"],
+            shared_window_table=True)  # fmt: skip
     manager = BlockManager(20, BLOCK, prefix_caching=True)
     with pytest.raises(UnsupportedPatternError, match="ring-buffer layers overwrite the first table columns"):
         PagedRunner(paged, manager, CTX_LEN // BLOCK, DIMS["gpt_oss_swa_moe"])

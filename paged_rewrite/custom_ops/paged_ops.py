@@ -309,8 +309,10 @@ def PagedWindowShape(pool, block_table, window):
       pool         ``[N, H, kv_block_size, D]`` (only its shape is read).
       block_table  int64 ``[B, num_kv_blocks]`` (only its shape is read).
       window       int64 ``[1]``: the ring length. The ring lives in the first
-                   ``ceil(window / kv_block_size)`` columns of each row's ``block_table``, so one
-                   table serves full-context and sliding-window layers alike.
+                   ``ceil(window / kv_block_size)`` columns of each row's ``block_table``: the
+                   ring's own table ``block_table_w<window>`` (exactly that wide, addressing a
+                   window-sized pool), or, with ``--shared-window-table``, the one table of all
+                   layers.
     Output:
       int64 ``[4]``, read by every node that derived the ring length or the batch size from the
       old cache shape.

@@ -24,7 +24,9 @@ def replace_by_rule(
     assert rule is not None and rule.index is not None and rule.emits is not None, (
         f"no rule for {node.op_type}"
     )
-    paged: dict[str, Operand] = {"cache": POOL, "block_table": layout.block_table, "slot_id": layout.slot_id}
+    assert site.cache is not None
+    table = layout.group_of(site.cache).table  # the group's own table: see shared_index
+    paged: dict[str, Operand] = {"cache": POOL, "block_table": table, "slot_id": layout.slot_id}
     paged.update(constants or {})
     index_operands = [
         paged[name] if name in paged else node.input[rule.operand(name)] for name in rule.index.operands

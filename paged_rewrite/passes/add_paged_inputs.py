@@ -1,7 +1,18 @@
-"""Add the paged-cache inputs ``block_table`` and ``slot_id``, thread them into every local
-function that holds cache ops (one new pair of function inputs, every call site passes the
-graph's), and fix the paged layout: block size, table width, context buckets, and each cache's
-logical length."""
+"""Add the paged-cache inputs ``block_table`` (one per table group) and ``slot_id``, thread them
+into every local function that holds cache ops (new function inputs, every call site passes the
+graph's), and fix the paged layout: block size, table widths, context buckets, each cache's
+logical length, and which table and pool dim each cache uses.
+
+Table groups: full-context caches are addressed through ``block_table`` and their pools share
+the dim ``total_num_kv_blocks``. Each distinct ring length ``W`` (a sliding window) gets its own
+table ``block_table_w<W>`` of static width ``ceil(W / kv_block_size)`` and pool dim
+``total_num_kv_blocks_w<W>``: ring slot ``p % W`` lives at column ``(p % W) // kv_block_size``,
+so a window layer holds window-sized memory (as vLLM's hybrid KV cache manager and
+TensorRT-LLM give each attention-window group its own pool). A full-length cache read as a
+window over logical positions (``logical_windows.py``) gets a table ``block_table_w<W>`` as wide
+as ``block_table`` and a pool of its own: the runtime frees its blocks behind the window. With
+``shared_window_table`` every window lives in the one ``block_table`` instead (every pool as
+large as a full-context pool)."""
 
 from __future__ import annotations
 
@@ -16,13 +27,36 @@ from onnx import helper
 from paged_rewrite.buckets import columns_for, resolve_buckets
 from paged_rewrite.errors import UnsupportedPatternError, UsageError
 from paged_rewrite.graph import Body
-from paged_rewrite.passes.sites import CacheSites, Dim, where
+from paged_rewrite.passes.logical_windows import logical_windows
+from paged_rewrite.passes.sites import CacheSites, CacheTensor, Dim, where
 
 BLOCK_TABLE = "block_table"
 SLOT_ID = "slot_id"
 NUM_KV_BLOCKS = "num_kv_blocks"
 TOTAL_NUM_KV_BLOCKS = "total_num_kv_blocks"
 CTX_LEN = "ctx_len"
+
+
+@dataclass(frozen=True)
+class TableGroup:
+    """The caches addressed through one block table: its name, its width (static columns, or the
+    symbolic ``num_kv_blocks``), the dim their pools share, and their ring length (None: full
+    context)."""
+
+    table: str
+    columns: int | str
+    pool_dim: int | str
+    window: int | None = None
+    # a window over logical positions [p0 - W, p0 + S) of a full-length cache, not a ring: the
+    # table spans the context and a runtime frees the blocks behind the window
+    logical: bool = False
+
+    @property
+    def addressing(self) -> str | None:
+        """How its caches are addressed: ``ring``, ``logical_positions``, or None (full context)."""
+        if self.window is None:
+            return None
+        return "logical_positions" if self.logical else "ring"
 
 
 @dataclass
@@ -41,11 +75,40 @@ class PagedLayout:
     block_table: str = BLOCK_TABLE
     slot_id: str = SLOT_ID
     dropped: set[str] = field(default_factory=set)  # operands the paged ops no longer take
+    # length dim -> its table group; a dim absent here (the context dim) uses the full group
+    window_groups: dict[Dim, TableGroup] = field(default_factory=dict)
+    logical_groups: dict[str, TableGroup] = field(default_factory=dict)  # cache name -> its group
+    shared_window_table: bool = False
     _names: Iterator[int] = field(default_factory=itertools.count)
 
     def fresh_name(self, what: str) -> str:
         """A new value name no exporter uses (node names are optional and need not be unique)."""
         return f"paged_rewrite.{what}.{next(self._names)}"
+
+    @property
+    def full_group(self) -> TableGroup:
+        return TableGroup(self.block_table, self.num_kv_blocks, self.total_num_kv_blocks)
+
+    def group_of(self, tensor: CacheTensor) -> TableGroup:
+        """The table group of ``tensor``: its logical-position window, its ring, or the full one."""
+        found = self.logical_groups.get(tensor.name)
+        return found if found is not None else self.window_groups.get(tensor.length_dim, self.full_group)
+
+    def pool_signature(self, tensor: CacheTensor) -> tuple[int, int, str]:
+        """What a paged address depends on besides its operands: the pool's heads and head_dim,
+        and its group's table (pools of different groups differ in their number of blocks, which
+        bounds the table entries an index op accepts)."""
+        return (*tensor.pool_signature, self.group_of(tensor).table)
+
+    @property
+    def groups(self) -> list[TableGroup]:
+        """Every table group, the full one first, then the windows in ascending order."""
+        windows = {*self.window_groups.values(), *self.logical_groups.values()}
+        return [self.full_group, *sorted(windows, key=lambda g: (g.window or 0, g.logical))]
+
+    @property
+    def tables(self) -> list[str]:
+        return [group.table for group in self.groups]
 
     @property
     def logical_length(self) -> int | None:
@@ -61,8 +124,13 @@ def add_paged_inputs(
     num_blocks: int | None = None,
     ctx_len: int | None = None,
     ctx_buckets: Sequence[int] | None = None,
+    shared_window_table: bool = False,
 ) -> PagedLayout:
-    """Append ``block_table`` int64 ``[batch, num_kv_blocks]`` and ``slot_id`` int64 ``[batch]``.
+    """Append ``block_table`` int64 ``[batch, num_kv_blocks]``, one ``block_table_w<W>`` int64
+    ``[batch, ceil(W / kv_block_size)]`` per ring length ``W`` (none with
+    ``shared_window_table``) and ``slot_id`` int64 ``[batch]``. Full-length caches read as a window
+    ``W`` over logical positions (``logical_windows.py``) get a table ``block_table_w<W>`` of width
+    ``num_kv_blocks`` per ``W`` (none with ``shared_window_table``).
 
     ``ctx_len`` binds the length axis of the full-context caches, whatever that dim is named.
     The table width stays the symbolic ``num_kv_blocks`` whenever there are several context
@@ -84,17 +152,9 @@ def add_paged_inputs(
             f"--kv-block-size {kv_block_size} is larger than the context ({context_dim}={context_len})"
         )
     buckets = _buckets(sites, ctx_buckets, context_len, kv_block_size)
-    _refuse_rings_beyond(windows, buckets, kv_block_size)
-    for body in sites.bodies:
-        _refuse_name_clash(body)
+    if shared_window_table:
+        _refuse_rings_beyond(windows, buckets, kv_block_size)
     num_kv_blocks: int | str = columns_for(buckets[0], kv_block_size) if len(buckets) == 1 else NUM_KV_BLOCKS
-    int64 = onnx.TensorProto.INT64
-    model.graph.input.extend(
-        [
-            helper.make_tensor_value_info(BLOCK_TABLE, int64, [sites.row_dim, num_kv_blocks]),
-            helper.make_tensor_value_info(SLOT_ID, int64, [sites.row_dim]),
-        ]
-    )
     layout = PagedLayout(
         kv_block_size=kv_block_size,
         num_kv_blocks=num_kv_blocks,
@@ -104,10 +164,75 @@ def add_paged_inputs(
         windows=windows,
         bound_dims=bound,
         ctx_buckets=buckets,
+        shared_window_table=shared_window_table,
+    )
+    if not shared_window_table:
+        layout.window_groups = _window_groups(windows, kv_block_size)
+        layout.logical_groups = _logical_groups(layout, logical_windows(sites, context_dim))
+    for body in sites.bodies:
+        _refuse_name_clash(body, [*layout.tables, SLOT_ID])
+    int64 = onnx.TensorProto.INT64
+    model.graph.input.extend(
+        [
+            *(
+                helper.make_tensor_value_info(group.table, int64, [sites.row_dim, group.columns])
+                for group in layout.groups
+            ),
+            helper.make_tensor_value_info(SLOT_ID, int64, [sites.row_dim]),
+        ]
     )
     for function in sites.functions:
-        _thread_into_function(model, function)
+        _thread_into_function(model, function, _table_of_function(sites, layout, function))
     return layout
+
+
+def _window_groups(windows: Mapping[Dim, int], kv_block_size: int) -> dict[Dim, TableGroup]:
+    """One group per distinct ring length: two ring dims bound to the same length share it."""
+    by_length = {
+        ring: TableGroup(
+            f"{BLOCK_TABLE}_w{ring}", columns_for(ring, kv_block_size), f"{TOTAL_NUM_KV_BLOCKS}_w{ring}", ring
+        )
+        for ring in sorted(set(windows.values()))
+    }
+    return {dim: by_length[ring] for dim, ring in windows.items()}
+
+
+def _logical_groups(layout: PagedLayout, windows: Mapping[str, int]) -> dict[str, TableGroup]:
+    """One group per window length of the caches read over logical positions."""
+    rings = {group.window for group in layout.window_groups.values() if group.window is not None}
+    clash = sorted(rings & set(windows.values()))
+    if clash:
+        raise UnsupportedPatternError(
+            f"the model has a ring and a logical-position window both of length {clash[0]}: "
+            "rewrite with --shared-window-table"
+        )
+    by_length = {
+        window: TableGroup(
+            f"{BLOCK_TABLE}_w{window}", layout.num_kv_blocks, f"{TOTAL_NUM_KV_BLOCKS}_w{window}", window, True
+        )
+        for window in sorted(set(windows.values()))
+    }
+    return {cache: by_length[window] for cache, window in windows.items()}
+
+
+def _table_of_function(sites: CacheSites, layout: PagedLayout, function: Body) -> str:
+    """The one table a layer function's caches use. A function body serving caches of two table
+    groups (a ring and a full-context layer through one body) would need a table per call; such
+    an export is refused with the way out."""
+    proto = function.proto
+    assert isinstance(proto, onnx.FunctionProto)
+    served = [
+        t
+        for t in sites.tensors
+        if t.call is not None and (t.call.domain, t.call.op_type) == (proto.domain, proto.name)
+    ]
+    tables = sorted({layout.group_of(t).table for t in served}) or [layout.block_table]
+    if len(tables) > 1:
+        raise UnsupportedPatternError(
+            f"function {function.name!r} serves caches of several table groups ({', '.join(tables)}): "
+            "one layer body cannot take a table per call; rewrite with --shared-window-table"
+        )
+    return tables[0]
 
 
 def _buckets(
@@ -129,20 +254,24 @@ def _buckets(
 
 
 def _refuse_rings_beyond(windows: Mapping[Dim, int], buckets: Sequence[int], kv_block_size: int) -> None:
-    """A ring lives in the first table columns: the widest table must hold it."""
+    """With ``--shared-window-table`` a ring lives in the first table columns: the widest table
+    must hold it."""
     widest = columns_for(buckets[-1], kv_block_size) * kv_block_size if buckets else None
     for dim, ring in windows.items():
         if widest is not None and ring > widest:
             raise UsageError(f"--dim {dim}={ring} is longer than the largest context bucket ({buckets[-1]})")
 
 
-def _refuse_name_clash(body: Body) -> None:
+def _refuse_name_clash(body: Body, new_names: Sequence[str]) -> None:
     """The new names must be free: not an input, initializer or output, and read by no node (a
     node output of that name nobody reads is left to the checker, which rejects the duplicate)."""
     names = set(body.input_names) | set(body.output_names)
     if isinstance(body.proto, onnx.GraphProto):
         names |= {t.name for t in body.proto.initializer}
-    for name in (BLOCK_TABLE, SLOT_ID):
+    unwatched = [name for name in new_names if name not in (BLOCK_TABLE, SLOT_ID)]
+    if unwatched:  # the finder indexes readers of the two fixed names only
+        names |= {value for node in body.proto.node for value in node.input} & set(unwatched)
+    for name in new_names:
         if name in names or body.consumers(name):
             where_ = f"function {body.name!r}" if body.is_function else "the model"
             raise UnsupportedPatternError(f"{where_} already has a value named {name!r}")
@@ -212,13 +341,14 @@ def _bind_context(context: Dim, ctx_len: int, bound: dict[str, int]) -> None:
         raise UsageError("--ctx-len: the caches' length axis has no dim to bind")
 
 
-def _thread_into_function(model: onnx.ModelProto, function: Body) -> None:
-    """Give ``function`` its own ``block_table`` / ``slot_id`` inputs and pass them at every call."""
+def _thread_into_function(model: onnx.ModelProto, function: Body, table: str) -> None:
+    """Give ``function`` its own ``table`` / ``slot_id`` inputs (named as in the main graph) and
+    pass them at every call."""
     proto = function.proto
     assert isinstance(proto, onnx.FunctionProto)
     formal = len(proto.input)
-    proto.input.extend([BLOCK_TABLE, SLOT_ID])
+    proto.input.extend([table, SLOT_ID])
     for node in model.graph.node:
         if (node.domain, node.op_type) == (proto.domain, proto.name):
             node.input.extend([""] * (formal - len(node.input)))  # omitted optional inputs stay omitted
-            node.input.extend([BLOCK_TABLE, SLOT_ID])
+            node.input.extend([table, SLOT_ID])

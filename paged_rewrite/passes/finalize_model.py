@@ -87,7 +87,7 @@ def _drop_dead_function_inputs(model: onnx.ModelProto, function: Body, layout: P
     assert isinstance(proto, onnx.FunctionProto)
     read = used_names([proto]) | set(proto.output)  # subgraphs may read any outer value
     # block_table / slot_id too: a layer whose index ops all moved to the main graph reads neither.
-    droppable = layout.dropped | {layout.block_table, layout.slot_id}
+    droppable = layout.dropped | {*layout.tables, layout.slot_id}
     dead = [i for i, name in enumerate(proto.input) if name in droppable and name not in read]
     if not dead:
         return

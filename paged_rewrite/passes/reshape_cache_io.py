@@ -1,5 +1,6 @@
 """Reshape the cache I/O: ``past_*`` inputs and their ``_RetainedState`` outputs keep their names
-and become block pools ``[total_num_kv_blocks, kv_heads, kv_block_size, head_dim]``. Recorded
+and become block pools ``[total_num_kv_blocks, kv_heads, kv_block_size, head_dim]`` (a window
+group's pools: ``[total_num_kv_blocks_w<W>, ...]``). Recorded
 shapes (``value_info``) that carried an old length dim now carry the logical length."""
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from paged_rewrite.passes.sites import CacheSites
 def reshape_cache_io(sites: CacheSites, layout: PagedLayout) -> None:
     """Give every cache input and output the pool shape; fix stale intermediate shapes."""
     for tensor in sites.tensors:
-        pool = [layout.total_num_kv_blocks, tensor.kv_heads, layout.kv_block_size, tensor.head_dim]
+        blocks = layout.group_of(tensor).pool_dim  # a window group's pool is its own
+        pool = [blocks, tensor.kv_heads, layout.kv_block_size, tensor.head_dim]
         set_dims(tensor.input, pool)
         set_dims(tensor.output, pool)
     logical: dict[str, int | None] = {d: n for d, n in layout.windows.items() if isinstance(d, str)}

@@ -1,7 +1,8 @@
 """Rewire, don't patch: every ``Shape`` of a cache (input or written output, in the graph or in
 a function body) becomes the shape the contiguous cache had — ``PagedLogicalShape``
 (``[batch, heads, num_kv_blocks*kv_block_size, head_dim]``) for full-context caches,
-``PagedWindowShape`` (``[batch, heads, window, head_dim]``) for ring buffers. Masks, context
+``PagedWindowShape`` (``[batch, heads, window, head_dim]``, through the ring's own table) for ring
+buffers. Masks, context
 lengths and batch sizes derived downstream then follow the logical view. Like the addresses, the
 logical shape is computed once per call for every cache of the same heads and head_dim
 (``shared_index``); each ``Shape`` node becomes an ``Identity`` of it (a ``Slice`` for
@@ -18,18 +19,17 @@ from paged_rewrite.passes.sites import CacheSites
 def rewire_logical_shape(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> int:
     """Replace every ``Shape`` read of a cache; returns how many were replaced."""
     for site, length_dim in sites.shape_reads:
+        assert site.cache is not None
         node = site.node
         attributes = {a.name: a.i for a in node.attribute}
         start, end = attributes.get("start", 0), attributes.get("end")
         if length_dim in layout.windows:
             window = (layout.windows[length_dim],)
-            (logical,) = shared.request(
-                site, "PagedWindowShape", [POOL, layout.block_table, window], ["window_shape"]
-            )
-        else:
-            (logical,) = shared.request(
-                site, "PagedLogicalShape", [POOL, layout.block_table], ["logical_shape"]
-            )
+            table = layout.group_of(site.cache).table  # its window table, or the one shared table
+            (logical,) = shared.request(site, "PagedWindowShape", [POOL, table, window], ["window_shape"])
+        else:  # a logical-position window's table is as wide as block_table: the same logical shape
+            table = layout.group_of(site.cache).table
+            (logical,) = shared.request(site, "PagedLogicalShape", [POOL, table], ["logical_shape"])
         if start == 0 and end in (None, 4):
             become(node, "", "Identity", [logical])
             continue

@@ -20,8 +20,11 @@ compared by that expression, a few producers deep, over deterministic standard o
 now unread copies are pruned when the model is finalized.
 
 Each op is placed right before the first node that needs it, reading that node's own operands. It
-reads only the shape of the pool it is given; any pool of the same heads and head_dim will do,
-since every pool of a model has the same number of blocks and block size.
+reads only the shape of the pool it is given, and the pool's number of blocks bounds the table
+entries it accepts: any pool of the same heads, head_dim and table group will do (the pools of one
+group share their number of blocks; a window group's pool is smaller than the full one), so the
+signature a request is keyed by names the group's table, and the representative pool of a
+main-graph op is one of that group.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ class SharedIndex:
         """The names, in ``site``'s body, of the outputs of ``op_type(operands)`` for the cache
         ``site`` touches; ``outputs`` names them for reading (``"rows"``, ``"pick"``)."""
         assert site.cache is not None
-        signature = site.cache.pool_signature
+        signature = self._layout.pool_signature(site.cache)
         hoisted = self._in_main_graph(site, operands) if site.body.is_function else None
         body = self._sites.main if hoisted is not None or not site.body.is_function else site.body
         resolved = hoisted if hoisted is not None else list(operands)
@@ -112,7 +115,7 @@ class SharedIndex:
         key = (
             id(body.proto),
             op_type,
-            signature,  # with the pool's heads and head_dim, any pool will do: see the module doc
+            signature,  # heads, head_dim and table group: any pool of those will do (module doc)
             *(
                 o if o == POOL or not isinstance(o, str) else expressions.key(o)
                 for o in _with_pool(operands, resolved)
@@ -176,7 +179,8 @@ class SharedIndex:
         formal = site.body.input_names
         tensors = [t for t in self._sites.tensors if t.call is not None and t.call in calls]
         assert site.cache is not None
-        if not calls or any(t.pool_signature != site.cache.pool_signature for t in tensors):
+        signature = self._layout.pool_signature
+        if not calls or any(signature(t) != signature(site.cache) for t in tensors):
             return None
         resolved: list[Operand | list[onnx.NodeProto]] = []
         for operand in operands:
@@ -296,10 +300,12 @@ class SharedIndex:
 
     @property
     def _layout_inputs(self) -> set[str]:
-        return {self._layout.block_table, self._layout.slot_id}
+        return {*self._layout.tables, self._layout.slot_id}
 
-    def _main_pool(self, signature: tuple[int, int]) -> str:
-        first: CacheTensor = next(t for t in self._sites.tensors if t.pool_signature == signature)
+    def _main_pool(self, signature: tuple[int, int, str]) -> str:
+        """A pool of the requesting cache's heads, head_dim and table group (see the module doc)."""
+        signature_of = self._layout.pool_signature
+        first: CacheTensor = next(t for t in self._sites.tensors if signature_of(t) == signature)
         return first.name
 
     def _thread(self, function: Body, calls: list[onnx.NodeProto], names: Sequence[str]) -> None:

@@ -75,8 +75,8 @@ class CacheTensor:
 
     @property
     def pool_signature(self) -> tuple[int, int]:
-        """What a paged address depends on besides its operands: the pool's heads and head_dim
-        (every pool of a model has the same number of blocks and block size)."""
+        """The pool's heads and head_dim; ``PagedLayout.pool_signature`` adds the table group,
+        whose pools share their number of blocks."""
         return (self.kv_heads, self.head_dim)
 
 

@@ -46,6 +46,24 @@ class BlockManager:
     to each, so they outlive their sequence. ``match_prefix(seq, prompt)`` starts a new sequence
     on the cached blocks its prompt begins with. When the free list is empty, the least recently
     used cached block no sequence holds is evicted and reused.
+
+    Window groups (``window=W``): the manager of the pools of a ring-buffer layer group, addressed
+    by its own table ``block_table_w<W>``. A sequence holds at most ``ceil(W / kv_block_size)``
+    blocks, allocated as its ring first fills and then reused as the ring turns (ring slot
+    ``p % W`` lives at column ``(p % W) // kv_block_size``); its table has exactly that many
+    columns; ``fork`` shares them until either side writes (copy on write). Prefix caching in a
+    ring group (``W`` a multiple of the block size) follows the layer type, as in vLLM: a full
+    block is named by the same hash chain as in the full group while its ring column still holds
+    it (``cache_prompt``; the cache's reference makes the ring's next lap copy it on write), and a
+    hit of ``k`` blocks needs only the blocks inside the window at ``k``, ``[k - W/size, k)``,
+    placed at their ring columns (``prefix_blocks``, ``match_prefix(limit=k)``).
+
+    Logical-position windows (``window=W, logical=True``): the manager of a full-length cache that
+    the model reads only over ``[p0 - W, p0 + S)`` (QEfficient's chunked and disaggregated
+    sliding-window exports). Its table spans the context like ``block_table``; once a sequence
+    has filled ``length`` positions, every block wholly before ``length - W`` is never read again
+    and goes back to the free list, its table entry ``-1`` (reads of it return the null block's
+    zeros). A sequence thus holds at most ``ceil(W / kv_block_size) + 1`` blocks between calls.
     """
 
     def __init__(
@@ -55,6 +73,8 @@ class BlockManager:
         block_order: Sequence[int] | None = None,
         ring_lengths: Sequence[int] = (),
         prefix_caching: bool = False,
+        window: int | None = None,
+        logical: bool = False,
     ) -> None:
         if num_blocks < 2:
             raise ValueError(
@@ -62,6 +82,15 @@ class BlockManager:
             )
         if kv_block_size < 1:
             raise ValueError(f"kv_block_size must be positive, got {kv_block_size}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be positive, got {window}")
+        if logical and window is None:
+            raise ValueError("a logical-position window needs its length: window=W")
+        if window is not None and prefix_caching and (logical or window % kv_block_size):
+            raise ValueError(
+                "prefix caching in a window group needs a ring whose length is a multiple of "
+                "kv_block_size (its ring columns then hold whole blocks of positions)"
+            )
         order = list(block_order) if block_order is not None else list(range(1, num_blocks))
         if sorted(order) != list(range(1, num_blocks)):
             raise ValueError(
@@ -75,12 +104,30 @@ class BlockManager:
         self._copies: list[tuple[int, int]] = []
         # Ring-buffer (sliding-window) layers write position p at ring slot p % ring, inside
         # the first columns of the table: copy on write must cover those columns too.
-        self.ring_lengths = tuple(ring_lengths)
+        self.window = window
+        self.logical = logical
+        self.ring_lengths = (window,) if window is not None and not logical else tuple(ring_lengths)
         self.prefix_cache = PrefixCache() if prefix_caching else None
 
     @property
     def prefix_caching(self) -> bool:
         return self.prefix_cache is not None
+
+    @property
+    def max_blocks_per_sequence(self) -> int | None:
+        """A ring group's blocks per sequence (its table width); None for the other groups."""
+        if self.window is None or self.logical:
+            return None
+        return -(-self.window // self.kv_block_size)
+
+    def blocks_for(self, length: int, chunk: int = 1) -> int:
+        """Blocks a sequence of ``length`` positions holds at most, while a call writes ``chunk``
+        positions (a logical-position window holds those behind ``length - chunk - W`` no more)."""
+        needed = -(-length // self.kv_block_size)
+        ring = self.max_blocks_per_sequence
+        if self.logical and self.window is not None:
+            return min(needed, -(-(self.window + chunk) // self.kv_block_size) + 1)
+        return needed if ring is None else min(needed, ring)
 
     @property
     def num_free_blocks(self) -> int:
@@ -97,16 +144,17 @@ class BlockManager:
         return len(self._references)
 
     def blocks_of(self, seq: Hashable) -> list[int]:
-        """Physical blocks of ``seq``, in logical order."""
+        """Physical blocks of ``seq``, in logical order (``-1`` where a logical-position window freed one)."""
         return list(self._sequences[seq].blocks)
 
     def length_of(self, seq: Hashable) -> int:
         return self._sequences[seq].length
 
     def ensure_capacity(self, seq: Hashable, length: int) -> None:
-        """Allocate blocks so that logical positions ``[0, length)`` of ``seq`` have a home."""
+        """Allocate blocks so that logical positions ``[0, length)`` of ``seq`` have a home (a
+        logical-position window's freed columns stay ``-1``)."""
         state = self._sequences.setdefault(seq, _Sequence())
-        needed = -(-length // self.kv_block_size)
+        needed = -(-length // self.kv_block_size) if self.logical else self.blocks_for(length)
         while len(state.blocks) < needed:
             state.blocks.append(self._allocate())
 
@@ -116,12 +164,15 @@ class BlockManager:
         self.ensure_capacity(seq, length)
         state = self._sequences[seq]
         size = self.kv_block_size
-        columns = set(range(state.length // size, -(-length // size)))
+        columns = set() if self.window is not None else set(range(state.length // size, -(-length // size)))
         for ring in self.ring_lengths:
-            columns |= {(p % ring) // size for p in range(state.length, length)}
+            if length - state.length >= ring:  # the write goes round the whole ring
+                columns |= set(range(-(-ring // size)))
+            else:
+                columns |= {(p % ring) // size for p in range(state.length, length)}
         for column in sorted(columns):
             block = state.blocks[column]
-            if self._references[block] > 1:
+            if block != UNALLOCATED and self._references[block] > 1:
                 private = self._allocate()
                 self._release(block)
                 state.blocks[column] = private
@@ -133,7 +184,8 @@ class BlockManager:
             raise ValueError(f"sequence {child!r} already exists")
         source = self._sequences[parent]
         for block in source.blocks:
-            self._references[block] += 1
+            if block != UNALLOCATED:
+                self._references[block] += 1
         self._sequences[child] = _Sequence(list(source.blocks), source.length)
 
     def take_copies(self) -> list[tuple[int, int]]:
@@ -141,25 +193,53 @@ class BlockManager:
         copies, self._copies = self._copies, []
         return copies
 
-    def match_prefix(self, seq: Hashable, prompt: np.ndarray) -> int:
-        """Start ``seq`` on the cached blocks ``prompt`` begins with; return how many positions
-        they hold (the first position left to prefill). At least the prompt's last token is left
-        out: its logits are the first output, and it must be written into a block of its own."""
+    def match_prefix(self, seq: Hashable, prompt: np.ndarray, limit: int | None = None) -> int:
+        """Start ``seq`` on the cached blocks ``prompt`` begins with (at most ``limit`` blocks of
+        positions); return how many positions they hold (the first position left to prefill). At
+        least the prompt's last token is left out: its logits are the first output, and it must
+        be written into a block of its own."""
         if seq in self._sequences:
             raise ValueError(f"sequence {seq!r} already exists")
         cache = self._require_cache()
-        blocks = self.cached_prefix(prompt)
+        hit = self.prefix_blocks(prompt, limit)
+        blocks = self.cached_prefix(prompt, hit)
         for block in blocks:
             self._references[block] += 1
             cache.mark_busy(block)
-        self._sequences[seq] = _Sequence(blocks, len(blocks) * self.kv_block_size)
-        return len(blocks) * self.kv_block_size
+        self._sequences[seq] = _Sequence(blocks, hit * self.kv_block_size)
+        return hit * self.kv_block_size
 
-    def cached_prefix(self, prompt: np.ndarray) -> list[int]:
+    def prefix_blocks(self, prompt: np.ndarray, limit: int | None = None) -> int:
+        """How many blocks of positions a hit on ``prompt`` covers (at most ``limit``): the cached
+        run of its first blocks, or in a ring group the largest ``k`` whose window blocks
+        ``[k - W/size, k)`` are all cached."""
+        size, cache = self.kv_block_size, self._require_cache()
+        reusable = (len(prompt) - 1) // size if limit is None else min(limit, (len(prompt) - 1) // size)
+        digests = list(block_hashes(prompt[: reusable * size], size))
+        ring = self.max_blocks_per_sequence
+        if ring is None:
+            return next((k for k, d in enumerate(digests) if cache.lookup(d) is None), len(digests))
+        for hit in range(reusable, 0, -1):
+            if all(cache.lookup(digests[j]) is not None for j in range(max(0, hit - ring), hit)):
+                return hit
+        return 0
+
+    def cached_prefix(self, prompt: np.ndarray, limit: int | None = None) -> list[int]:
         """The cached blocks ``match_prefix`` would start ``prompt`` on, without taking them: no
-        reference, no change to the eviction order (an admission check may still say no)."""
+        reference, no change to the eviction order (an admission check may still say no). In a
+        ring group, the window blocks of the hit in ring-column order."""
         cache = self._require_cache()
+        ring = self.max_blocks_per_sequence
+        if ring is not None:
+            hit = self.prefix_blocks(prompt, limit)
+            digests = list(block_hashes(prompt[: hit * self.kv_block_size], self.kv_block_size))
+            columns = [UNALLOCATED] * min(hit, ring)
+            for j in range(max(0, hit - ring), hit):
+                columns[j % ring] = cache.lookup(digests[j]) or UNALLOCATED
+            return columns
         reusable = (len(prompt) - 1) // self.kv_block_size
+        if limit is not None:
+            reusable = min(reusable, limit)
         blocks = []
         for digest in block_hashes(prompt[: reusable * self.kv_block_size], self.kv_block_size):
             block = cache.lookup(digest)
@@ -178,10 +258,15 @@ class BlockManager:
         is cached already (under another block) stays private to ``seq``."""
         cache = self._require_cache()
         state = self._sequences[seq]
-        filled = min(len(prompt), state.length) // self.kv_block_size
-        for block, digest in zip(
-            state.blocks[:filled], block_hashes(prompt, self.kv_block_size), strict=False
-        ):
+        size = self.kv_block_size
+        filled = min(len(prompt), state.length) // size
+        digests = list(block_hashes(prompt[: filled * size], size))
+        pairs = list(zip(state.blocks[:filled], digests, strict=False))
+        ring = self.max_blocks_per_sequence
+        if ring is not None:  # the blocks its ring columns still hold: none a later lap began
+            oldest = max(0, -(-state.length // size) - ring)
+            pairs = [(state.blocks[j % ring], digests[j]) for j in range(oldest, filled)]
+        for block, digest in pairs:
             if cache.lookup(digest) is None and not cache.holds(block):
                 cache.insert(digest, block)
                 self._references[block] += 1  # the cache's own reference
@@ -215,12 +300,23 @@ class BlockManager:
         state = self._sequences.setdefault(seq, _Sequence())
         self.ensure_capacity(seq, state.length + num_tokens)
         state.length += num_tokens
+        if self.logical and self.window is not None:
+            self._free_behind(state, state.length - self.window)
+
+    def _free_behind(self, state: _Sequence, first_read: int) -> None:
+        """Release the blocks wholly before position ``first_read``: the model reads no position
+        before ``p0 - W`` again, ``p0`` being at least the sequence's length."""
+        for column in range(max(first_read, 0) // self.kv_block_size):
+            if state.blocks[column] != UNALLOCATED:
+                self._release(state.blocks[column])
+                state.blocks[column] = UNALLOCATED
 
     def free(self, seq: Hashable) -> None:
         """Drop ``seq``; blocks no other sequence shares go back to the free list."""
         state = self._sequences.pop(seq)
         for block in reversed(state.blocks):
-            self._release(block)
+            if block != UNALLOCATED:
+                self._release(block)
 
     def block_table(
         self, seqs: Sequence[Hashable | None], num_columns: int, truncate: bool = False

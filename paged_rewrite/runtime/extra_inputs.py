@@ -45,6 +45,7 @@ Phase = Literal["prefill", "decode"]
 
 # Inputs a runner feeds itself: tokens, positions, the paged addressing and the CB slot.
 RUNNER_INPUTS = frozenset({"input_ids", "position_ids", "block_table", "slot_id", "batch_index"})
+WINDOW_TABLE_PREFIX = "block_table_w"  # a window group's table, block_table_w<W> (fed by the runner)
 
 KNOWN_EXTRA_INPUTS: Mapping[str, str] = {
     "comp_ctx_lengths": "CCL: int64 zeros [L], L per step from a CompCtxSchedule",

@@ -1,5 +1,6 @@
 """What a runtime must know of a paged model before driving it, read from the model file: page
-size, table width, vocabulary, bound dims, ring lengths, and whether it ever reads its cache."""
+size, table width, vocabulary, bound dims, ring lengths, its block tables and the caches each
+addresses, and whether it ever reads its cache."""
 
 from __future__ import annotations
 
@@ -21,6 +22,20 @@ _SEARCH_DEPTH = 4
 
 
 @dataclass(frozen=True)
+class TableGroup:
+    """One block table of a paged model and the pools it addresses: ``block_table`` (full
+    context, ``window`` None, width bucketed) or a window group's ``block_table_w<W>``: a ring of
+    length ``window`` (static width ``num_kv_blocks``), or with ``logical`` a window over logical
+    positions of full-length caches (as wide as ``block_table``)."""
+
+    table: str
+    caches: tuple[str, ...]
+    window: int | None = None
+    num_kv_blocks: int | None = None
+    logical: bool = False
+
+
+@dataclass(frozen=True)
 class PagedGeometry:
     """Page size, table width (static, else None), vocabulary, the dims the rewrite bound, the
     ring lengths a runtime must know (for copy on write and isolation), ``write_only``: the model
@@ -36,6 +51,16 @@ class PagedGeometry:
     write_only: bool = False
     inputs: tuple[str, ...] = ()
     ctx_buckets: tuple[int, ...] = ()
+    groups: tuple[TableGroup, ...] = ()
+
+    @property
+    def window_groups(self) -> list[TableGroup]:
+        """The groups with a table of their own per window length (none with a shared table)."""
+        return [group for group in self.groups if group.window is not None]
+
+    def table_of(self, cache: str) -> str:
+        """The table addressing ``cache`` (``block_table`` unless a window group lists it)."""
+        return next((g.table for g in self.window_groups if cache in g.caches), "block_table")
 
     @property
     def full_num_kv_blocks(self) -> int | None:
@@ -46,9 +71,11 @@ class PagedGeometry:
 
     @property
     def ring_lengths(self) -> list[int]:
-        """Every ring a write may wrap around: the sliding windows the rewrite paged as rings and
-        the rings the model computes itself (see ``position_rings``)."""
-        return sorted({*self.windows.values(), *self.position_rings})
+        """Every ring a write through ``block_table`` may wrap around: the sliding windows the
+        rewrite paged as rings in its first columns (``--shared-window-table``; a window group's
+        ring is in its own table) and the rings the model computes itself (``position_rings``)."""
+        shared = [] if self.window_groups else list(self.windows.values())
+        return sorted({*shared, *self.position_rings})
 
     @classmethod
     def of(cls, paged_path: str | os.PathLike[str]) -> PagedGeometry:
@@ -72,6 +99,16 @@ class PagedGeometry:
         if not block_size or not vocab:
             raise UnsupportedPatternError(f"{paged_path}: needs a static kv_block_size and vocab size")
         ops = [node.op_type for node in _model_nodes(model)]
+        groups = tuple(
+            TableGroup(
+                g["table"],
+                tuple(g["caches"]),
+                g["window"],
+                g["num_kv_blocks"],
+                g.get("window_addressing") == "logical_positions",
+            )
+            for g in json.loads(metadata.get("paged_rewrite.groups", "[]"))
+        )
         return cls(
             block_size,
             dims["block_table"][1] or None,
@@ -82,6 +119,7 @@ class PagedGeometry:
             write_only=not any(op.startswith("PagedCtxGather") for op in ops),
             inputs=tuple(v.name for v in graph.input),
             ctx_buckets=tuple(json.loads(metadata.get("paged_rewrite.ctx_buckets", "[]"))),
+            groups=groups,
         )
 
 

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from paged_rewrite.buckets import columns_for, default_ladder, pick_width
 from paged_rewrite.errors import UnsupportedPatternError
 from paged_rewrite.runtime.block_manager import NULL_BLOCK, UNALLOCATED, BlockManager
-from paged_rewrite.runtime.extra_inputs import RUNNER_INPUTS, ExtraInputs, Phase, infer_phase
+from paged_rewrite.runtime.extra_inputs import ExtraInputs, Phase
 from paged_rewrite.runtime.geometry import PagedGeometry
-from paged_rewrite.runtime.in_place import in_place_refusal, run_in_place
 from paged_rewrite.runtime.isolation import (
     IsolationRecord,
     TableWidthRecord,
@@ -27,14 +25,22 @@ from paged_rewrite.runtime.isolation import (
     foreign_changes,
     unexpected_writes,
 )
-from paged_rewrite.runtime.sessions import open_session
-from paged_rewrite.runtime.states import RETAINED, CacheIO, OtherStates, SlotMap, cache_io, retained_state_io
+from paged_rewrite.runtime.runner_base import (
+    DEFAULT_FULL_BATCH_SIZE,
+    ModelRunError,
+    Row,
+    StepRunner,
+    kept_logits,
+)
+from paged_rewrite.runtime.states import RETAINED, CacheIO, cache_io
 
 __all__ = [
+    "DEFAULT_FULL_BATCH_SIZE",
     "RETAINED",
     "CacheIO",
     "ContiguousRunner",
     "IsolationRecord",
+    "ModelRunError",
     "PagedRunner",
     "Row",
     "TableWidthRecord",
@@ -44,113 +50,8 @@ __all__ = [
     "unexpected_writes",
 ]
 
-DEFAULT_FULL_BATCH_SIZE = 4
 
-
-@dataclass(frozen=True)
-class Row:
-    """One batch row of a step: ``input_ids`` and ``position_ids`` of shape ``[S]`` (-1 = padding).
-
-    ``seq`` None is an idle row (all padding): it owns no cache and its logits are meaningless.
-    """
-
-    seq: Hashable | None
-    input_ids: np.ndarray
-    position_ids: np.ndarray
-
-    @classmethod
-    def idle(cls, length: int) -> Row:
-        return cls(None, np.zeros(length, np.int64), np.full(length, -1, np.int64))
-
-    @property
-    def num_valid(self) -> int:
-        return int((self.position_ids >= 0).sum())
-
-
-def kept_logits(out: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The logits a step returns: ``[B, vocab]`` when the model keeps one position per row (the
-    last valid token, the normal case), ``[B, n, vocab]`` when it keeps ``n > 1`` (a TLM decode
-    step with ``num_logits_to_keep`` of ``n`` rows)."""
-    logits = out["logits"]
-    return logits[:, -1] if logits.ndim == 3 and logits.shape[1] == 1 else logits
-
-
-class ModelRunError(RuntimeError):
-    """onnxruntime refused a call of one model; ``reason`` is the first line of its message."""
-
-    def __init__(self, model_path: str, error: Exception) -> None:
-        lines = str(error).strip().splitlines()
-        self.model_path = model_path
-        self.reason = lines[0] if lines else type(error).__name__
-        super().__init__(f"{model_path}: {self.reason}")
-
-
-class _Runner:
-    def __init__(
-        self,
-        model_path: str | os.PathLike[str],
-        patch_sentinels: bool,
-        dims: Mapping[str, int],
-        extra_inputs: ExtraInputs | None,
-        in_place: bool = False,
-    ) -> None:
-        self.model_path = os.fspath(model_path)
-        self.session = open_session(model_path, patch_sentinels=patch_sentinels)
-        self.caches = cache_io(self.session)
-        # See in_place.py: KV outputs written over their inputs, no copy of the cache per step.
-        self.in_place = {c.input: c.output for c in self.caches} if in_place else {}
-        refusal = in_place_refusal(model_path, self.in_place) if in_place else None
-        if refusal:
-            raise UnsupportedPatternError(f"{model_path}: cannot update the KV caches in place: {refusal}")
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.input_names = set(inputs)
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.dims = dict(dims)
-        self.slots: SlotMap | None = None
-        if "batch_index" in self.input_names:
-            self.slots = SlotMap(self.dims.setdefault("full_batch_size", DEFAULT_FULL_BATCH_SIZE))
-        batch_dim = inputs["input_ids"].shape[0] if "input_ids" in inputs else "batch_size"
-        self.states = OtherStates(retained_state_io(self.session), batch_dim, self.dims)
-        kept = {c.input for c in self.caches} | {s.input for s in self.states.per_row + self.states.shared_io}
-        self.extra_names = sorted(self.input_names - kept - RUNNER_INPUTS)
-        self.extra_inputs = extra_inputs or ExtraInputs()
-        self.extra_inputs.check(self.extra_names, os.fspath(model_path))
-
-    @property
-    def context_len(self) -> int:
-        raise NotImplementedError
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
-        try:
-            if self.in_place:
-                return run_in_place(self.session, feeds, self.in_place, self.output_names)
-            outputs = self.session.run(self.output_names, feeds)
-        except Exception as exc:  # onnxruntime's own error types: name the model that failed
-            raise ModelRunError(self.model_path, exc) from exc
-        return dict(zip(self.output_names, outputs, strict=True))
-
-    def _inputs(self, rows: Sequence[Row], phase: Phase | None) -> dict[str, np.ndarray]:
-        """Everything but the KV caches: tokens, the CB slots, extra inputs, other states."""
-        seqs = [row.seq for row in rows]
-        feeds = {
-            "input_ids": np.stack([r.input_ids for r in rows]).astype(np.int64),
-            "position_ids": np.stack([r.position_ids for r in rows]).astype(np.int64),
-        }
-        if self.slots is not None:
-            feeds["batch_index"] = self.slots.batch_index(seqs)
-        phase = phase or infer_phase(rows)
-        feeds.update(self.extra_inputs.feeds(self.extra_names, rows, phase, self.context_len))
-        feeds.update(self.states.feeds(seqs))
-        return feeds
-
-    def _release_state(self, seq: Hashable) -> None:
-        self.states.release(seq)
-        if self.slots is not None:
-            self.slots.release(seq)
-
-
-class ContiguousRunner(_Runner):
+class ContiguousRunner(StepRunner):
     """An original export, its INT32_MAX sentinels patched for onnxruntime.
 
     Plain exports: each sequence owns a ``[1, heads, ctx_len, head_dim]`` cache; a step stacks
@@ -223,7 +124,7 @@ class ContiguousRunner(_Runner):
         self.states.fork(parent, child)
 
 
-class PagedRunner(_Runner):
+class PagedRunner(StepRunner):
     """A paged model: one block pool per cache tensor, shared by all sequences, addressed through
     ``block_table`` / ``slot_id`` from a ``BlockManager``.
 
@@ -247,7 +148,15 @@ class PagedRunner(_Runner):
     prefill; ``cache_prompt(seq, prompt)`` offers the full blocks of a prefilled prompt to later
     requests. Refused for models whose cache content is not a function of the tokens alone
     (ring layers, non-KV retained states, LoRA ids). ``dims`` and ``extra_inputs`` serve the
-    non-KV inputs, as for ``ContiguousRunner``."""
+    non-KV inputs, as for ``ContiguousRunner``.
+
+    **Window groups.** A model whose window layers have tables of their own
+    (``block_table_w<W>``, see ``PagedGeometry.groups``: rings, or windows over logical positions)
+    gets one ``BlockManager(window=W)`` (``logical=True`` for the latter) per window, with its own
+    free list and pools of its own size: ``window_managers`` by table name, by default one as large
+    as ``manager`` (equal capacity; pass smaller ones to save memory). Each step passes every
+    table; each group's copies, isolation and pools stay its own. With prefix caching, every
+    group takes part (``prefix_hit_blocks``)."""
 
     def __init__(
         self,
@@ -260,20 +169,27 @@ class PagedRunner(_Runner):
         full_width: bool = False,
         check_isolation: bool = True,
         in_place: bool = False,
+        window_managers: Mapping[str, BlockManager] | None = None,
     ) -> None:
         super().__init__(model_path, False, dims or {}, extra_inputs, in_place)
         self.geometry = PagedGeometry.of(model_path)
         self.check_isolation = check_isolation
         self.manager = manager
+        self.managers = {"block_table": manager, **_window_managers(self.geometry, manager, window_managers)}
+        self.table_of = {c.input: self.geometry.table_of(c.input) for c in self.caches}
         self.num_kv_blocks = num_kv_blocks
         self.pools = {
-            c.input: np.zeros(c.sized({}, a0=manager.num_blocks, a2=manager.kv_block_size), c.dtype)
+            c.input: np.zeros(
+                c.sized({}, a0=self.managers[self.table_of[c.input]].num_blocks, a2=manager.kv_block_size),
+                c.dtype,
+            )
             for c in self.caches
         }
         self.widths = [num_kv_blocks] if full_width else self._bucket_widths(ctx_buckets)
         self.isolation: list[IsolationRecord] = []
         self.table_widths: list[TableWidthRecord] = []
         self.blocks_in_use: list[int] = []  # distinct pool blocks held after each step
+        self._prompts: dict[Hashable, np.ndarray] = {}  # with ring groups and prefix caching
         if manager.prefix_caching:
             self._refuse_prefix_caching()
 
@@ -310,15 +226,21 @@ class PagedRunner(_Runner):
             valid = row.position_ids[row.position_ids >= 0]
             if row.seq is not None:
                 end = int(valid.max()) + 1 if valid.size else 0
-                manager.prepare_write(row.seq, end)
+                for group in self.managers.values():
+                    group.prepare_write(row.seq, end)
                 needed[row.seq] = max(end, manager.length_of(row.seq))
-        for source, copy in manager.take_copies():  # copy on write of shared blocks
-            for pool in self.pools.values():
-                pool[copy] = pool[source]
+        for table, group in self.managers.items():
+            for source, copy in group.take_copies():  # copy on write of shared blocks, in its pools
+                for name, pool in self.pools.items():
+                    if self.table_of[name] == table:
+                        pool[copy] = pool[source]
         seqs = [row.seq for row in rows]
         width = self.table_width(max(needed.values(), default=1))
         feeds = self._inputs(rows, phase)
         feeds["block_table"] = manager.block_table(seqs, width, truncate=True)
+        for table, group in self.managers.items():
+            if table != "block_table":  # a ring's own width; a logical window's spans the context too
+                feeds[table] = group.block_table(seqs, group.max_blocks_per_sequence or width, truncate=True)
         feeds["slot_id"] = manager.slot_id(seqs)
         feeds.update(self.pools)
         before = (
@@ -327,59 +249,92 @@ class PagedRunner(_Runner):
             else self.pools
         )
         out = self._run(feeds)
-        self._check(rows, feeds["block_table"], out, needed, before)
+        self._check(rows, {t: feeds[t] for t in self.managers}, out, needed, before)
         self.states.keep(seqs, out)
         for row in rows:
             if row.seq is not None:
-                manager.append(row.seq, row.num_valid)
+                for group in self.managers.values():
+                    group.append(row.seq, row.num_valid)
+                if row.seq in self._prompts:  # name ring blocks before the ring's next lap rewrites them
+                    for group in self._window_groups():
+                        group.cache_prompt(row.seq, self._prompts[row.seq])
         self.blocks_in_use.append(manager.num_used_blocks)
         return kept_logits(out)
 
     def _check(
         self,
         rows: Sequence[Row],
-        table: np.ndarray,
+        tables: Mapping[str, np.ndarray],
         out: dict[str, np.ndarray],
         needed: Mapping[Hashable, int],
         before: Mapping[str, np.ndarray],
     ) -> None:
         """Record the step's isolation (unless ``check_isolation`` is off: it compares every pool
-        byte, which a serving loop should not pay for) and table width; keep the new pools."""
+        byte, which a serving loop should not pay for) and table width; keep the new pools. Each
+        pool is checked against the table of its own group."""
         size = self.manager.kv_block_size
-        allowed = (
-            expected_writes(rows, table, size, self.manager.ring_lengths) if self.check_isolation else set()
-        )
+        allowed = {
+            table: expected_writes(rows, tables[table], size, group.ring_lengths)
+            if self.check_isolation
+            else set()
+            for table, group in self.managers.items()
+        }
         record = IsolationRecord(step=len(self.isolation))
         for c in self.caches:
             after = out[c.output]
             if self.check_isolation:
-                record.foreign_blocks_changed += unexpected_writes(before[c.input], after, allowed)
+                record.foreign_blocks_changed += unexpected_writes(
+                    before[c.input], after, allowed[self.table_of[c.input]]
+                )
             self.pools[c.input] = after
         record.foreign_blocks_changed = sorted(set(record.foreign_blocks_changed))
         self.isolation.append(record)
-        columns = table.shape[1]
+        columns = tables["block_table"].shape[1]
         cut = tuple(seq for seq, tokens in needed.items() if tokens > columns * size)
         needed_columns = columns_for(max(needed.values(), default=0), size)
         self.table_widths.append(TableWidthRecord(record.step, columns, needed_columns, cut))
 
     def start(self, seq: Hashable, prompt: np.ndarray) -> int:
-        """Begin ``seq``: with prefix caching, take the cached blocks its prompt starts with.
-        Returns the first position to prefill (0 without a cache hit)."""
+        """Begin ``seq``: with prefix caching, take the cached blocks its prompt starts with, in
+        every table group (a hit every group agrees on: ``prefix_hit_blocks``). Returns the first
+        position to prefill (0 without a cache hit)."""
         if self.manager.prefix_caching:
-            return self.manager.match_prefix(seq, prompt)
-        self.manager.ensure_capacity(seq, 0)  # known to the manager, holding nothing yet
+            hit = self.prefix_hit_blocks(prompt)
+            if self._window_groups():
+                self._prompts[seq] = prompt  # ring blocks are named as the prompt fills them
+            return min(group.match_prefix(seq, prompt, hit) for group in self.managers.values())
+        for group in self.managers.values():
+            group.ensure_capacity(seq, 0)  # known to the manager, holding nothing yet
         return 0
+
+    def prefix_hit_blocks(self, prompt: np.ndarray) -> int:
+        """Blocks of positions a prefix hit on ``prompt`` covers: the full group's cached run,
+        cut to where every ring group still has its window's blocks."""
+        hit = self.manager.prefix_blocks(prompt)
+        for group in self._window_groups():
+            hit = group.prefix_blocks(prompt, hit)
+        return hit
 
     def cache_prompt(self, seq: Hashable, prompt: np.ndarray) -> None:
         """``seq`` has prefilled ``prompt``: offer its full blocks to later requests."""
         if self.manager.prefix_caching:
-            self.manager.cache_prompt(seq, prompt)
+            for group in self.managers.values():
+                group.cache_prompt(seq, prompt)
+
+    def _window_groups(self) -> list[BlockManager]:
+        return [group for table, group in self.managers.items() if table != "block_table"]
 
     def _refuse_prefix_caching(self) -> None:
         """A cached block is shared by content: it must hold nothing but its tokens' K/V."""
         reason = None
+        windows = self._window_groups()
         if self.manager.ring_lengths or self.geometry.ring_lengths:
             reason = "its ring-buffer layers overwrite the first table columns as a sequence grows"
+        elif any(not group.prefix_caching for group in windows):
+            reason = (
+                "a window group's manager has no prefix cache (its ring length must be a multiple "
+                "of kv_block_size, and a logical-position window frees its blocks)"
+            )
         elif self.states.per_row or self.states.shared_io:
             reason = "its non-KV retained states (e.g. vision embeddings) shape the KV beyond the tokens"
         elif "lora_ids" in self.extra_names:
@@ -393,9 +348,10 @@ class PagedRunner(_Runner):
         ``p % window``, with ``lengths[cache] = window``). ``lengths`` default to the table's
         context. Unallocated columns read as zeros."""
         size = self.manager.kv_block_size
-        row = self.manager.block_table([seq], self.num_kv_blocks)[0]
         views = {}
         for c in self.caches:
+            group = self.managers[self.table_of[c.input]]
+            row = group.block_table([seq], group.max_blocks_per_sequence or self.num_kv_blocks)[0]
             length = (lengths or {}).get(c.input, self.context_len)
             pool = self.pools[c.input]
             blocks = [
@@ -406,10 +362,38 @@ class PagedRunner(_Runner):
         return views
 
     def release(self, seq: Hashable) -> None:
-        self.manager.free(seq)
+        self._prompts.pop(seq, None)
+        for group in self.managers.values():
+            group.free(seq)
         self._release_state(seq)
 
     def fork(self, parent: Hashable, child: Hashable) -> None:
-        """``child`` shares ``parent``'s blocks (prefix sharing, copy on write)."""
-        self.manager.fork(parent, child)
+        """``child`` shares ``parent``'s blocks in every group (copy on write)."""
+        for group in self.managers.values():
+            group.fork(parent, child)
         self.states.fork(parent, child)
+
+
+def _window_managers(
+    geometry: PagedGeometry, manager: BlockManager, given: Mapping[str, BlockManager] | None
+) -> dict[str, BlockManager]:
+    """A manager per window table of the model: the one given, else one as large as ``manager``
+    (a ring group's, or a logical-position window's that frees blocks behind the window)."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - {g.table for g in geometry.window_groups})
+    if unknown:
+        raise ValueError(f"window_managers: the model has no table {unknown[0]!r}")
+    managers = {}
+    for group in geometry.window_groups:
+        size = manager.kv_block_size
+        caching = manager.prefix_caching and not group.logical and (group.window or 0) % size == 0
+        found = given.get(group.table) or BlockManager(
+            manager.num_blocks, size, window=group.window, prefix_caching=caching, logical=group.logical
+        )
+        if (found.window, found.logical, found.kv_block_size) != (group.window, group.logical, size):
+            raise ValueError(
+                f"window_managers[{group.table!r}] must be a BlockManager(window={group.window}, "
+                f"logical={group.logical}) with kv_block_size {size}"
+            )
+        managers[group.table] = found
+    return managers

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from paged_rewrite.runtime.block_manager import UNALLOCATED, BlockManager
 from paged_rewrite.runtime.driver import chunk_row, greedy_token
 from paged_rewrite.runtime.extra_inputs import Phase
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, Row
@@ -141,21 +142,25 @@ class Server:
 
     def _blocks_short(self, candidate: Served, running: list[Served]) -> int:
         """Blocks the candidate (not started yet) lacks once every admitted request's reservation
-        is honoured. Its prefix-cache hits count as held; those only the cache holds now stop
+        is honoured, in the table group where it lacks the most (a window group reserves a ring
+        per request). Its prefix-cache hits count as held; those only the cache holds now stop
         being available once it takes them. Asked without taking anything: a refusal must leave
         the cache's eviction order as it was."""
         assert isinstance(self.runner, PagedRunner)
-        manager = self.runner.manager
+        shortest = -math.inf
+        caching = self.runner.manager.prefix_caching
+        hit = self.runner.prefix_hit_blocks(candidate.request.prompt) if caching else 0
+        for manager in self.runner.managers.values():
 
-        def blocks_for(served: Served) -> int:
-            return math.ceil(
-                (len(served.request.prompt) + served.request.max_new_tokens) / manager.kv_block_size
-            )
+            def blocks_for(served: Served, manager: BlockManager = manager) -> int:
+                return manager.blocks_for(len(served.request.prompt) + served.request.max_new_tokens)
 
-        reserved = sum(blocks_for(s) - len(manager.blocks_of(s.request.name)) for s in running)
-        hits = manager.cached_prefix(candidate.request.prompt) if manager.prefix_caching else []
-        available = manager.num_available_blocks - manager.num_idle_among(hits)
-        return blocks_for(candidate) - len(hits) - (available - reserved)
+            held = [sum(b != UNALLOCATED for b in manager.blocks_of(s.request.name)) for s in running]
+            reserved = sum(blocks_for(s) - h for s, h in zip(running, held, strict=True))
+            hits = manager.cached_prefix(candidate.request.prompt, hit) if caching else []
+            available = manager.num_available_blocks - manager.num_idle_among(hits)
+            shortest = max(shortest, blocks_for(candidate) - len(hits) - (available - reserved))
+        return int(shortest)
 
     def _call(self, kind: Phase, rows: list[Row]) -> np.ndarray:
         start = time.perf_counter()

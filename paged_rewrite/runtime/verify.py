@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from paged_rewrite.errors import PagedRewriteError, UnsupportedPatternError, UsageError, VerificationError
-from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
+from paged_rewrite.runtime.block_manager import UNALLOCATED, BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Scenario, drive, random_scenario
 from paged_rewrite.runtime.extra_inputs import CompCtxSchedule, ExtraInputs
 from paged_rewrite.runtime.geometry import PagedGeometry
@@ -75,6 +75,7 @@ class VerifyReport:
     steps: list[StepCheck] = field(default_factory=list)
     kv_max_abs_diff: float = 0.0
     full_width: bool = False
+    window_num_blocks: dict[str, int] = field(default_factory=dict)  # pool size per window table
 
     @property
     def max_abs_diff(self) -> float:
@@ -104,7 +105,8 @@ class VerifyReport:
         exactness = "bit-exact" if self.bit_exact else f"within tolerance {self.tolerance:g}"
         lines = [
             f"{len(self.steps)} steps, kv_block_size={self.kv_block_size}, ctx_len={self.ctx_len}, "
-            f"pool={self.num_blocks} blocks ({self.block_order})",
+            f"pool={self.num_blocks} blocks ({self.block_order})"
+            + "".join(f", {table}: {n} blocks" for table, n in self.window_num_blocks.items()),
             f"table width per step ({'full width' if self.full_width else 'narrowed to the context in use'}, "
             f"columns): {_runs([s.table_width for s in self.steps])}",
             f"max abs logit diff {self.max_abs_diff:.3g} (tolerance {self.tolerance:g}); "
@@ -149,14 +151,20 @@ def final_kv_diff(original: ContiguousRunner, paged: PagedRunner, scenario: Scen
     """Max abs difference between each sequence's caches in the original and its paged caches
     read back through the block table, over the slots the sequence wrote: ``p % length`` for
     its positions ``p`` (``length`` the original's cache length: a ring's window, or the
-    context). Other slots may differ by design: the original writes padding into its last slot,
-    the paged model into the null block."""
+    context), except those a logical-position window freed (behind the window, never read again).
+    Other slots may differ by design: the original writes padding into its last slot, the paged
+    model into the null block."""
     worst = 0.0
     for script in scenario.sequences:
         want = original.kv_view(script.name)
         got = paged.kv_view(script.name, {name: view.shape[2] for name, view in want.items()})
         for name, view in want.items():
-            slots = sorted({p % view.shape[2] for p in range(script.length)})
+            held = paged.managers[paged.table_of[name]].blocks_of(script.name)
+            size = paged.manager.kv_block_size
+            freed = {
+                p for p in range(script.length) if p // size < len(held) and held[p // size] == UNALLOCATED
+            }
+            slots = sorted({p % view.shape[2] for p in range(script.length)} - freed)
             worst = max(worst, _abs_diff(view[:, :, slots], got[name][:, :, slots]))
     return worst
 
@@ -200,6 +208,16 @@ def compare(
     num_blocks = 1 + needed + spare_blocks
     order = shuffled_order(num_blocks, seed) if block_order == "shuffled" else None
     manager = BlockManager(num_blocks, bs, order, ring_lengths=geometry.ring_lengths)
+    window_managers = {}  # a window group's pool: what its window holds per sequence, and spare blocks
+    for offset, group in enumerate(geometry.window_groups, start=1):
+        assert group.window is not None
+        probe = BlockManager(2, bs, window=group.window, logical=group.logical)
+        held = sum(probe.blocks_for(s.length, scenario.chunk_len) for s in scenario.sequences)
+        size = 1 + held + spare_blocks
+        shuffled = shuffled_order(size, seed + offset) if block_order == "shuffled" else None
+        window_managers[group.table] = BlockManager(
+            size, bs, shuffled, window=group.window, logical=group.logical
+        )
     extra_inputs = extra_inputs or ExtraInputs(comp_ctx_lengths=CompCtxSchedule.spread(ctx_len))
     all_dims = {**geometry.dims, "ctx_len": ctx_len, **(dims or {})}
     try:
@@ -211,6 +229,7 @@ def compare(
             extra_inputs,
             ctx_buckets=ctx_buckets,
             full_width=full_width,
+            window_managers=window_managers,
         )
         original_runner = ContiguousRunner(original, all_dims, extra_inputs=extra_inputs)
         steps = drive([original_runner, paged_runner], scenario)
@@ -224,7 +243,14 @@ def compare(
         reason = first[0] if first else type(exc).__name__
         raise VerificationError(f"{paged}: running the scenario failed: {reason}") from None
     report = VerifyReport(
-        bs, ctx_len, num_blocks, block_order, tolerance, kv_max_abs_diff=kv_diff, full_width=full_width
+        bs,
+        ctx_len,
+        num_blocks,
+        block_order,
+        tolerance,
+        kv_max_abs_diff=kv_diff,
+        full_width=full_width,
+        window_num_blocks={table: m.num_blocks for table, m in window_managers.items()},
     )
     for step, isolation, width in zip(steps, paged_runner.isolation, paged_runner.table_widths, strict=True):
         want, got = step.logits

@@ -1,0 +1,451 @@
+"""Hybrid models (issue 12): every ring length W gets its own table ``block_table_w<W>`` and pool
+dim ``total_num_kv_blocks_w<W>``, so a sliding-window layer holds window-sized memory.
+
+The gpt-oss fixtures alternate a 32-slot ring layer (layer 0, ``--dim sliding_window=32``) with a
+full-context layer (layer 1). Expected shapes and sizes below are worked out by hand from the
+contract: with ``kv_block_size`` 16 the ring needs ``ceil(32 / 16) = 2`` columns, the full
+context of 128 needs 8."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import feature_fixture_model, feature_manifest, fixture_model
+from contract import contract_writes
+
+from paged_rewrite import rewrite
+from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
+from paged_rewrite.runtime.driver import chunk_row, drive, random_scenario
+from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, Row, unexpected_writes
+from paged_rewrite.runtime.verify import verify
+
+WINDOW = 32
+CTX_LEN = 128
+DIMS = {"sliding_window": WINDOW}
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[str | int]]:
+    return {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*model.graph.input, *model.graph.output]
+    }
+
+
+def test_each_window_length_gets_its_own_table_and_pool(tmp_path: Path) -> None:
+    out = tmp_path / "paged.onnx"
+    rewrite(fixture_model("gpt_oss_swa_moe"), out, 16, ctx_len=CTX_LEN, dims={**DIMS, "batch_size": 4})
+    model = onnx.load(out)
+    shapes = _shapes(model)
+    assert shapes["block_table"] == ["batch_size", "num_kv_blocks"]  # bound dims stay named
+    assert shapes["block_table_w32"] == ["batch_size", 2]
+    assert shapes["slot_id"] == ["batch_size"]
+    for name in ("past_key.0", "past_value.0", "past_key.0_RetainedState", "past_value.0_RetainedState"):
+        assert shapes[name] == ["total_num_kv_blocks_w32", 2, 16, 16], name
+    for name in ("past_key.1", "past_value.1", "past_key.1_RetainedState", "past_value.1_RetainedState"):
+        assert shapes[name] == ["total_num_kv_blocks", 2, 16, 16], name
+    # Every index op reads a pool of its own group and that group's table: a window pool's block
+    # count bounds the entries of the window table (the representative is the group's first pool).
+    index_ops = {
+        "PagedWriteIndex",
+        "PagedReadIndex",
+        "PagedReadIndexCCL",
+        "PagedWindowShape",
+        "PagedLogicalShape",
+    }
+    operands = {(n.op_type, n.input[0], n.input[1]) for n in model.graph.node if n.op_type in index_ops}
+    assert operands == {
+        ("PagedWriteIndex", "past_key.0", "block_table_w32"),
+        ("PagedReadIndexCCL", "past_key.0", "block_table_w32"),
+        ("PagedWindowShape", "past_key.0", "block_table_w32"),
+        ("PagedWriteIndex", "past_key.1", "block_table"),
+        ("PagedReadIndexCCL", "past_key.1", "block_table"),
+        ("PagedLogicalShape", "past_key.1", "block_table"),
+    }
+    manifest = json.loads((tmp_path / "paged.onnx.json").read_text())
+    assert manifest["groups"] == [
+        {
+            "table": "block_table",
+            "num_kv_blocks": None,
+            "pool_dim": "total_num_kv_blocks",
+            "window": None,
+            "window_addressing": None,
+            "caches": ["past_key.1", "past_value.1"],
+        },
+        {
+            "table": "block_table_w32",
+            "num_kv_blocks": 2,
+            "pool_dim": "total_num_kv_blocks_w32",
+            "window": 32,
+            "window_addressing": "ring",
+            "caches": ["past_key.0", "past_value.0"],
+        },
+    ]
+    # 4 rows: a full context of 8 blocks each (4 * 8 + 1) and a ring of 2 blocks each (4 * 2 + 1).
+    entries = json.loads((tmp_path / "paged.specializations.json").read_text())["specializations"]
+    assert {e["name"] for e in entries} >= {"prefill_ctx128", "decode_ctx16"}
+    for entry in entries:
+        assert entry["symbols"]["total_num_kv_blocks"] == "33"
+        assert entry["symbols"]["total_num_kv_blocks_w32"] == "9"
+
+
+def test_shared_window_table_keeps_the_single_table_layout(tmp_path: Path) -> None:
+    out = tmp_path / "paged.onnx"
+    rewrite(fixture_model("gpt_oss_swa_moe"), out, 16, ctx_len=CTX_LEN, dims=DIMS, shared_window_table=True)
+    shapes = _shapes(onnx.load(out))
+    assert not any(name.startswith("block_table_w") for name in shapes)
+    for layer in (0, 1):
+        assert shapes[f"past_key.{layer}"] == ["total_num_kv_blocks", 2, 16, 16]
+    manifest = json.loads((tmp_path / "paged.onnx.json").read_text())
+    assert manifest["flags"]["shared_window_table"] is True
+    assert manifest["groups"] == [
+        {
+            "table": "block_table",
+            "num_kv_blocks": None,
+            "pool_dim": "total_num_kv_blocks",
+            "window": None,
+            "window_addressing": None,
+            "caches": ["past_key.0", "past_value.0", "past_key.1", "past_value.1"],
+        }
+    ]
+    assert manifest["windows"] == {"sliding_window": 32}
+    report = verify(fixture_model("gpt_oss_swa_moe"), out, dims=DIMS)
+    assert report.ok and report.bit_exact and report.window_num_blocks == {}
+
+
+@pytest.mark.parametrize("kv_block_size", [16, 32])
+def test_ring_groups_are_bit_exact_with_window_sized_pools(tmp_path: Path, kv_block_size: int) -> None:
+    """verify's scenario (a 31- and a 7-token prompt, 16 decode steps: lengths 47 and 23) with the
+    ring pools sized to the rings: a ring of ceil(32 / bs) blocks per sequence, at most as many
+    as the sequence has, plus verify's 3 spare blocks and the null block."""
+    out = tmp_path / "paged.onnx"
+    rewrite(fixture_model("gpt_oss_swa_moe"), out, kv_block_size, ctx_len=CTX_LEN, dims=DIMS)
+    report = verify(fixture_model("gpt_oss_swa_moe"), out, dims=DIMS)
+    assert report.ok and report.bit_exact, report.summary()
+    expected = {16: 1 + 2 + 2 + 3, 32: 1 + 1 + 1 + 3}[kv_block_size]
+    assert report.window_num_blocks == {"block_table_w32": expected}
+    # the single-table layout needs ceil(47/bs) + ceil(23/bs) blocks in every pool
+    assert report.num_blocks == {16: 1 + 3 + 2 + 3, 32: 1 + 2 + 1 + 3}[kv_block_size]
+
+
+@pytest.mark.parametrize("name", ["gpt_oss_kv_prefix", "gpt_oss_prefill_only"])
+def test_feature_ring_groups_are_bit_exact(tmp_path: Path, name: str) -> None:
+    """The other windowed exports of the corpora: ``_llm`` cache names, and a prefill-only graph
+    whose ring layer writes the last 32 tokens in order (one 64-token chunk per sequence)."""
+
+    original = feature_fixture_model(name)
+    ctx_len = feature_manifest(name)["scenario"]["ctx_len"]
+    out = tmp_path / "paged.onnx"
+    report = rewrite(original, out, 16, ctx_len=ctx_len, dims=DIMS)
+    assert report.added_inputs == ["block_table", "block_table_w32", "slot_id"]
+    checked = verify(original, out, dims=DIMS)
+    assert checked.ok and checked.bit_exact, checked.summary()
+    assert list(checked.window_num_blocks) == ["block_table_w32"]
+
+
+def test_ring_blocks_are_allocated_once_and_reused() -> None:
+    manager = BlockManager(8, 16, window=WINDOW)
+    manager.append("a", 10)
+    assert len(manager.blocks_of("a")) == 1
+    manager.append("a", 30)  # 40 positions: the ring's two blocks
+    ring = manager.blocks_of("a")
+    assert len(ring) == 2
+    manager.append("a", 160)  # 200 positions: the ring turned six times over the same blocks
+    assert manager.blocks_of("a") == ring
+    assert manager.num_free_blocks == 7 - 2
+    table = manager.block_table(["a", None], 2)
+    assert table.tolist() == [ring, [-1, -1]]
+    assert manager.slot_id(["a"]).tolist() == [200 % 16]
+    # A fork shares the ring until it writes: position 200 is ring slot 8, column 0.
+    manager.fork("a", "b")
+    manager.prepare_write("b", 201)
+    copies = manager.take_copies()
+    assert len(copies) == 1 and copies[0][0] == ring[0]
+    assert manager.blocks_of("b") == [copies[0][1], ring[1]]
+    manager.free("a")
+    manager.free("b")
+    assert manager.num_free_blocks == 7
+
+
+def _ring_blocks(table: np.ndarray, num_pool: int) -> set[tuple[int, int]]:
+    """A ring row may rewrite any slot of the blocks its own window-table row lists (ring order
+    is the model's): every offset of every listed block inside the pool."""
+    return {(int(b), o) for b in table.ravel() if 0 < b < num_pool for o in range(16)}
+
+
+def test_adversarial_tables_on_every_group_stay_harmless(tmp_path: Path) -> None:
+    """Garbage on both tables at once: -1, the null block, duplicates, entries past the window
+    pool that are still inside the (larger) full pool, entries past both, wrong slot_ids, padding
+    and out-of-range positions, NaN in both null blocks. No block outside a row's own entries
+    and block 0 changes in either group, onnxruntime never sees an index out of range, and the
+    well-formed row keeps finite logits."""
+    out = tmp_path / "paged.onnx"
+    rewrite(fixture_model("gpt_oss_swa_moe"), out, 16, ctx_len=CTX_LEN, dims=DIMS)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(12)
+    full_pool, window_pool, bs = 24, 9, 16
+    for _ in range(40):
+        batch, seq = int(rng.integers(2, 5)), int(rng.choice([1, 7, 16]))
+        pools = {}
+        for kind in ("key", "value"):
+            pools[f"past_{kind}.0"] = rng.standard_normal((window_pool, 2, bs, 16)).astype(np.float32)
+            pools[f"past_{kind}.1"] = rng.standard_normal((full_pool, 2, bs, 16)).astype(np.float32)
+        for pool in pools.values():
+            pool[0] = np.nan
+        start = int(rng.integers(0, CTX_LEN - seq))
+        full = rng.choice([-1, 0, *range(9, full_pool), full_pool + 2], size=(batch, 8)).astype(np.int64)
+        ring = rng.choice([-1, 0, *range(3, 24), 40], size=(batch, 2)).astype(np.int64)
+        full[0] = -1
+        full[0, : (start + seq - 1) // bs + 1] = rng.permutation(np.arange(1, 9))[
+            : (start + seq - 1) // bs + 1
+        ]
+        ring[0] = [1, 2]  # the well-formed row's ring
+        positions = rng.choice([-1, 255, 130, *range(CTX_LEN)], size=(batch, seq)).astype(np.int64)
+        positions[0] = np.arange(start, start + seq)
+        if batch > 2:
+            positions[-1] = -1
+        slot_id = rng.integers(-1, bs + 1, batch).astype(np.int64)
+        slot_id[0] = start % bs
+        feeds = {
+            "input_ids": rng.integers(0, 256, (batch, seq)).astype(np.int64),
+            "position_ids": positions,
+            "block_table": full,
+            "block_table_w32": ring,
+            "slot_id": slot_id,
+            **pools,
+        }
+        got = dict(zip(names, session.run(None, feeds), strict=True))
+        allowed = {
+            "0": _ring_blocks(ring, window_pool),
+            "1": contract_writes(full, positions, slot_id, bs, full_pool),
+        }
+        for name, before in pools.items():
+            assert unexpected_writes(before, got[f"{name}_RetainedState"], allowed[name[-1]]) == [], name
+        assert np.isfinite(got["logits"][0]).all(), "NaN leaked into the valid row"
+
+
+def test_oversubscribed_window_pool_matches_the_original(tmp_path: Path) -> None:
+    """Three waves of two sequences (prompts of 31 and 20 tokens, 40 decode steps: the 32-slot
+    ring turns twice) through one runner whose ring pool holds two rings only: 1 + 2 * 2 = 5
+    blocks, where the single-table layout needs the full pool of 1 + 2 * ceil(71 / 16) = 11 in
+    every layer. The six sequences' histories would take 2 * (5 + 4) * 3 = 54 ring-layer blocks;
+    the rings reuse 4. Logits equal the original's bit for bit, wave after wave."""
+    out = tmp_path / "paged.onnx"
+    original = fixture_model("gpt_oss_swa_moe")
+    rewrite(original, out, 16, ctx_len=CTX_LEN, dims=DIMS)
+    rings = BlockManager(5, 16, shuffled_order(5, 1), window=WINDOW)
+    full = BlockManager(11, 16, shuffled_order(11, 2))
+    paged = PagedRunner(out, full, 8, DIMS, window_managers={"block_table_w32": rings})
+    reference = ContiguousRunner(original, {"ctx_len": CTX_LEN, **DIMS})
+    peak = 0
+    for wave in range(3):
+        scenario = random_scenario(256, [31, 20], num_decode=40, chunk_len=16, seed=wave)
+        steps = drive([reference, paged], scenario)
+        for step in steps:
+            assert np.array_equal(step.logits[0], step.logits[1]), (wave, step.index)
+        peak = max(peak, rings.num_used_blocks)
+        for name in ("A", "B"):
+            paged.release(name)
+            reference.release(name)
+    assert peak == 4 and rings.num_free_blocks == 4
+    assert all(not record.foreign_blocks_changed for record in paged.isolation)
+
+
+# Logical-position windows: QEfficient's disaggregated decode export of gpt-oss (retain_full_kv)
+# keeps the sliding layer's cache at full length and reads [p0 - 32, p0 + S) from it.
+RETAIN = "ort_failing/gpt_oss_decode_retain_full_kv"
+
+
+def _runnable_retain(tmp_path: Path) -> Path:
+    """The export with its value_info removed: onnxruntime refuses it only because one stale
+    annotation says the sliding layer's gather returns ctx_len positions (it returns S + 32; see
+    the corpus README). The computation is untouched."""
+    model = onnx.load(feature_fixture_model(RETAIN))
+    del model.graph.value_info[:]
+    path = tmp_path / "retain.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "corpus", "dims"),
+    [
+        (RETAIN, "features", {}),
+        ("gpt_oss_swa_moe", "qeff", DIMS),
+        ("llama4_text", "features", {}),
+        ("gemma2_ctx256", "features", {}),
+        ("ort_failing/qwen3_moe_prefill_chunked", "features", {}),
+        ("llama_default", "qeff", {}),
+    ],
+)
+def test_logical_position_windows_are_found_by_structure(
+    name: str, corpus: str, dims: dict[str, int]
+) -> None:
+    """Only the retain_full_kv export reads a window of logical positions (its layer 0, window
+    32); the ring of gpt_oss_swa_moe stays a ring, Llama 4's chunks (p % 32 into a full cache),
+    Gemma 2 (the whole cache) and the rest have none."""
+    source = feature_fixture_model(name) if corpus == "features" else fixture_model(name)
+    ctx_len = 256 if name == "gemma2_ctx256" else CTX_LEN
+    report = rewrite(source, None, 16, ctx_len=ctx_len, dims=dims)
+    logical = [g for g in report.kv_groups if g["window_addressing"] == "logical_positions"]
+    if name == RETAIN:
+        assert logical == [
+            {
+                "table": "block_table_w32",
+                "num_kv_blocks": None,
+                "pool_dim": "total_num_kv_blocks_w32",
+                "window": 32,
+                "window_addressing": "logical_positions",
+                "caches": ["past_key.0", "past_value.0"],
+            }
+        ]
+    else:
+        assert logical == []
+
+
+def test_logical_window_blocks_behind_the_window_are_freed() -> None:
+    manager = BlockManager(12, 16, window=WINDOW, logical=True)
+    manager.append("a", 100)  # blocks wholly before 100 - 32 = 68: columns 0-3 (positions 0-63)
+    assert manager.blocks_of("a")[:4] == [-1, -1, -1, -1]
+    assert -1 not in manager.blocks_of("a")[4:] and len(manager.blocks_of("a")) == 7
+    assert manager.num_used_blocks == 3 and manager.num_free_blocks == 11 - 3
+    assert manager.block_table(["a"], 8)[0, :4].tolist() == [-1, -1, -1, -1]
+    manager.free("a")
+    assert manager.num_free_blocks == 11
+
+
+def test_logical_window_pool_matches_the_original(tmp_path: Path) -> None:
+    """Two sequences (prompts of 30 and 20 tokens in 16-token chunks, 80 decode steps: 110 and 100
+    positions) with a window pool of 1 + 4 + 4 = 9 blocks — at most ceil((32 + 16) / 16) + 1 = 4 per
+    sequence — against the full layer's 1 + 7 + 7 = 15. Full-width tables: this export reads S + 32
+    positions whatever the context, which a narrower table cannot hold (its own index fails)."""
+    original = _runnable_retain(tmp_path)
+    out = tmp_path / "paged.onnx"
+    rewrite(original, out, 16, ctx_len=CTX_LEN)
+    window = BlockManager(9, 16, shuffled_order(9, 3), window=WINDOW, logical=True)
+    full = BlockManager(15, 16, shuffled_order(15, 4))
+    paged = PagedRunner(out, full, 8, full_width=True, window_managers={"block_table_w32": window})
+    reference = ContiguousRunner(original, {"ctx_len": CTX_LEN})
+    steps = drive([reference, paged], random_scenario(256, [30, 20], num_decode=80, chunk_len=16, seed=5))
+    for step in steps:
+        assert np.array_equal(step.logits[0], step.logits[1]), step.index
+    assert all(not record.foreign_blocks_changed for record in paged.isolation)
+    assert window.blocks_of("A")[:4] == [-1] * 4  # 110 - 32 = 78: columns 0-3 freed
+    assert window.blocks_of("B")[:4] == [-1] * 4  # 100 - 32 = 68: columns 0-3 freed
+    assert window.num_used_blocks == 3 + 3
+
+
+def test_adversarial_logical_window_table_stays_harmless(tmp_path: Path) -> None:
+    """Garbage on both full-width tables of the retain_full_kv export (the window pool smaller
+    than the full one): writes stay in each row's own listed blocks of each group."""
+    out = tmp_path / "paged.onnx"
+    rewrite(_runnable_retain(tmp_path), out, 16, ctx_len=CTX_LEN)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(13)
+    full_pool, window_pool, bs = 24, 9, 16
+    for _ in range(30):
+        batch, seq = int(rng.integers(1, 4)), int(rng.choice([1, 7, 16]))
+        pools = {}
+        for kind in ("key", "value"):
+            pools[f"past_{kind}.0"] = rng.standard_normal((window_pool, 2, bs, 16)).astype(np.float32)
+            pools[f"past_{kind}.1"] = rng.standard_normal((full_pool, 2, bs, 16)).astype(np.float32)
+        tables = {
+            "0": rng.choice([-1, 0, *range(window_pool + 6), 40], size=(batch, 8)).astype(np.int64),
+            "1": rng.choice([-1, 0, *range(full_pool), 40], size=(batch, 8)).astype(np.int64),
+        }
+        positions = rng.choice([-1, 255, 130, *range(CTX_LEN)], size=(batch, seq)).astype(np.int64)
+        slot_id = rng.integers(-1, bs + 1, batch).astype(np.int64)
+        feeds = {
+            "input_ids": rng.integers(0, 256, (batch, seq)).astype(np.int64),
+            "position_ids": positions,
+            "block_table": tables["1"],
+            "block_table_w32": tables["0"],
+            "slot_id": slot_id,
+            **pools,
+        }
+        got = dict(zip(names, session.run(None, feeds), strict=True))
+        for name, before in pools.items():
+            size = window_pool if name.endswith("0") else full_pool
+            allowed = contract_writes(tables[name[-1]], positions, slot_id, bs, size)
+            assert unexpected_writes(before, got[f"{name}_RetainedState"], allowed) == [], name
+
+
+# Prefix sharing per group: a ring group shares only the blocks inside the window of the hit.
+
+
+def test_ring_prefix_hit_needs_only_the_window_blocks() -> None:
+    """A 64-token prompt prefilled in one go and cached at the end: its 32-slot ring (two blocks
+    of 16) then holds logical blocks 2 and 3 only — blocks 0 and 1 were overwritten. A hit at 3
+    blocks needs the window [1, 3): block 1 is gone, and so are the windows of 2 and 1 blocks; a
+    hit at 4 blocks needs [2, 4): both there. The full group would have all four."""
+    prompt = np.arange(100, 164)
+    ring = BlockManager(8, 16, window=WINDOW, prefix_caching=True)
+    full = BlockManager(8, 16, prefix_caching=True)
+    for manager in (ring, full):
+        manager.append("a", 64)
+        manager.cache_prompt("a", prompt)
+    longer = np.r_[prompt, 7]  # 65 tokens: four full blocks may be reused
+    assert full.prefix_blocks(prompt) == 3 and full.prefix_blocks(longer) == 4
+    assert ring.prefix_blocks(prompt) == 0
+    assert ring.prefix_blocks(longer) == 4
+    held = ring.blocks_of("a")  # column 0 holds logical block 2, column 1 block 3
+    ring.free("a")
+    assert ring.match_prefix("b", longer) == 64
+    assert ring.blocks_of("b") == held
+
+
+def test_ring_prefix_hit_gives_the_uncached_logits(tmp_path: Path) -> None:
+    """A = S + a and B = S + b share a 48-token prefix S (three blocks of 16); both are 64 tokens,
+    prefilled in 16-token chunks (no padding, so the original is a fair reference). While A
+    prefills, each ring block is named as soon as it is full, so B's hit at 3 blocks finds its
+    window [1, 3) in the ring cache and the full group's blocks 0-2: B prefills from 48, and its
+    logits equal its uncached run's and the original's from there on, through 8 decode steps that
+    turn the ring again."""
+    out = tmp_path / "paged.onnx"
+    original = fixture_model("gpt_oss_swa_moe")
+    rewrite(original, out, 16, ctx_len=CTX_LEN, dims=DIMS)
+    rng = np.random.default_rng(21)
+    shared = rng.integers(0, 256, 48)
+    a, b = np.r_[shared, rng.integers(0, 256, 16)], np.r_[shared, rng.integers(0, 256, 16)]
+    decode = rng.integers(0, 256, 8)
+
+    def serve(
+        runner: PagedRunner | ContiguousRunner, name: str, prompt: np.ndarray, start: int
+    ) -> list[np.ndarray]:
+        logits = [
+            runner.step([chunk_row(name, prompt, first, 16)], "prefill") for first in range(start, 64, 16)
+        ]
+        for t, token in enumerate(decode):
+            logits.append(runner.step([Row(name, np.array([token]), np.array([64 + t]))], "decode"))
+        return logits
+
+    rings = BlockManager(12, 16, shuffled_order(12, 7), window=WINDOW, prefix_caching=True)
+    full = BlockManager(20, 16, shuffled_order(20, 8), prefix_caching=True)
+    cached = PagedRunner(out, full, 8, DIMS, window_managers={"block_table_w32": rings})
+    assert cached.start("A", a) == 0
+    serve(cached, "A", a, 0)
+    cached.cache_prompt("A", a)
+    full_blocks = full.blocks_of("A")[:3]
+    cached.release("A")
+    assert cached.start("B", b) == 48
+    assert full.blocks_of("B") == full_blocks and len(rings.blocks_of("B")) == 2
+    hit = serve(cached, "B", b, 48)
+    cold = serve(PagedRunner(out, BlockManager(20, 16), 8, DIMS), "B", b, 0)
+    reference = serve(ContiguousRunner(original, {"ctx_len": CTX_LEN, **DIMS}), "B", b, 0)
+    assert len(hit) == len(cold) - 3
+    for got, want, expected in zip(hit, cold[3:], reference[3:], strict=True):
+        assert np.array_equal(got, want) and np.array_equal(got, expected)
+    assert all(not record.foreign_blocks_changed for record in cached.isolation)
+
+
+def test_prefix_caching_is_refused_for_windows_it_cannot_name() -> None:
+    with pytest.raises(ValueError, match="multiple of kv_block_size"):
+        BlockManager(8, 16, window=24, prefix_caching=True)
+    with pytest.raises(ValueError, match="multiple of kv_block_size"):
+        BlockManager(8, 16, window=WINDOW, logical=True, prefix_caching=True)
