@@ -272,7 +272,7 @@ def _refuse_name_clash(body: Body, new_names: Sequence[str]) -> None:
     if unwatched:  # the finder indexes readers of the two fixed names only
         names |= {value for node in body.proto.node for value in node.input} & set(unwatched)
     for name in new_names:
-        if name in names or body.consumers(name):
+        if name in names or (name in (BLOCK_TABLE, SLOT_ID) and body.consumers(name)):
             where_ = f"function {body.name!r}" if body.is_function else "the model"
             raise UnsupportedPatternError(f"{where_} already has a value named {name!r}")
 
