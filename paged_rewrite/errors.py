@@ -10,6 +10,14 @@ class PagedRewriteError(Exception):
     kind = "error"
 
 
+class InternalError(PagedRewriteError):
+    """A bug of ours, caught in a named step of the rewrite (``internal error: in page_writes:
+    KeyError: ...``): please report the line."""
+
+    exit_code = 1
+    kind = "internal error"
+
+
 class UsageError(PagedRewriteError):
     """A flag or argument is invalid (block size 0, output equal to input, ...)."""
 

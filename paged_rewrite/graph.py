@@ -9,10 +9,11 @@ indexes one graph or function body (who consumes which value) and applies insert
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 
 class Body:
@@ -132,6 +133,32 @@ def prune_unread(body: onnx.GraphProto | onnx.FunctionProto, seeds: set[str]) ->
         del body.node[:]
         body.node.extend(kept)
     return len(removed)
+
+
+def int_constant(
+    name: str, producers: Mapping[str, onnx.NodeProto], initializers: Mapping[str, onnx.TensorProto]
+) -> int | None:
+    """``name`` as an integer scalar: a ``Constant`` node's value (``producers``: the body's) or
+    an initializer's; None for anything else, external data and malformed tensors included (a
+    damaged input is the checker's to blame)."""
+    node = producers.get(name)
+    tensor = initializers.get(name) if node is None else None
+    if (
+        node is not None
+        and node.op_type == "Constant"
+        and node.attribute
+        and node.attribute[0].name == "value"
+    ):
+        tensor = node.attribute[0].t
+    if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL or sum(tensor.dims) > 1:
+        return None
+    try:
+        value = numpy_helper.to_array(tensor)
+    except (ValueError, TypeError):
+        return None
+    if value.size != 1 or not np.issubdtype(value.dtype, np.integer):
+        return None
+    return int(value.reshape(()))
 
 
 def become(node: onnx.NodeProto, domain: str, op_type: str, inputs: Sequence[str]) -> None:

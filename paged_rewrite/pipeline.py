@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import onnx
 
 from paged_rewrite.domain import QEFF_DOMAIN
-from paged_rewrite.errors import NotAModelError, OutputError
+from paged_rewrite.errors import InternalError, NotAModelError, OutputError, PagedRewriteError
 from paged_rewrite.graph import undefined_ops
-from paged_rewrite.passes.add_paged_inputs import PagedLayout, add_paged_inputs
+from paged_rewrite.passes.add_paged_inputs import add_paged_inputs
 from paged_rewrite.passes.cache_op_rules import rule_for
 from paged_rewrite.passes.finalize_model import finalize_model
 from paged_rewrite.passes.find_cache_sites import find_cache_sites
@@ -23,8 +23,13 @@ from paged_rewrite.passes.page_writes import page_writes
 from paged_rewrite.passes.reshape_cache_io import reshape_cache_io
 from paged_rewrite.passes.rewire_logical_shape import rewire_logical_shape
 from paged_rewrite.passes.shared_index import SharedIndex
-from paged_rewrite.passes.sites import CacheSites
+from paged_rewrite.passes.sites import CacheSites, PagedLayout, PassResult
 from paged_rewrite.report import CacheReport, LeftAloneReport, RewriteReport, TensorSpec
+
+T = TypeVar("T")
+# The shape of every pass between the layout and the finish: it edits the model through the sites
+# (requesting shared index ops), and says what it changed and what the rewritten nodes stopped reading.
+PagedPass = Callable[[CacheSites, PagedLayout, SharedIndex], PassResult]
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,12 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
     """Rewrite ``model`` in place into a paged-KV model and report what was done."""
     undefined_before = undefined_ops(model)
     _refuse_undefined_qeff_ops(undefined_before)
-    sites = find_cache_sites(model)
+    sites = run_pass(find_cache_sites, model)
     caches = [CacheReport.of(tensor) for tensor in sites.tensors]
     rewritten = _rewrite_plan(sites)
 
-    layout = add_paged_inputs(
+    layout = run_pass(
+        add_paged_inputs,
         model,
         sites,
         options.kv_block_size,
@@ -58,13 +64,18 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         options.ctx_buckets,
         options.shared_window_table,
     )
-    shared = SharedIndex(sites, layout)  # the index ops the next three request, each made once
-    rewire_logical_shape(sites, layout, shared)  # first: positions derive from the cache shape
-    page_writes(sites, layout, shared)
-    page_reads(sites, layout, shared)
-    shared.place()
-    reshape_cache_io(sites, layout)
-    finalized = finalize_model(sites, layout, metadata=_layout_metadata(layout, sites))
+    shared = SharedIndex(sites, layout)  # the index ops the passes below request, each made once
+    dropped: set[str] = set()  # what the rewritten nodes stopped reading: finalize_model tidies it
+    paged_passes: tuple[PagedPass, ...] = (
+        rewire_logical_shape,  # first: positions derive from the cache shape
+        page_writes,
+        page_reads,
+        place_index_ops,
+        reshape_cache_io,
+    )
+    for paged_pass in paged_passes:
+        dropped |= run_pass(paged_pass, sites, layout, shared).dropped
+    finalized = run_pass(finalize_model, sites, layout, dropped, _layout_metadata(layout, sites))
     dangling = sorted(undefined_ops(model) - undefined_before)
     if dangling:  # a bug of ours, caught before anything is written
         raise OutputError(
@@ -95,6 +106,24 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         outputs=[TensorSpec.of(v) for v in model.graph.output],
         warnings=_warnings(rewritten, layout),
     )
+
+
+def run_pass(step: Callable[..., T], *args: Any) -> T:
+    """Run one step of the rewrite. Refusals pass through as they are; anything else is a bug of
+    ours, reported with the step's name so that the one line a user sends says where it broke."""
+    try:
+        return step(*args)
+    except PagedRewriteError:
+        raise
+    except Exception as exc:
+        raise InternalError(f"in {step.__name__}: {type(exc).__name__}: {exc}") from exc
+
+
+def place_index_ops(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> PassResult:
+    """Emit the index ops the passes requested, each before its first user (``shared_index``);
+    the values of layer functions moved to the main graph are no longer read there."""
+    shared.place()
+    return PassResult(changed=shared.count, dropped=set(shared.dropped))
 
 
 def _refuse_undefined_qeff_ops(undefined: set[tuple[str, str]]) -> None:

@@ -220,3 +220,29 @@ def test_consumers_of_a_name_not_watched_are_not_silently_empty() -> None:
     assert [node.op_type for node, _ in body.consumers("a")] == ["Relu"]
     with pytest.raises(KeyError, match="'b' were not indexed"):
         body.consumers("b")
+
+
+def test_a_bug_inside_a_pass_is_one_line_naming_the_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception that is not one of our refusals is a bug: the line says in which pass."""
+    from conftest import fixture_model
+
+    from paged_rewrite.errors import InternalError
+    from paged_rewrite.passes import page_writes
+
+    def broken(*args: object) -> int:
+        raise KeyError("slot")
+
+    monkeypatch.setattr(page_writes, "_slot_period", broken)
+    with pytest.raises(InternalError, match=r"model.onnx: in page_writes: KeyError: 'slot'$"):
+        rewrite(fixture_model("llama_default"), tmp_path / "p.onnx", 16)
+    result = CliRunner().invoke(
+        main, [str(fixture_model("llama_default")), "-o", str(tmp_path / "q.onnx"), "--kv-block-size", "16"]
+    )
+    assert result.exit_code == 1
+    model = fixture_model("llama_default")
+    assert (
+        result.stderr.strip() == f"paged-rewrite: internal error: {model}: in page_writes: KeyError: 'slot'"
+    )
+    assert list(tmp_path.iterdir()) == []

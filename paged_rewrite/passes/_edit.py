@@ -8,17 +8,17 @@ from collections.abc import Mapping
 
 from paged_rewrite.custom_ops import PAGED_DOMAIN
 from paged_rewrite.graph import become
-from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.cache_op_rules import rule_for
 from paged_rewrite.passes.shared_index import POOL, Operand, SharedIndex
-from paged_rewrite.passes.sites import Site
+from paged_rewrite.passes.sites import PagedLayout, Site
 
 
 def replace_by_rule(
     site: Site, layout: PagedLayout, shared: SharedIndex, constants: Mapping[str, int] | None = None
-) -> None:
+) -> set[str]:
     """Request the site's index op and turn the node into its data op; ``constants`` supplies
-    index operands the matched op lacks (``slot_period``)."""
+    index operands the matched op lacks (``slot_period``). Returns the operands the node no
+    longer reads."""
     node = site.node
     rule = rule_for(node.domain, node.op_type, len(node.input))
     assert rule is not None and rule.index is not None and rule.emits is not None, (
@@ -36,5 +36,6 @@ def replace_by_rule(
     operands = [
         computed[name] if name in computed else node.input[rule.operand(name)] for name in rule.emits_operands
     ]
-    layout.dropped.update(set(node.input) - set(operands))
+    dropped = set(node.input) - set(operands)
     become(node, PAGED_DOMAIN, rule.emits, operands)
+    return dropped

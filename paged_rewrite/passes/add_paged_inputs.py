@@ -16,10 +16,8 @@ large as a full-context pool)."""
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 
 import onnx
 from onnx import helper
@@ -28,92 +26,19 @@ from paged_rewrite.buckets import columns_for, resolve_buckets
 from paged_rewrite.errors import UnsupportedPatternError, UsageError
 from paged_rewrite.graph import Body
 from paged_rewrite.passes.logical_windows import logical_windows
-from paged_rewrite.passes.sites import CacheSites, CacheTensor, Dim, where
+from paged_rewrite.passes.sites import (
+    BLOCK_TABLE,
+    SLOT_ID,
+    CacheSites,
+    Dim,
+    PagedLayout,
+    TableGroup,
+    where,
+)
 
-BLOCK_TABLE = "block_table"
-SLOT_ID = "slot_id"
 NUM_KV_BLOCKS = "num_kv_blocks"
 TOTAL_NUM_KV_BLOCKS = "total_num_kv_blocks"
 CTX_LEN = "ctx_len"
-
-
-@dataclass(frozen=True)
-class TableGroup:
-    """The caches addressed through one block table: its name, its width (static columns, or the
-    symbolic ``num_kv_blocks``), the dim their pools share, and their ring length (None: full
-    context)."""
-
-    table: str
-    columns: int | str
-    pool_dim: int | str
-    window: int | None = None
-    # a window over logical positions [p0 - W, p0 + S) of a full-length cache, not a ring: the
-    # table spans the context and a runtime frees the blocks behind the window
-    logical: bool = False
-
-    @property
-    def addressing(self) -> str | None:
-        """How its caches are addressed: ``ring``, ``logical_positions``, or None (full context)."""
-        if self.window is None:
-            return None
-        return "logical_positions" if self.logical else "ring"
-
-
-@dataclass
-class PagedLayout:
-    """The paged cache layout every later pass builds on."""
-
-    kv_block_size: int
-    num_kv_blocks: int | str
-    total_num_kv_blocks: int | str
-    batch_dim: Dim
-    context_dim: Dim  # the length dim of full-context caches: they span the whole table
-    windows: dict[Dim, int]  # length dim (a name, or a static size) -> ring length
-    bound_dims: dict[str, int]  # every symbolic dim of the input the user gave a value
-    ctx_buckets: tuple[int, ...] = ()  # table widths in tokens, ascending (see buckets.py)
-    # The same two names address the cache in the main graph and in every function body.
-    block_table: str = BLOCK_TABLE
-    slot_id: str = SLOT_ID
-    dropped: set[str] = field(default_factory=set)  # operands the paged ops no longer take
-    # length dim -> its table group; a dim absent here (the context dim) uses the full group
-    window_groups: dict[Dim, TableGroup] = field(default_factory=dict)
-    logical_groups: dict[str, TableGroup] = field(default_factory=dict)  # cache name -> its group
-    shared_window_table: bool = False
-    _names: Iterator[int] = field(default_factory=itertools.count)
-
-    def fresh_name(self, what: str) -> str:
-        """A new value name no exporter uses (node names are optional and need not be unique)."""
-        return f"paged_rewrite.{what}.{next(self._names)}"
-
-    @property
-    def full_group(self) -> TableGroup:
-        return TableGroup(self.block_table, self.num_kv_blocks, self.total_num_kv_blocks)
-
-    def group_of(self, tensor: CacheTensor) -> TableGroup:
-        """The table group of ``tensor``: its logical-position window, its ring, or the full one."""
-        found = self.logical_groups.get(tensor.name)
-        return found if found is not None else self.window_groups.get(tensor.length_dim, self.full_group)
-
-    def pool_signature(self, tensor: CacheTensor) -> tuple[int, int, str]:
-        """What a paged address depends on besides its operands: the pool's heads and head_dim,
-        and its group's table (pools of different groups differ in their number of blocks, which
-        bounds the table entries an index op accepts)."""
-        return (*tensor.pool_signature, self.group_of(tensor).table)
-
-    @property
-    def groups(self) -> list[TableGroup]:
-        """Every table group, the full one first, then the windows in ascending order."""
-        windows = {*self.window_groups.values(), *self.logical_groups.values()}
-        return [self.full_group, *sorted(windows, key=lambda g: (g.window or 0, g.logical))]
-
-    @property
-    def tables(self) -> list[str]:
-        return [group.table for group in self.groups]
-
-    @property
-    def logical_length(self) -> int | None:
-        """``num_kv_blocks * kv_block_size`` when static: the context full layers see."""
-        return self.num_kv_blocks * self.kv_block_size if isinstance(self.num_kv_blocks, int) else None
 
 
 def add_paged_inputs(

@@ -12,10 +12,9 @@ import onnx
 
 from paged_rewrite.custom_ops import EMITTED_OPS, PAGED_DOMAIN, paged_function_protos
 from paged_rewrite.graph import Body, function_key, prune_unread, used_names
-from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.cache_op_rules import is_ctx_op
 from paged_rewrite.passes.find_cache_sites import default_opset
-from paged_rewrite.passes.sites import CacheSites
+from paged_rewrite.passes.sites import CacheSites, PagedLayout
 
 
 @dataclass(frozen=True)
@@ -27,17 +26,22 @@ class Finalized:
     paged_op_nodes: dict[str, int]  # node count of each emitted paged-op body
 
 
-def finalize_model(sites: CacheSites, layout: PagedLayout, metadata: dict[str, str]) -> Finalized:
-    """Commit the edits, emit the paged ops and tidy up (see the module doc)."""
+def finalize_model(
+    sites: CacheSites, layout: PagedLayout, dropped: set[str], metadata: dict[str, str]
+) -> Finalized:
+    """Commit the edits, emit the paged ops and tidy up (see the module doc). ``dropped``: the
+    values the earlier passes stopped reading (their ``PassResult``s); only what they kept alive
+    can go."""
     model = sites.model
+    dropped = set(dropped)  # grows with the call operands of dead layer-function inputs
     for body in sites.bodies:
         body.commit()
     # What only the replaced ops read goes: the positions each layer computed for an index op
     # now shared, then the layer-function inputs that carried them, then their main-graph sources.
     for function in sites.functions:
-        prune_unread(function.proto, layout.dropped)
-        _drop_dead_function_inputs(model, function, layout)
-    prune_unread(model.graph, layout.dropped)
+        prune_unread(function.proto, dropped)
+        dropped |= _drop_dead_function_inputs(model, function, layout, dropped)
+    prune_unread(model.graph, dropped)
     _remove_unused_functions(model)
     opset = default_opset(model)
     emitted = paged_function_protos(
@@ -58,7 +62,7 @@ def finalize_model(sites: CacheSites, layout: PagedLayout, metadata: dict[str, s
             entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     # Only an input whose last reader was a replaced cache op (batch_index) can have become dead.
-    candidates = layout.dropped & {v.name for v in model.graph.input}
+    candidates = dropped & {v.name for v in model.graph.input}
     # Function bodies cannot see graph values (a parameter of a kept CtxGatherCB definition
     # may be called batch_index too), so only the graph's own nodes keep an input alive.
     used = used_names([model.graph]) | {o.name for o in model.graph.output} if candidates else set()
@@ -79,25 +83,28 @@ def _called_paged_ops(model: onnx.ModelProto) -> set[str]:
     }
 
 
-def _drop_dead_function_inputs(model: onnx.ModelProto, function: Body, layout: PagedLayout) -> None:
+def _drop_dead_function_inputs(
+    model: onnx.ModelProto, function: Body, layout: PagedLayout, dropped: set[str]
+) -> set[str]:
     """A layer function's input that only a replaced op read (``batch_index`` of a CB export with
     subfunctions, positions whose index op moved to the main graph) leaves its signature and
-    every call, so the graph input can go too when nothing else reads it."""
+    every call, so the graph input can go too when nothing else reads it. Returns the calls'
+    operands that went."""
     proto = function.proto
     assert isinstance(proto, onnx.FunctionProto)
     read = used_names([proto]) | set(proto.output)  # subgraphs may read any outer value
     # block_table / slot_id too: a layer whose index ops all moved to the main graph reads neither.
-    droppable = layout.dropped | {*layout.tables, layout.slot_id}
+    droppable = dropped | {*layout.tables, layout.slot_id}
     dead = [i for i, name in enumerate(proto.input) if name in droppable and name not in read]
-    if not dead:
-        return
+    operands: set[str] = set()
     calls = [n for n in model.graph.node if (n.domain, n.op_type) == (proto.domain, proto.name)]
     for index in reversed(dead):
         del proto.input[index]
         for call in calls:
             if index < len(call.input):
-                layout.dropped.add(call.input[index])
+                operands.add(call.input[index])
                 del call.input[index]
+    return operands
 
 
 def _readers(model: onnx.ModelProto, name: str) -> str:

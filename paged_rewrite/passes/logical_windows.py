@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from collections import deque
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from paged_rewrite.graph import Body
+from paged_rewrite.graph import Body, int_constant
 from paged_rewrite.passes.cache_op_rules import rule_for
 from paged_rewrite.passes.sites import CacheSites, CacheTensor
 
@@ -67,7 +65,10 @@ def _window_of(body: Body, positions: str) -> int | None:
             continue
         seen.add(name)
         if node.op_type == "Sub" and node.domain in ("", "ai.onnx") and len(node.input) == 2:
-            window = _int_constant(body, producers, node.input[1])
+            initializers = (
+                {t.name: t for t in body.proto.initializer} if isinstance(body.proto, onnx.GraphProto) else {}
+            )
+            window = int_constant(node.input[1], producers, initializers)
             if window is not None and window > 0 and _reaches_positions(node.input[0], producers):
                 return window
         queue.extend((value, depth + 1) for value in node.input if value)
@@ -84,28 +85,3 @@ def _reaches_positions(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
         if node is not None and depth < _POSITION_DEPTH:
             frontier.extend((i, depth + 1) for i in node.input if i)
     return False
-
-
-def _int_constant(body: Body, producers: dict[str, onnx.NodeProto], name: str) -> int | None:
-    """``name`` as an integer scalar: a ``Constant`` node's value, or a graph initializer's; None
-    for anything else, a malformed tensor included (a damaged input is the checker's to blame)."""
-    node = producers.get(name)
-    tensor = None
-    if (
-        node is not None
-        and node.op_type == "Constant"
-        and node.attribute
-        and node.attribute[0].name == "value"
-    ):
-        tensor = node.attribute[0].t
-    elif node is None and isinstance(body.proto, onnx.GraphProto):
-        tensor = next((t for t in body.proto.initializer if t.name == name), None)
-    if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL or sum(tensor.dims) > 1:
-        return None
-    try:
-        value = numpy_helper.to_array(tensor)
-    except (ValueError, TypeError):
-        return None
-    if value.size != 1 or not np.issubdtype(value.dtype, np.integer):
-        return None
-    return int(value.reshape(()))

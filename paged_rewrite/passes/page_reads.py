@@ -6,13 +6,13 @@ logical positions (``shared_index``). Invalid positions read zeros."""
 from __future__ import annotations
 
 from paged_rewrite.passes._edit import replace_by_rule
-from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.shared_index import SharedIndex
-from paged_rewrite.passes.sites import CacheSites
+from paged_rewrite.passes.sites import CacheSites, PagedLayout, PassResult
 
 
-def page_reads(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> int:
+def page_reads(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> PassResult:
     """Replace every cache read (once per node, shared function bodies included)."""
+    result = PassResult(changed=len(sites.reads))
     for site in sites.reads:
-        replace_by_rule(site, layout, shared)
-    return len(sites.reads)
+        result.dropped |= replace_by_rule(site, layout, shared)
+    return result

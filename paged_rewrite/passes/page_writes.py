@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from paged_rewrite.graph import int_constant
 from paged_rewrite.passes._edit import replace_by_rule
-from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.cache_op_rules import rule_for
 from paged_rewrite.passes.shared_index import SharedIndex
-from paged_rewrite.passes.sites import CacheSites, Dim, Site
+from paged_rewrite.passes.sites import CacheSites, Dim, PagedLayout, PassResult, Site
 
 _PASS_THROUGH = frozenset({"Where", "Cast", "Identity"})  # ops a ring slot flows through unchanged
 _SEARCH_DEPTH = 4
 
 
-def page_writes(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> int:
+def page_writes(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> PassResult:
     """Replace every cache write (once per node, shared function bodies included)."""
     producers = _Producers(sites)
+    result = PassResult(changed=len(sites.writes))
     for site in sites.writes:
         tensor = site.cache
         assert tensor is not None
@@ -35,8 +34,8 @@ def page_writes(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> 
         modulus = producers.constant_modulus(site, tensor.call)
         if modulus is not None:
             period = math.gcd(period, modulus)
-        replace_by_rule(site, layout, shared, {"slot_period": period})
-    return len(sites.writes)
+        result.dropped |= replace_by_rule(site, layout, shared, {"slot_period": period})
+    return result
 
 
 def _slot_period(length_dim: Dim, layout: PagedLayout) -> int:
@@ -77,7 +76,8 @@ class _Producers:
             if node is None or depth >= _SEARCH_DEPTH:
                 continue
             if node.op_type == "Mod" and len(node.input) == 2:
-                value = self._constant(node.input[1], body)
+                initializers = self._initializers if isinstance(body, onnx.GraphProto) else {}
+                value = int_constant(node.input[1], self._producers(body), initializers)
                 if value is not None and value > 0:
                     return value
             if node.op_type in _PASS_THROUGH:
@@ -88,20 +88,3 @@ class _Producers:
         if id(body) not in self._maps:
             self._maps[id(body)] = {out: n for n in body.node for out in n.output}
         return self._maps[id(body)]
-
-    def _constant(self, name: str, body: onnx.GraphProto | onnx.FunctionProto) -> int | None:
-        tensor = self._initializers.get(name) if isinstance(body, onnx.GraphProto) else None
-        node = self._producers(body).get(name)
-        if (
-            node is not None
-            and node.op_type == "Constant"
-            and node.attribute
-            and node.attribute[0].name == "value"
-        ):
-            tensor = node.attribute[0].t
-        if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL:
-            return None
-        value = numpy_helper.to_array(tensor)
-        if value.size != 1 or not np.issubdtype(value.dtype, np.integer):
-            return None
-        return int(value.reshape(()))

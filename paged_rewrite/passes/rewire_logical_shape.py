@@ -11,13 +11,12 @@ logical shape is computed once per call for every cache of the same heads and he
 from __future__ import annotations
 
 from paged_rewrite.graph import become
-from paged_rewrite.passes.add_paged_inputs import PagedLayout
 from paged_rewrite.passes.shared_index import POOL, SharedIndex
-from paged_rewrite.passes.sites import CacheSites
+from paged_rewrite.passes.sites import CacheSites, PagedLayout, PassResult
 
 
-def rewire_logical_shape(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> int:
-    """Replace every ``Shape`` read of a cache; returns how many were replaced."""
+def rewire_logical_shape(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> PassResult:
+    """Replace every ``Shape`` read of a cache (what a ``Shape`` read stays read: nothing dropped)."""
     for site, length_dim in sites.shape_reads:
         assert site.cache is not None
         node = site.node
@@ -37,4 +36,4 @@ def rewire_logical_shape(sites: CacheSites, layout: PagedLayout, shared: SharedI
         starts = site.body.constant(node, layout.fresh_name("start"), [start])
         ends = site.body.constant(node, layout.fresh_name("end"), [end if end is not None else 4])
         become(node, "", "Slice", [logical, starts, ends])
-    return len(sites.shape_reads)
+    return PassResult(changed=len(sites.shape_reads))

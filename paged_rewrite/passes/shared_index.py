@@ -37,8 +37,7 @@ from onnx import helper
 
 from paged_rewrite.custom_ops import PAGED_DOMAIN
 from paged_rewrite.graph import Body, function_key
-from paged_rewrite.passes.add_paged_inputs import PagedLayout
-from paged_rewrite.passes.sites import CacheSites, CacheTensor, Site
+from paged_rewrite.passes.sites import CacheSites, CacheTensor, PagedLayout, Site
 
 # An operand as a pass states it: a value of the requesting body, an int64 constant, or POOL.
 Operand = str | int | tuple[int, ...]
@@ -96,6 +95,7 @@ class SharedIndex:
         self._orders: dict[int, dict[int, int]] = {}
         self._cache_names = {t.name for t in sites.tensors}
         self._copies: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
+        self.dropped: set[str] = set()  # values of layer functions moved to the main graph
 
     def request(
         self, site: Site, op_type: str, operands: Sequence[Operand], outputs: Sequence[str]
@@ -132,6 +132,11 @@ class SharedIndex:
         index.users.extend(_User(call, resolved) for call in calls)
         self._thread(site.body, calls, index.outputs)
         return list(index.outputs)
+
+    @property
+    def count(self) -> int:
+        """Index ops requested so far (each emitted once)."""
+        return len(self._nodes)
 
     def place(self) -> None:
         """Emit every requested index op before its first user, with that user's operands. Ops
@@ -285,7 +290,7 @@ class SharedIndex:
                 if name in moved:
                     self._thread(function, calls, [renamed[name]])
                     node.input[position] = renamed[name]
-        self._layout.dropped.update(moved)  # what the function no longer reads: pruned at the end
+        self.dropped |= moved  # what the function no longer reads: pruned at the end
 
     def _producers_of(self, body: Body) -> dict[str, onnx.NodeProto]:
         if id(body.proto) not in self._producer_maps:
