@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 
 from paged_rewrite import handoff
-from paged_rewrite.errors import NotAModelError, OutputError, PagedRewriteError, UsageError
+from paged_rewrite.errors import InternalError, NotAModelError, OutputError, PagedRewriteError, UsageError
 from paged_rewrite.model_io import data_files, load_model, save_model
 from paged_rewrite.pipeline import RewriteOptions, rewrite_model
 from paged_rewrite.report import RewriteReport
@@ -60,6 +60,8 @@ def rewrite(
     Raises a ``PagedRewriteError`` subclass (with its exit code) on bad input.
     """
     _check_ranges(kv_block_size, ctx_len, num_blocks, dims or {}, ctx_buckets)
+    if output_path is not None and (not os.fspath(output_path) or not Path(output_path).name):
+        raise UsageError(f"the output path {os.fspath(output_path)!r} names no file (-o paged.onnx, say)")
     entries = handoff.read_specializations(specializations) if specializations else None
     precisions = handoff.read_custom_io(custom_io) if custom_io else None
     bound = _bind(dims or {}, handoff.shared_dims(entries) if entries else {})
@@ -70,6 +72,9 @@ def rewrite(
     options = RewriteOptions(kv_block_size, ctx_len, num_blocks, bound, buckets, shared_window_table)
     try:
         report = rewrite_model(model, options)
+    except InternalError as error:  # a step broke: an invalid input explains it; else it is our bug
+        _blame_the_input(input_path)
+        raise InternalError(f"{input_path}: {error}") from error.__cause__
     except PagedRewriteError as error:  # name the model in every refusal
         raise type(error)(f"{input_path}: {error}") from None
     except Exception:
@@ -182,10 +187,10 @@ def _refuse_unknown_dims(
 
 
 def symbolic_dims(model: onnx.ModelProto) -> set[str]:
-    """The names of the symbolic dims of ``model``'s inputs, outputs and annotated values, in the
-    main graph and in its functions."""
-    values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
-    values += [value for function in model.functions for value in function.value_info]
+    """The names of the symbolic dims of ``model``'s graph inputs: what a user binds. Outputs and
+    recorded intermediate shapes carry names the exporter's shape inference made up
+    (``Castlogits_dim_0``, ``CustomRMSNorm..._dim_0``); binding those would mean nothing."""
+    values = list(model.graph.input)
     return {
         dim.dim_param
         for value in values

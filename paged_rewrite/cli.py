@@ -10,6 +10,7 @@ class (see ``paged_rewrite.errors`` and the README).
 
 from __future__ import annotations
 
+import signal
 import sys
 
 INTERRUPTED_EXIT = 130  # the shell's convention for SIGINT
@@ -123,6 +124,15 @@ def _progress(message: str) -> None:
         click.echo(f"paged-rewrite: {message} ...", err=True)
 
 
+def _with_error(payload: dict[str, Any], error: PagedRewriteError | None) -> dict[str, Any]:
+    """A report that also failed carries its error, so ``--json`` prints one document: a pipeline
+    parsing stdout gets the report and the verdict together."""
+    if error is None:
+        return payload
+    error.in_report = True  # type: ignore[attr-defined]
+    return {**payload, "error": {"kind": error.kind, "message": str(error), "exit_code": error.exit_code}}
+
+
 def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=True) if as_json else text)
 
@@ -133,10 +143,12 @@ def _guarded(fn: F) -> F:
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json = bool(kwargs.get("as_json"))
+        # From here a Ctrl-C is a KeyboardInterrupt again (see _entry.py): the command cleans up.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return fn(*args, **kwargs)
-        except PagedRewriteError as exc:
-            _fail(exc.kind, str(exc), exc.exit_code, as_json)
+        except PagedRewriteError as exc:  # already on stdout as JSON when the report carried it
+            _fail(exc.kind, str(exc), exc.exit_code, as_json and not getattr(exc, "in_report", False))
         except KeyboardInterrupt:  # temporary files are already gone (see model_io)
             _fail("interrupted", "nothing was written", INTERRUPTED_EXIT, as_json)
         except (click.exceptions.Exit, click.ClickException):
@@ -286,13 +298,26 @@ def rewrite_command(
     help="Block size for the rewrite plan.",
 )
 @click.option("--ctx-len", type=click.IntRange(min=1), default=None)
+@click.option("--ctx-buckets", callback=_parse_buckets, default=None, metavar="T1,T2,...")
+@click.option("--num-blocks", type=click.IntRange(min=2), default=None)
 @click.option("--dim", "dims", multiple=True, callback=_parse_dims, metavar="NAME=VALUE")
+@click.option("--specializations", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--shared-window-table", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @_guarded
 def inspect_command(
-    model: Path, kv_block_size: int, ctx_len: int | None, dims: dict[str, int], as_json: bool
+    model: Path,
+    kv_block_size: int,
+    ctx_len: int | None,
+    ctx_buckets: tuple[int, ...] | None,
+    num_blocks: int | None,
+    dims: dict[str, int],
+    specializations: Path | None,
+    shared_window_table: bool,
+    as_json: bool,
 ) -> None:
-    """List the cache sites of MODEL and what a rewrite would do; writes nothing.
+    """List the cache sites of MODEL and what a rewrite with the same flags would do (and exit as
+    it would); writes nothing. The flags mean what they mean for a rewrite.
 
     \b
     Example:
@@ -300,7 +325,16 @@ def inspect_command(
     """
     from paged_rewrite.inspect import inspect_model
 
-    found = inspect_model(model, kv_block_size, ctx_len=ctx_len, dims=dims)
+    found = inspect_model(
+        model,
+        kv_block_size,
+        ctx_len=ctx_len,
+        dims=dims,
+        ctx_buckets=ctx_buckets,
+        num_blocks=num_blocks,
+        specializations=specializations,
+        shared_window_table=shared_window_table,
+    )
     _emit(as_json, found.to_dict(), found.summary())
     if found.plan_error is not None:  # the code a rewrite with these flags would exit with
         click.echo(f"paged-rewrite: {found.plan_error_kind}: {found.plan_error}", err=True)
@@ -361,9 +395,14 @@ def verify_command(
         num_decode=decode_steps,
         full_width=full_width,
     )
-    _emit(as_json, report.to_dict(), report.summary())
+    mismatch = None
     if not report.ok:
-        raise VerificationError(f"{paged} does not match {original} (max abs diff {report.max_abs_diff:.3g})")
+        mismatch = VerificationError(
+            f"{paged} does not match {original} (max abs diff {report.max_abs_diff:.3g})"
+        )
+    _emit(as_json, _with_error(report.to_dict(), mismatch), report.summary())
+    if mismatch is not None:
+        raise mismatch
 
 
 @main.command("demo")
@@ -387,6 +426,8 @@ def demo_command(kv_block_size: int, workdir: Path | None, as_json: bool) -> Non
     from paged_rewrite.builder import ExportSpec, write_qeff_export
     from paged_rewrite.runtime.verify import verify
 
+    if workdir is not None:
+        _refuse_foreign_demo_files(workdir)
     with tempfile.TemporaryDirectory() as tmp:
         folder = workdir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -396,13 +437,31 @@ def demo_command(kv_block_size: int, workdir: Path | None, as_json: bool) -> Non
         if workdir is None:  # the folder is deleted on return: name the files, not where they were
             report.input_path, report.output_path = original.name, None
             report.files = {kind: Path(path).name for kind, path in report.files.items()}
+        mismatch = (
+            None if checked.ok else VerificationError("the demo's paged model does not match its original")
+        )
         _emit(
             as_json,
-            {"rewrite": report.to_dict(), "verify": checked.to_dict()},
+            _with_error({"rewrite": report.to_dict(), "verify": checked.to_dict()}, mismatch),
             f"{report.summary()}\n\nverify:\n{checked.summary()}",
         )
-    if not checked.ok:
-        raise VerificationError("the demo's paged model does not match its original")
+    if mismatch is not None:
+        raise mismatch
+
+
+def _refuse_foreign_demo_files(workdir: Path) -> None:
+    """The demo writes ``model.onnx`` and ``paged.onnx`` (with its sidecars) into ``--workdir``;
+    it replaces them only when an earlier demo wrote them (its manifest says so), never a file of
+    the user's."""
+    from paged_rewrite import handoff
+
+    ours = handoff.previous_files(workdir / "paged.onnx.json").kinds
+    for name in ("model.onnx", "paged.onnx"):
+        if (workdir / name).exists() and not ours:
+            raise UsageError(
+                f"--workdir {workdir} already holds {name}, which the demo did not write; "
+                "give an empty or new folder"
+            )
 
 
 if __name__ == "__main__":

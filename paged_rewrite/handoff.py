@@ -269,8 +269,9 @@ def paged_custom_io(custom: CustomIO, report: RewriteReport, path: str | os.Path
 
 
 # 2: num_kv_blocks / total_num_kv_blocks are int or null; flags recorded. 3: "groups", a block
-# table and pool dim per window length.
-MANIFEST_FORMAT = 3
+# table and pool dim per window length. 4: each group's pool as "pool_dim" (a name or null) and
+# "total_num_kv_blocks" (an int or null), one type per field.
+MANIFEST_FORMAT = 4
 
 
 def manifest(report: RewriteReport, source: Path, version: str, flags: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ computed on an in-memory copy; nothing is written."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,6 +12,7 @@ from paged_rewrite.api import rewrite
 from paged_rewrite.errors import PagedRewriteError
 from paged_rewrite.model_io import load_model
 from paged_rewrite.passes.find_cache_sites import find_cache_sites
+from paged_rewrite.pipeline import run_pass
 from paged_rewrite.report import RewriteReport
 
 
@@ -68,12 +69,16 @@ def inspect_model(
     kv_block_size: int,
     ctx_len: int | None = None,
     dims: Mapping[str, int] | None = None,
+    ctx_buckets: Sequence[int] | None = None,
+    num_blocks: int | None = None,
+    specializations: str | os.PathLike[str] | None = None,
+    shared_window_table: bool = False,
 ) -> Inspection:
     """Find the cache sites of ``path`` and plan a rewrite (dry run). A model whose sites cannot be
     listed raises (naming the file); a plan that fails is reported with the error a rewrite with
     the same flags would raise (``plan_error``, ``plan_error_kind``, ``plan_exit_code``)."""
     try:
-        sites = find_cache_sites(load_model(path))
+        sites = run_pass(find_cache_sites, load_model(path))
     except PagedRewriteError as error:
         raise _naming(path, error) from None
     infos = []
@@ -94,7 +99,18 @@ def inspect_model(
             )
         )
     try:
-        return Inspection(str(path), infos, rewrite(path, None, kv_block_size, ctx_len=ctx_len, dims=dims))
+        plan = rewrite(
+            path,
+            None,
+            kv_block_size,
+            ctx_len=ctx_len,
+            dims=dims,
+            ctx_buckets=ctx_buckets,
+            num_blocks=num_blocks,
+            specializations=specializations,
+            shared_window_table=shared_window_table,
+        )
+        return Inspection(str(path), infos, plan)
     except PagedRewriteError as error:  # e.g. a ring buffer whose length was not given
         named = _naming(path, error)
         return Inspection(str(path), infos, None, str(named), named.kind, named.exit_code)

@@ -28,9 +28,23 @@ def load_model(path: str | os.PathLike[str], check_data_paths: bool = True) -> o
         raise NotAModelError(f"{source}: not an ONNX model ({type(exc).__name__})") from None
     if model.ir_version < 3 or not model.graph.input or not model.graph.node:
         raise NotAModelError(f"{source}: not an ONNX model (no graph inputs or nodes)")
+    _refuse_undecodable_names(model, source)
     if check_data_paths:
         data_files(model, source)  # refuse unsafe references before anything else
     return model
+
+
+def _refuse_undecodable_names(model: onnx.ModelProto, source: Path) -> None:
+    """ONNX names are UTF-8; protobuf hands a name that is not as ``bytes``, which nothing
+    downstream (reports, JSON, the checker) can take. Such a file is damaged: say so."""
+    bodies = [model.graph, *model.functions]
+    for body in bodies:
+        values = [v.name for v in body.input] if isinstance(body, onnx.GraphProto) else list(body.input)
+        for node in body.node:
+            values += [node.name, node.op_type, node.domain, *node.input, *node.output]
+        for value in values:
+            if not isinstance(value, str):
+                raise NotAModelError(f"{source}: not an ONNX model (a name is not UTF-8: {value!r})")
 
 
 def data_file(model_path: Path, tensor: onnx.TensorProto) -> Path:

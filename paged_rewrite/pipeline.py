@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import onnx
 
 from paged_rewrite.domain import QEFF_DOMAIN
-from paged_rewrite.errors import InternalError, NotAModelError, OutputError, PagedRewriteError
+from paged_rewrite.errors import InternalError, NotAModelError, PagedRewriteError
 from paged_rewrite.graph import undefined_ops
 from paged_rewrite.passes.add_paged_inputs import add_paged_inputs
 from paged_rewrite.passes.cache_op_rules import rule_for
@@ -78,7 +78,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
     finalized = run_pass(finalize_model, sites, layout, dropped, _layout_metadata(layout, sites))
     dangling = sorted(undefined_ops(model) - undefined_before)
     if dangling:  # a bug of ours, caught before anything is written
-        raise OutputError(
+        raise InternalError(
             f"the rewritten model calls {dangling[0][0]}::{dangling[0][1]}, which no function defines"
         )
 
@@ -187,8 +187,9 @@ def _layout_metadata(layout: PagedLayout, sites: CacheSites) -> dict[str, str]:
 
 
 def _kv_groups(layout: PagedLayout, sites: CacheSites) -> list[dict[str, Any]]:
-    """Per table: its caches, width (null where symbolic), pool dim and ring length (null for
-    full context) — what a runtime needs to keep one free list per group."""
+    """Per table: its caches, width (null where symbolic), pool dim name (null where static) and
+    size (null where symbolic), and ring length (null for full context) — what a runtime needs to
+    keep one free list per group."""
     groups = []
     for group in layout.groups:
         caches = [t.name for t in sites.tensors if layout.group_of(t).table == group.table]
@@ -196,7 +197,10 @@ def _kv_groups(layout: PagedLayout, sites: CacheSites) -> list[dict[str, Any]]:
             {
                 "table": group.table,
                 "num_kv_blocks": group.columns if isinstance(group.columns, int) else None,
-                "pool_dim": group.pool_dim,
+                # one type per field: the pool's dim name (null when static) and its size (null
+                # when symbolic), as for num_kv_blocks
+                "pool_dim": group.pool_dim if isinstance(group.pool_dim, str) else None,
+                "total_num_kv_blocks": group.pool_dim if isinstance(group.pool_dim, int) else None,
                 "window": group.window,
                 "window_addressing": group.addressing,
                 "caches": caches,

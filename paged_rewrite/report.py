@@ -131,7 +131,8 @@ class RewriteReport:
             if group["window_addressing"] == "logical_positions":
                 kind, width = "full-length caches read over logical positions", "as wide as block_table"
             lines.append(
-                f"{kind} of window {group['window']} in their own pools [{group['pool_dim']}, ...] "
+                f"{kind} of window {group['window']} in their own pools "
+                f"[{group['pool_dim'] or group['total_num_kv_blocks']}, ...] "
                 f"addressed by {group['table']} ({width}): {', '.join(group['caches'])}"
             )
         if self.windows and not windowed:

@@ -132,6 +132,9 @@ def test_verify_says_which_flag_fixes_the_context(model: Path, tmp_path: Path) -
     line = one_line(run("verify", model, paged, "--ctx-len", 64), 2, "usage")
     assert "ctx_len 64 must equal num_kv_blocks*kv_block_size = 8*16" in line
     assert "pass --ctx-len 128 (or leave it out), or rewrite with --ctx-len 64" in line
+    line = one_line(run("verify", model, paged, "--ctx-len", 16), 2, "usage")
+    assert "ctx_len 16 is too short for verify's 18-token scenario" in line
+    assert "pass --ctx-len 18 or more, or fewer --decode-steps" in line
 
 
 # Start-up is mostly importing onnx; a Ctrl-C then used to print a traceback. The hook makes the
@@ -146,7 +149,7 @@ class Interrupt:
         return None
 sys.meta_path.insert(0, Interrupt())
 sys.argv = ["paged-rewrite", *sys.argv[2:]]
-from paged_rewrite.cli import main
+from paged_rewrite._entry import main
 main()
 """
 
@@ -161,6 +164,45 @@ def test_ctrl_c_during_start_up_is_one_line(model: Path, tmp_path: Path, module:
     assert list(tmp_path.iterdir()) == []
 
 
+# The console script's first act is the start-up handler; the child says when it is in place (the
+# interpreter's own start, before any of our code, is Python's), then loads and runs the command.
+SIGNAL_AFTER_READY = """
+import sys
+from paged_rewrite import _entry
+_entry.catch_interrupts_while_starting()
+print("ready", flush=True)
+sys.argv = ["paged-rewrite", *sys.argv[1:]]
+_entry.run()
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.6])
+def test_a_real_ctrl_c_at_any_moment_of_start_up_is_one_line(
+    model: Path, tmp_path: Path, delay: float
+) -> None:
+    """A SIGINT sent while the command loads (imports, click's decorators) or runs: one line and
+    130 with nothing written, or (if it came too late) a finished rewrite. Never a traceback."""
+    import signal
+    import time
+
+    out = tmp_path / "out" / "paged.onnx"
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_AFTER_READY, str(model), "-o", str(out), "--kv-block-size", "16"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=600)
+    if process.returncode == 0:  # the rewrite had finished
+        assert stderr == "" and out.exists()
+    else:
+        assert (process.returncode, stderr) == (130, "paged-rewrite: interrupted: nothing was written\n")
+        assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
 @pytest.mark.parametrize("as_json", [False, True])
 def test_demo_without_workdir_prints_no_path_it_deletes(as_json: bool) -> None:
     result = CliRunner().invoke(main, ["demo", *(["--json"] if as_json else [])])
@@ -173,3 +215,68 @@ def test_demo_without_workdir_prints_no_path_it_deletes(as_json: bool) -> None:
             "manifest": "paged.onnx.json",
             "specializations": "paged.specializations.json",
         }
+
+
+def test_an_output_path_without_a_file_name_is_a_usage_error(model: Path) -> None:
+    one_line(run(model, "-o", "", "--kv-block-size", 16), 2, "usage")
+
+
+def test_demo_never_replaces_a_users_model_in_its_workdir(tmp_path: Path) -> None:
+    mine = tmp_path / "model.onnx"
+    mine.write_bytes(b"my own model")
+    line = one_line(run("demo", "--workdir", tmp_path), 2, "usage")
+    assert "already holds model.onnx, which the demo did not write" in line
+    assert mine.read_bytes() == b"my own model"
+    again = tmp_path / "again"
+    assert run("demo", "--workdir", again).returncode == 0
+    assert run("demo", "--workdir", again).returncode == 0  # its own files it may replace
+
+
+def test_only_the_inputs_dims_can_be_bound(tmp_path: Path) -> None:
+    """A real export's other dims are names its exporter made up: neither listed nor bindable."""
+    real = fixture_model("llama_default")
+    line = one_line(
+        run(real, "-o", tmp_path / "p.onnx", "--kv-block-size", 16, "--dim", "Castlogits_dim_0=5"), 2, "usage"
+    )
+    assert line.rstrip().endswith("its symbolic dims are batch_size, ctx_len, seq_len")
+
+
+def test_verify_json_prints_one_document_even_on_a_mismatch(tmp_path: Path) -> None:
+    """A pipeline parses stdout: one JSON document, the report with the verdict in it."""
+    paged = tmp_path / "paged.onnx"
+    assert run(fixture_model("mistral_default"), "-o", paged, "--kv-block-size", 16).returncode == 0
+    done = run("verify", fixture_model("llama_default"), paged, "--json")
+    assert done.returncode == 7
+    document = json.loads(done.stdout)
+    assert document["ok"] is False and document["error"]["kind"] == "verification_failed"
+    assert done.stderr.count("\n") == 1
+
+
+def test_inspect_takes_the_flags_that_shape_the_plan(tmp_path: Path) -> None:
+    """A CI pre-check of a gpt-oss job whose ring length comes from its specializations file:
+    inspect exits as the rewrite with the same flags would (2 without the window, 0 with it)."""
+    gpt_oss = fixture_model("gpt_oss_swa_moe")
+    one_line(run("inspect", gpt_oss, "--kv-block-size", 16, "--ctx-len", 128), 2, "usage")
+    spec = tmp_path / "specializations.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "specializations": [
+                    {"batch_size": "1", "seq_len": "32", "ctx_len": "128", "sliding_window": "32"}
+                ]
+            }
+        )
+    )
+    done = run(
+        "inspect", gpt_oss, "--kv-block-size", 16, "--specializations", spec, "--num-blocks", 40, "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)["plan"]
+    assert plan["windows"] == {"sliding_window": 32} and plan["total_num_kv_blocks"] == 40
+
+
+def test_verify_with_its_arguments_swapped_says_so(model: Path, tmp_path: Path) -> None:
+    paged = tmp_path / "paged.onnx"
+    assert run(model, "-o", paged, "--kv-block-size", 16).returncode == 0
+    line = one_line(run("verify", paged, model), 2, "usage")
+    assert "ORIGINAL is already a paged model" in line

@@ -112,4 +112,15 @@ def test_manifest_records_the_flags_and_one_type_per_field(tmp_path: Path) -> No
     # the table width: symbolic with two buckets (null), static with one (an int), never a string
     assert ladder["num_kv_blocks"] is None and one["num_kv_blocks"] == 8
     assert ladder["total_num_kv_blocks"] == 33 and one["total_num_kv_blocks"] is None
-    assert ladder["format"] == one["format"] == 3  # 3: "groups", a table per window length
+    assert ladder["format"] == one["format"] == 4  # 4: each group's pool dim and size apart
+    # every group field keeps one type: a pool dim is a name or null, its size an int or null
+    for document in (ladder, one):
+        for group in document["groups"]:
+            assert group["pool_dim"] is None or isinstance(group["pool_dim"], str)
+            assert group["total_num_kv_blocks"] is None or isinstance(group["total_num_kv_blocks"], int)
+            assert group["num_kv_blocks"] is None or isinstance(group["num_kv_blocks"], int)
+    assert ladder["groups"][0]["total_num_kv_blocks"] == 33 and ladder["groups"][0]["pool_dim"] is None
+    assert (
+        one["groups"][0]["pool_dim"] == "total_num_kv_blocks"
+        and one["groups"][0]["total_num_kv_blocks"] is None
+    )

@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 
-from paged_rewrite.errors import PagedRewriteError, UnsupportedPatternError, UsageError, VerificationError
+from paged_rewrite.errors import PagedRewriteError, UsageError, VerificationError
 from paged_rewrite.runtime.block_manager import UNALLOCATED, BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Scenario, drive, random_scenario
 from paged_rewrite.runtime.extra_inputs import CompCtxSchedule, ExtraInputs
@@ -269,6 +270,16 @@ def compare(
     return report
 
 
+def _refuse_a_paged_original(original: str | os.PathLike[str]) -> None:
+    """Swapped arguments are the likely cause of an ORIGINAL with a block table: say so."""
+    inputs = {v.name for v in onnx.load(os.fspath(original), load_external_data=False).graph.input}
+    if "block_table" in inputs:
+        raise UsageError(
+            f"{original}: ORIGINAL is already a paged model (it has a block_table input); "
+            "verify takes the original export first, then its paged rewrite"
+        )
+
+
 def verify(
     original: str | os.PathLike[str],
     paged: str | os.PathLike[str],
@@ -290,6 +301,7 @@ def verify(
     exports it for ``seq_len = ctx_len``, and its cache is checked at the end. Tables are
     narrowed per step to the model's context buckets (``ctx_buckets`` overrides them) unless
     ``full_width``."""
+    _refuse_a_paged_original(original)
     geometry = PagedGeometry.of(paged)
     bs = geometry.kv_block_size
     if ctx_len is None:
@@ -309,9 +321,10 @@ def verify(
     scenario = random_scenario(
         geometry.vocab_size, [long_prompt, short_prompt], num_decode, chunk_len, seed, decode_width=width
     )
-    if scenario.max_length > ctx_len:
-        raise UnsupportedPatternError(
-            f"ctx_len {ctx_len} is too short for a {scenario.max_length}-token scenario"
+    if scenario.max_length > ctx_len:  # only the flags can cause this: a usage error naming them
+        raise UsageError(
+            f"{paged}: ctx_len {ctx_len} is too short for verify's {scenario.max_length}-token scenario; "
+            f"pass --ctx-len {scenario.max_length} or more, or fewer --decode-steps"
         )
     return compare(
         original,

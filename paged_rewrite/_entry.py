@@ -1,0 +1,36 @@
+"""The console script's entry: a Ctrl-C from the first moment the command's own code runs is one
+line and exit 130, not a traceback.
+
+Python raises ``KeyboardInterrupt`` wherever it happens to be; while the command line and its
+imports load (a second or more on a cold start), no handler of ours is active yet. So the very
+first thing done here is a signal handler that writes the line and exits (nothing has been
+written by then); ``cli.main`` hands SIGINT back to Python's own handler once its commands,
+which clean up their temporary files and print the same line, are running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    os.write(2, b"paged-rewrite: interrupted: nothing was written\n")
+    raise SystemExit(130)  # unwinds whatever import was running; Python prints nothing for it
+
+
+def main() -> None:
+    """The ``paged-rewrite`` console script."""
+    catch_interrupts_while_starting()
+    run()
+
+
+def catch_interrupts_while_starting() -> None:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def run() -> None:
+    from paged_rewrite.cli import main as cli_main
+
+    sys.exit(cli_main())
