@@ -24,6 +24,7 @@ class Body:
         self.is_function = isinstance(proto, onnx.FunctionProto)
         self.name = proto.name
         self._before: dict[int, list[onnx.NodeProto]] = {}
+        self._producers: dict[str, onnx.NodeProto] | None = None
         self._consumers: dict[str, list[tuple[onnx.NodeProto, int]]] | None = None
         self._watched = False  # True: only the watched names are indexed
 
@@ -70,6 +71,14 @@ class Body:
             )
         return self._consumers.get(name, [])
 
+    def producers(self) -> dict[str, onnx.NodeProto]:
+        """Which node computes each value, built once per body and shared by the passes: the
+        edits before ``commit`` keep every node's outputs (a node becomes its paged op in place)
+        and only queue new nodes, which no pass looks up."""
+        if self._producers is None:
+            self._producers = {out: node for node in self.proto.node for out in node.output}
+        return self._producers
+
     def insert_before(self, anchor: onnx.NodeProto, nodes: Sequence[onnx.NodeProto]) -> None:
         """Queue ``nodes`` to go right before ``anchor``; applied by ``commit``."""
         self._before.setdefault(id(anchor), []).extend(nodes)
@@ -100,6 +109,7 @@ class Body:
         self._before.clear()
         self._consumers = None
         self._watched = False
+        self._producers = None
 
 
 def prune_unread(body: onnx.GraphProto | onnx.FunctionProto, seeds: set[str]) -> int:
@@ -112,10 +122,11 @@ def prune_unread(body: onnx.GraphProto | onnx.FunctionProto, seeds: set[str]) ->
     for node in body.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
-        for attribute in node.attribute:  # a subgraph may read any outer value: keep those
-            if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                for name in used_names([g for g in [attribute.g, *attribute.graphs] if g.node]):
-                    readers[name] = readers.get(name, 0) + 1
+        if node.op_type in SUBGRAPH_OPS:  # a subgraph may read any outer value: keep those
+            for attribute in node.attribute:
+                if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    for name in used_names([g for g in [attribute.g, *attribute.graphs] if g.node]):
+                        readers[name] = readers.get(name, 0) + 1
     producers = {out: node for node in body.node for out in node.output}
     removed: set[int] = set()
     stack = [name for name in seeds if name in producers]
@@ -214,6 +225,7 @@ def used_names(bodies: Sequence[onnx.GraphProto | onnx.FunctionProto]) -> set[st
     return names
 
 
+SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})  # the standard ops whose attributes hold subgraphs
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "com.microsoft"})
 
 

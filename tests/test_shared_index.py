@@ -14,6 +14,7 @@ from derived_models import positions_renamed_for_one_call, read_positions_throug
 from onnx import TensorProto, helper
 
 from paged_rewrite import rewrite
+from paged_rewrite.graph import Body
 from paged_rewrite.passes.shared_index import _Expressions
 from paged_rewrite.runtime.verify import verify
 
@@ -28,7 +29,7 @@ def _keys(
         [],
         list(initializers),
     )
-    return _Expressions(graph)
+    return _Expressions(Body(graph))
 
 
 def _const(name: str, value: int) -> onnx.NodeProto:

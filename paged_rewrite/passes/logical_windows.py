@@ -31,10 +31,13 @@ def logical_windows(sites: CacheSites, context_dim: object) -> dict[str, int]:
     """``{cache name: W}`` for the full-context caches (length ``context_dim``) whose reads all
     take the window ``[p0 - W, p0 + S)``."""
     found: dict[str, set[int | None]] = {}
+    indexes: dict[int, _Producers] = {}  # per body, built once: a 70B graph has 160 reads
     for site in sites.reads:
         rule = rule_for(site.node.domain, site.node.op_type, len(site.node.input))
         assert rule is not None and site.cache is not None
-        window = _window_of(site.body, site.node.input[rule.operand("ctx_indices")])
+        if id(site.body.proto) not in indexes:
+            indexes[id(site.body.proto)] = _Producers(site.body)
+        window = _window_of(indexes[id(site.body.proto)], site.node.input[rule.operand("ctx_indices")])
         for tensor in _served(sites, site.cache):
             found.setdefault(tensor.name, set()).add(window)
     lengths = {t.name: t.length_dim for t in sites.tensors}
@@ -54,8 +57,19 @@ def _served(sites: CacheSites, cache: CacheTensor) -> list[CacheTensor]:
     return [t for t in sites.tensors if t.call is not None and (t.call.domain, t.call.op_type) == key]
 
 
-def _window_of(body: Body, positions: str) -> int | None:
-    producers = {out: node for node in body.proto.node for out in node.output}
+class _Producers:
+    """Who computes each value of one body, and its initializers (the main graph's)."""
+
+    def __init__(self, body: Body) -> None:
+        self.nodes = body.producers()
+        proto = body.proto
+        self.initializers = (
+            {t.name: t for t in proto.initializer} if isinstance(proto, onnx.GraphProto) else {}
+        )
+
+
+def _window_of(index: _Producers, positions: str) -> int | None:
+    producers = index.nodes
     queue = deque([(positions, 0)])
     seen = set()
     while queue:
@@ -65,10 +79,7 @@ def _window_of(body: Body, positions: str) -> int | None:
             continue
         seen.add(name)
         if node.op_type == "Sub" and node.domain in ("", "ai.onnx") and len(node.input) == 2:
-            initializers = (
-                {t.name: t for t in body.proto.initializer} if isinstance(body.proto, onnx.GraphProto) else {}
-            )
-            window = int_constant(node.input[1], producers, initializers)
+            window = int_constant(node.input[1], producers, index.initializers)
             if window is not None and window > 0 and _reaches_positions(node.input[0], producers):
                 return window
         queue.extend((value, depth + 1) for value in node.input if value)

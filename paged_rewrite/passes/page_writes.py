@@ -50,7 +50,7 @@ class _Producers:
 
     def __init__(self, sites: CacheSites) -> None:
         self._sites = sites
-        self._maps: dict[int, dict[str, onnx.NodeProto]] = {}
+        self._bodies = {id(body.proto): body for body in sites.bodies}
         self._initializers = {t.name: t for t in sites.model.graph.initializer}
 
     def constant_modulus(self, site: Site, call: onnx.NodeProto | None) -> int | None:
@@ -85,6 +85,4 @@ class _Producers:
         return None
 
     def _producers(self, body: onnx.GraphProto | onnx.FunctionProto) -> dict[str, onnx.NodeProto]:
-        if id(body) not in self._maps:
-            self._maps[id(body)] = {out: n for n in body.node for out in n.output}
-        return self._maps[id(body)]
+        return self._bodies[id(body)].producers()

@@ -174,7 +174,7 @@ class SharedIndex:
 
     def _expressions_of(self, body: Body) -> _Expressions:
         if id(body.proto) not in self._expressions:
-            self._expressions[id(body.proto)] = _Expressions(body.proto)
+            self._expressions[id(body.proto)] = _Expressions(body)
         return self._expressions[id(body.proto)]
 
     def _in_main_graph(self, site: Site, operands: Sequence[Operand]) -> list[Operand] | None:
@@ -293,9 +293,7 @@ class SharedIndex:
         self.dropped |= moved  # what the function no longer reads: pruned at the end
 
     def _producers_of(self, body: Body) -> dict[str, onnx.NodeProto]:
-        if id(body.proto) not in self._producer_maps:
-            self._producer_maps[id(body.proto)] = {out: n for n in body.proto.node for out in n.output}
-        return self._producer_maps[id(body.proto)]
+        return body.producers()
 
     def _order_of(self, body: Body) -> dict[int, int]:
         """Node positions of ``body`` as the passes found it (insertions wait for ``commit``)."""
@@ -355,9 +353,9 @@ class _Expressions:
     rewires the shapes before any position is keyed; the later edits (cache ops becoming paged
     ops, which are never comparable) can only make values compare unequal, never equal."""
 
-    def __init__(self, body: onnx.GraphProto | onnx.FunctionProto) -> None:
-        self._body = body
-        self._producers = {out: node for node in body.node for out in node.output}
+    def __init__(self, body: Body) -> None:
+        self._body = body.proto
+        self._producers = body.producers()
         self._constants: dict[str, onnx.TensorProto] = {}
         self._initializers_seen = 0
         self._ids: dict[object, int] = {}
