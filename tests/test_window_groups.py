@@ -20,7 +20,7 @@ from contract import contract_writes
 
 from paged_rewrite import rewrite
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
-from paged_rewrite.runtime.driver import chunk_row, drive, random_scenario
+from paged_rewrite.runtime.driver import Scenario, SequenceScript, chunk_row, drive, random_scenario
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, Row, unexpected_writes
 from paged_rewrite.runtime.verify import verify
 
@@ -342,6 +342,146 @@ def test_logical_window_pool_matches_the_original(tmp_path: Path) -> None:
     assert window.blocks_of("A")[:4] == [-1] * 4  # 110 - 32 = 78: columns 0-3 freed
     assert window.blocks_of("B")[:4] == [-1] * 4  # 100 - 32 = 68: columns 0-3 freed
     assert window.num_used_blocks == 3 + 3
+
+
+@pytest.fixture(scope="module")
+def retain_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The runnable retain_full_kv export and its rewrite (blocks of 16, context 128)."""
+    tmp = tmp_path_factory.mktemp("retain")
+    original = _runnable_retain(tmp)
+    out = tmp / "paged.onnx"
+    rewrite(original, out, 16, ctx_len=CTX_LEN)
+    return original, out
+
+
+def _logical_runner(out: Path, window: BlockManager, full_blocks: int = 24) -> PagedRunner:
+    full = BlockManager(full_blocks, 16, shuffled_order(full_blocks, 4))
+    return PagedRunner(out, full, 8, full_width=True, window_managers={"block_table_w32": window})
+
+
+def test_fork_in_a_logical_window_copies_on_write() -> None:
+    """A fork shares the partly filled block of positions 16-19; the child's write at 20 must go
+    to a private copy of it (the full group's rule: the columns the write touches)."""
+    manager = BlockManager(12, 16, window=WINDOW, logical=True)
+    manager.append("a", 20)
+    parent = manager.blocks_of("a")
+    manager.fork("a", "b")
+    manager.prepare_write("b", 21)
+    copies = manager.take_copies()
+    assert len(copies) == 1 and copies[0][0] == parent[1]
+    assert manager.blocks_of("b") == [parent[0], copies[0][1]] and manager.blocks_of("a") == parent
+
+
+def test_fork_in_a_logical_window_matches_the_original(retain_pair: tuple[Path, Path]) -> None:
+    """A and B share a 20-token prompt, B forked from A after its prefill; both decode 40 steps
+    with their own tokens (lengths 60: the window frees the shared blocks behind it as it moves).
+    Logits equal the original's (each sequence its own contiguous cache) bit for bit, every step."""
+    original, out = retain_pair
+    prompt = np.random.default_rng(9).integers(0, 256, 20)
+    scripts = [
+        SequenceScript(name, prompt, 40, np.random.default_rng(seed).integers(0, 256, 40), fork_of=parent)
+        for name, seed, parent in (("A", 1, None), ("B", 2, "A"))
+    ]
+    window = BlockManager(12, 16, shuffled_order(12, 3), window=WINDOW, logical=True)
+    paged = _logical_runner(out, window)
+    reference = ContiguousRunner(original, {"ctx_len": CTX_LEN})
+    steps = drive([reference, paged], Scenario(scripts, chunk_len=16))
+    assert len(steps) == 2 + 40
+    for step in steps:
+        assert np.array_equal(step.logits[0], step.logits[1]), step.index
+    assert all(not record.foreign_blocks_changed for record in paged.isolation)
+    assert (set(window.blocks_of("A")) - {-1}).isdisjoint(window.blocks_of("B"))
+
+
+def test_the_original_attends_to_the_last_window_positions_only(retain_pair: tuple[Path, Path]) -> None:
+    """The export's semantics, which decide what a logical window may free: it reads
+    ``[p0 - 32, p0 + S)``, but a query at ``q`` attends to ``(q - 32, q]`` only. With 40 positions
+    cached, changing position 8 (= 40 - 32, read) leaves the next call's logits unchanged;
+    changing 9 does not, whether the call is one token or seven."""
+    original, _ = retain_pair
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 256, 40)
+    runner = ContiguousRunner(original, {"ctx_len": CTX_LEN})
+    for first in range(0, 40, 16):
+        runner.step([chunk_row("a", prompt, first, 16)], "prefill")
+    for width in (1, 7):
+        tokens = rng.integers(0, 256, width)
+        changed = {}
+        for position in (None, 7, 8, 9, 10):
+            runner.fork("a", "b")
+            if position is not None:
+                for name in ("past_key.0", "past_value.0"):  # the sliding layer's cache itself
+                    runner.kv_view("b")[name][0, :, position] += 3.0
+            logits = runner.step([Row("b", tokens, np.arange(40, 40 + width))], "decode")
+            runner.release("b")
+            changed[position] = logits
+        moved = {p: not np.array_equal(changed[p], changed[None]) for p in (7, 8, 9, 10)}
+        assert moved == {7: False, 8: False, 9: True, 10: True}, width
+
+
+class _FreesOnePositionMore(BlockManager):
+    """A logical window that frees a block one position too early."""
+
+    def first_attended(self, length: int) -> int:
+        return super().first_attended(length) + 1
+
+
+def test_logical_window_frees_exactly_the_blocks_no_query_attends(retain_pair: tuple[Path, Path]) -> None:
+    """One sequence (a 30-token prompt in 16-token chunks, 50 decode steps). After every step of
+    length ``L`` the window group holds exactly the blocks of positions ``[L - 31, L)``, the ones
+    the next query (at ``L``) attends to: 3 blocks, but 2 where ``L - 31`` starts a block (``L``
+    47, 63, 79) or ``L`` ends one (48, 64, 80). Logits equal the original's bit for bit. A manager
+    freeing one position more drops position ``L - 31`` when it is the last of its block (first at
+    ``L`` 46), and the next call differs."""
+    original, out = retain_pair
+    scenario = random_scenario(256, [30], num_decode=50, chunk_len=16, seed=8)
+    window = BlockManager(6, 16, shuffled_order(6, 3), window=WINDOW, logical=True)
+    paged = _logical_runner(out, window)
+    held: dict[int, int] = {}
+    reference = ContiguousRunner(original, {"ctx_len": CTX_LEN})
+
+    class Recording:  # the paged runner, noting the window group's blocks after each step
+        def step(self, rows: list[Row], phase: str | None = None) -> np.ndarray:
+            logits = paged.step(rows, phase)  # type: ignore[arg-type]
+            held[window.length_of("A")] = window.num_used_blocks
+            return logits
+
+        def fork(self, parent: str, child: str) -> None:
+            raise AssertionError("no forks here")
+
+    steps = drive([reference, Recording()], scenario)
+    for step in steps:
+        assert np.array_equal(step.logits[0], step.logits[1]), step.index
+    assert sorted(held) == [16, 30, *range(31, 81)]
+    for length, count in held.items():
+        assert count == len({p // 16 for p in range(max(length - 31, 0), length)}), length
+    assert [held[n] for n in (45, 46, 47, 48, 49, 62, 63, 64, 65, 79)] == [3, 3, 2, 2, 3, 3, 2, 2, 3, 2]
+    assert max(held.values()) == BlockManager(2, 16, window=WINDOW, logical=True).blocks_for(80) == 3
+
+    eager = _FreesOnePositionMore(6, 16, shuffled_order(6, 3), window=WINDOW, logical=True)
+    steps = drive([ContiguousRunner(original, {"ctx_len": CTX_LEN}), _logical_runner(out, eager)], scenario)
+    differs = [s.index for s in steps if not np.array_equal(s.logits[0], s.logits[1])]
+    # step i (i >= 2) is the decode at position 30 + (i - 2): the first wrong call is the one at
+    # L = 46 (the KV it writes is then wrong, so every later call differs too)
+    assert differs[0] == 46 - 30 + 2, differs
+
+
+def test_logical_window_prefill_chunk_longer_than_the_window(retain_pair: tuple[Path, Path]) -> None:
+    """48-token prefill chunks, longer than the 32-position window (a chunk attends across its own
+    positions and the window before it): prompts of 96 and 60 tokens, 20 decode steps, the window
+    pool sized by ``blocks_for`` at that chunk: 6 blocks for the 116 positions of the first (a call
+    at ``p0`` holds ``[p0 - 31, p0 + 48)``, 79 positions: 6 blocks when they start at a block's
+    last slot), 5 for the 80 of the second (all it has), and the null block. Bit-exact."""
+    original, out = retain_pair
+    scenario = random_scenario(256, [96, 60], num_decode=20, chunk_len=48, seed=3)
+    probe = BlockManager(2, 16, window=WINDOW, logical=True)
+    assert [probe.blocks_for(s.length, 48) for s in scenario.sequences] == [6, 5]
+    window = BlockManager(12, 16, shuffled_order(12, 3), window=WINDOW, logical=True)
+    paged = _logical_runner(out, window, full_blocks=1 + 8 + 5)
+    steps = drive([ContiguousRunner(original, {"ctx_len": CTX_LEN}), paged], scenario)
+    for step in steps:
+        assert np.array_equal(step.logits[0], step.logits[1]), step.index
+    assert all(not record.foreign_blocks_changed for record in paged.isolation)
 
 
 def test_adversarial_logical_window_table_stays_harmless(tmp_path: Path) -> None:
