@@ -22,6 +22,7 @@ from paged_rewrite import rewrite
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Scenario, SequenceScript, chunk_row, drive, random_scenario
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, Row, unexpected_writes
+from paged_rewrite.runtime.serving import Request, Server
 from paged_rewrite.runtime.verify import verify
 
 WINDOW = 32
@@ -593,3 +594,27 @@ def test_prefix_caching_is_refused_for_windows_it_cannot_name() -> None:
         BlockManager(8, 16, window=24, prefix_caching=True)
     with pytest.raises(ValueError, match="multiple of kv_block_size"):
         BlockManager(8, 16, window=WINDOW, logical=True, prefix_caching=True)
+
+
+def test_server_reserves_a_logical_window_for_its_prefill_chunks(retain_pair: tuple[Path, Path]) -> None:
+    """Four 100-token requests (8 new tokens each) served in 64-token prefill chunks. A request
+    holds up to ``blocks_for(108, 64)`` = 7 window blocks (a call at ``p0`` holds ``[p0 - 31,
+    p0 + 64)``: 95 positions, 7 blocks at the worst alignment), so a window pool of 2 * 7 blocks
+    and the null block admits two at a time and never runs out; the tokens equal the original's
+    served two at a time (the same calls in the same order)."""
+    original, out = retain_pair
+    rng = np.random.default_rng(6)
+    requests = [Request(f"r{i}", rng.integers(0, 256, 100), 8) for i in range(4)]
+    assert BlockManager(2, 16, window=WINDOW, logical=True).blocks_for(108, 64) == 7
+    window = BlockManager(15, 16, shuffled_order(15, 3), window=WINDOW, logical=True)
+    paged = Server(_logical_runner(out, window, full_blocks=1 + 4 * 7), 64, 4)
+    served = {s.request.name: s.tokens for s in paged.run(requests)}
+    reference = Server(ContiguousRunner(original, {"ctx_len": CTX_LEN}), 64, 2)
+    assert served == {s.request.name: s.tokens for s in reference.run(requests)}
+    assert paged.peak_running == 2 and window.num_free_blocks == 14
+    # 13 blocks: one at a time. Reserving 3 blocks a request (the window alone, chunks of 1) would
+    # admit all four, and the fourth one's second chunk would find 13 - 3 * 3 < 5 blocks free.
+    window = BlockManager(14, 16, shuffled_order(14, 3), window=WINDOW, logical=True)
+    alone = Server(_logical_runner(out, window, full_blocks=1 + 4 * 7), 64, 4)
+    assert {s.request.name: s.tokens for s in alone.run(requests)} == served
+    assert alone.peak_running == 1 and window.num_free_blocks == 13
