@@ -618,3 +618,47 @@ def test_server_reserves_a_logical_window_for_its_prefill_chunks(retain_pair: tu
     alone = Server(_logical_runner(out, window, full_blocks=1 + 4 * 7), 64, 4)
     assert {s.request.name: s.tokens for s in alone.run(requests)} == served
     assert alone.peak_running == 1 and window.num_free_blocks == 13
+
+
+def _window_pool_sizes(tmp_path: Path, source: Path, **options: object) -> set[str]:
+    out = tmp_path / "sized.onnx"
+    rewrite(source, out, 16, ctx_len=CTX_LEN, **options)
+    entries = json.loads((tmp_path / "sized.specializations.json").read_text())["specializations"]
+    return {entry["symbols"]["total_num_kv_blocks_w32"] for entry in entries}
+
+
+def test_logical_window_specializations_size_the_pool_for_the_longest_chunk(
+    tmp_path: Path, retain_pair: tuple[Path, Path]
+) -> None:
+    """The window pool of the specializations (one value for every entry), batch_size 4, blocks of
+    16, context 128 (8 blocks a row). A call of ``S`` positions at ``p0`` reads ``[p0 - 32, p0 +
+    S)``: ``32 + S`` positions, at the worst alignment ``ceil((31 + S) / 16) + 1`` blocks, at most
+    the row's 8. Prefill entries without a ``seq_len`` may write a chunk as long as the context:
+    8 blocks a row. Four rows prefilling 32-token chunks and decoding in the 21-block pool of
+    ``seq_len`` 32 match the original bit for bit."""
+    original, out = retain_pair
+    sizes = {
+        "unbound": _window_pool_sizes(tmp_path, original, dims={"batch_size": 4}),  # prefill: no seq_len
+        "32": _window_pool_sizes(tmp_path, original, dims={"batch_size": 4, "seq_len": 32}),
+        "1": _window_pool_sizes(tmp_path, original, dims={"batch_size": 4, "seq_len": 1}),
+        "128": _window_pool_sizes(tmp_path, original, dims={"batch_size": 4, "seq_len": 128}),
+    }
+    assert sizes == {
+        "unbound": {str(4 * 8 + 1)},
+        "32": {str(4 * (4 + 1) + 1)},  # ceil(63 / 16) + 1 = 5
+        "1": {str(4 * (2 + 1) + 1)},  # ceil(32 / 16) + 1 = 3
+        "128": {str(4 * 8 + 1)},  # ceil(159 / 16) + 1 = 11, capped at the row's 8
+    }
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps({"specializations": [
+        {"name": "prefill", "symbols": {"batch_size": "1", "seq_len": "64", "ctx_len": "128"}},
+        {"name": "decode", "symbols": {"batch_size": "4", "seq_len": "1", "ctx_len": "128"}},
+    ]}))  # fmt: skip
+    # the most rows of any entry (4) times the longest chunk's ceil(95 / 16) + 1 = 7 blocks
+    assert _window_pool_sizes(tmp_path, original, specializations=specs) == {str(4 * 7 + 1)}
+
+    window = BlockManager(21, 16, shuffled_order(21, 5), window=WINDOW, logical=True)
+    paged = _logical_runner(out, window, full_blocks=1 + 4 * 8)
+    scenario = random_scenario(256, [70, 45, 90, 33], num_decode=12, chunk_len=32, seed=11)
+    for step in drive([ContiguousRunner(original, {"ctx_len": CTX_LEN}), paged], scenario):
+        assert np.array_equal(step.logits[0], step.logits[1]), step.index
