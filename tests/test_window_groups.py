@@ -175,17 +175,12 @@ def test_ring_blocks_are_allocated_once_and_reused() -> None:
     assert manager.num_free_blocks == 7
 
 
-def _ring_blocks(table: np.ndarray, num_pool: int) -> set[tuple[int, int]]:
-    """A ring row may rewrite any slot of the blocks its own window-table row lists (ring order
-    is the model's): every offset of every listed block inside the pool."""
-    return {(int(b), o) for b in table.ravel() if 0 < b < num_pool for o in range(16)}
-
-
 def test_adversarial_tables_on_every_group_stay_harmless(tmp_path: Path) -> None:
     """Garbage on both tables at once: -1, the null block, duplicates, entries past the window
     pool that are still inside the (larger) full pool, entries past both, wrong slot_ids, padding
-    and out-of-range positions, NaN in both null blocks. No block outside a row's own entries
-    and block 0 changes in either group, onnxruntime never sees an index out of range, and the
+    and out-of-range positions, NaN in both null blocks. In either group, no slot changes but
+    block 0 and those the contract gives each row's own positions (ring slot ``p % 32`` through
+    its ring table, a broken slot_id writing nothing), onnxruntime never sees an index out of range, and the
     well-formed row keeps finite logits."""
     out = tmp_path / "paged.onnx"
     rewrite(fixture_model("gpt_oss_swa_moe"), out, 16, ctx_len=CTX_LEN, dims=DIMS)
@@ -225,12 +220,49 @@ def test_adversarial_tables_on_every_group_stay_harmless(tmp_path: Path) -> None
         }
         got = dict(zip(names, session.run(None, feeds), strict=True))
         allowed = {
-            "0": _ring_blocks(ring, window_pool),
+            # ring slot p % 32 through the row's own ring table, as the contract says for p
+            "0": contract_writes(
+                ring, np.where(positions >= 0, positions % WINDOW, -1), slot_id, bs, window_pool
+            ),
             "1": contract_writes(full, positions, slot_id, bs, full_pool),
         }
         for name, before in pools.items():
             assert unexpected_writes(before, got[f"{name}_RetainedState"], allowed[name[-1]]) == [], name
         assert np.isfinite(got["logits"][0]).all(), "NaN leaked into the valid row"
+
+
+def test_runner_flags_a_write_into_another_rows_ring_slot(tmp_path: Path) -> None:
+    """The runner's own isolation check holds a ring group to the contract slot by slot: A and B
+    decode positions 20, 21, 22, 23 (ring slots 20-23: column 1, offsets 4-7). A change at
+    offset 12 of A's column-1 block — listed in A's ring table, but no row of the step writes
+    it — is flagged, as is one in B's column-0 block at the step's offset; the real writes and a
+    change in a slot the step writes are not."""
+    out = tmp_path / "paged.onnx"
+    rewrite(fixture_model("gpt_oss_swa_moe"), out, 16, ctx_len=CTX_LEN, dims=DIMS)
+    rings = BlockManager(9, 16, shuffled_order(9, 2), window=WINDOW)
+    paged = PagedRunner(out, BlockManager(12, 16), 8, DIMS, window_managers={"block_table_w32": rings})
+    rng = np.random.default_rng(4)
+    for name in ("A", "B"):
+        prompt = rng.integers(0, 256, 20)
+        for first in (0, 16):
+            paged.step([chunk_row(name, prompt, first, 16)], "prefill")
+    real_run = paged._run
+    tamper: list[tuple[int, int]] = []
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        got = real_run(feeds)
+        for block, offset in tamper:
+            got["past_value.0_RetainedState"][block, :, offset] += 1.0
+        return got
+
+    paged._run = run  # type: ignore[method-assign]
+    a, b = rings.blocks_of("A"), rings.blocks_of("B")
+    cases = [([], []), ([(a[1], 5)], []), ([(a[1], 12)], [a[1]]), ([(b[0], 7), (b[1], 7)], [b[0]])]
+    for position, (changed, flagged) in enumerate(cases, start=20):
+        tamper[:] = changed
+        decode = [Row(name, rng.integers(0, 256, 1), np.array([position])) for name in ("A", "B")]
+        paged.step(decode, "decode")
+        assert paged.isolation[-1].foreign_blocks_changed == flagged, changed
 
 
 def test_oversubscribed_window_pool_matches_the_original(tmp_path: Path) -> None:

@@ -138,8 +138,9 @@ class PagedRunner(StepRunner):
     cut short (buckets that do not reach a row's context).
 
     **Isolation.** Every step checks, slot by slot: outside block 0, a pool slot may change only
-    if some row of the step wrote that logical position through its own table row, or lies in
-    that row's ring columns; any other change is recorded with its block, so a row writing into
+    if some row of the step wrote that logical position through its own table row (in a ring
+    group's table, ring slot ``p % W``), or lies in that row's ring columns of a ring the model
+    orders itself (a shared table's, a prefill-only graph's); any other change is recorded with its block, so a row writing into
     another row's block is caught even within one batch (``check_isolation=False`` skips it: it
     compares every pool byte). ``in_place=True`` updates the pools in place (``in_place.py``).
 
@@ -274,9 +275,7 @@ class PagedRunner(StepRunner):
         pool is checked against the table of its own group."""
         size = self.manager.kv_block_size
         allowed = {
-            table: expected_writes(rows, tables[table], size, group.ring_lengths)
-            if self.check_isolation
-            else set()
+            table: self._expected_writes(rows, tables[table], group) if self.check_isolation else set()
             for table, group in self.managers.items()
         }
         record = IsolationRecord(step=len(self.isolation))
@@ -293,6 +292,19 @@ class PagedRunner(StepRunner):
         cut = tuple(seq for seq, tokens in needed.items() if tokens > columns * size)
         needed_columns = columns_for(max(needed.values(), default=0), size)
         self.table_widths.append(TableWidthRecord(record.step, columns, needed_columns, cut))
+
+    def _expected_writes(
+        self, rows: Sequence[Row], table: np.ndarray, group: BlockManager
+    ) -> set[tuple[int, int]]:
+        """The slots a group's pools may change in this step: each row's positions through its
+        own row of the group's table (ring slot ``p % W`` in a ring group's table). A prefill-only
+        graph's ring holds the last ``W`` tokens in order, not at ``p % W``: its rows may change
+        any slot of their ring blocks."""
+        size = self.manager.kv_block_size
+        ring = group.window is not None and not group.logical
+        if ring and not self.geometry.write_only:
+            return expected_writes(rows, table, size, (), window=group.window)
+        return expected_writes(rows, table, size, group.ring_lengths)
 
     def start(self, seq: Hashable, prompt: np.ndarray) -> int:
         """Begin ``seq``: with prefix caching, take the cached blocks its prompt starts with, in
