@@ -21,7 +21,13 @@ from contract import contract_writes
 from paged_rewrite import rewrite
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Scenario, SequenceScript, chunk_row, drive, random_scenario
-from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, Row, unexpected_writes
+from paged_rewrite.runtime.runners import (
+    ContiguousRunner,
+    PagedRunner,
+    Row,
+    agreed_prefix_hit,
+    unexpected_writes,
+)
 from paged_rewrite.runtime.serving import Request, Server
 from paged_rewrite.runtime.verify import verify
 
@@ -694,3 +700,24 @@ def test_logical_window_specializations_size_the_pool_for_the_longest_chunk(
     scenario = random_scenario(256, [70, 45, 90, 33], num_decode=12, chunk_len=32, seed=11)
     for step in drive([ContiguousRunner(original, {"ctx_len": CTX_LEN}), paged], scenario):
         assert np.array_equal(step.logits[0], step.logits[1]), step.index
+
+
+def test_two_ring_groups_agree_on_one_prefix_hit() -> None:
+    """Rings of 32 and 64 positions (2 and 4 blocks of 16) and the full group, caches seeded by
+    prefilling the prompt's first 2, 6 and 4 blocks: the full group holds blocks 0-5, the 32-ring
+    blocks 0-1 (a 32-position run) and 4-5 (the ring after 96), the 64-ring blocks 0-3. By hand:
+    a hit of 6 needs [4, 6) and [2, 6): the 64-ring lacks 4; of 4, [2, 4) and [0, 4): the
+    32-ring lacks 2; of 2, [0, 2) in both. Every group then starts at 32."""
+    prompt = np.arange(1000, 1000 + 6 * 16 + 1)
+    full = BlockManager(16, 16, prefix_caching=True)
+    short = BlockManager(16, 16, window=32, prefix_caching=True)
+    long = BlockManager(16, 16, window=64, prefix_caching=True)
+    for manager, lengths in ((full, [96]), (short, [32, 96]), (long, [64])):
+        for length in lengths:
+            manager.append("seed", length)
+            manager.cache_prompt("seed", prompt)
+            manager.free("seed")
+    assert agreed_prefix_hit(full, [short, long], prompt) == 2
+    assert agreed_prefix_hit(full, [long, short], prompt) == 2
+    assert agreed_prefix_hit(full, [long], prompt) == 4 and agreed_prefix_hit(full, [short], prompt) == 6
+    assert [m.match_prefix("s", prompt, 2) for m in (full, short, long)] == [32, 32, 32]

@@ -44,6 +44,7 @@ __all__ = [
     "PagedRunner",
     "Row",
     "TableWidthRecord",
+    "agreed_prefix_hit",
     "cache_io",
     "foreign_changes",
     "kept_logits",
@@ -314,18 +315,18 @@ class PagedRunner(StepRunner):
             hit = self.prefix_hit_blocks(prompt)
             if self._window_groups():
                 self._prompts[seq] = prompt  # ring blocks are named as the prompt fills them
-            return min(group.match_prefix(seq, prompt, hit) for group in self.managers.values())
+            starts = {group.match_prefix(seq, prompt, hit) for group in self.managers.values()}
+            if len(starts) != 1:
+                raise RuntimeError(f"prefix hit of {hit} blocks: the groups start at {sorted(starts)}")
+            return starts.pop()
         for group in self.managers.values():
             group.ensure_capacity(seq, 0)  # known to the manager, holding nothing yet
         return 0
 
     def prefix_hit_blocks(self, prompt: np.ndarray) -> int:
-        """Blocks of positions a prefix hit on ``prompt`` covers: the full group's cached run,
-        cut to where every ring group still has its window's blocks."""
-        hit = self.manager.prefix_blocks(prompt)
-        for group in self._window_groups():
-            hit = group.prefix_blocks(prompt, hit)
-        return hit
+        """Blocks of positions a prefix hit on ``prompt`` covers: the longest every group agrees
+        on (``agreed_prefix_hit``)."""
+        return agreed_prefix_hit(self.manager, self._window_groups(), prompt)
 
     def cache_prompt(self, seq: Hashable, prompt: np.ndarray) -> None:
         """``seq`` has prefilled ``prompt``: offer its full blocks to later requests."""
@@ -384,6 +385,20 @@ class PagedRunner(StepRunner):
         for group in self.managers.values():
             group.fork(parent, child)
         self.states.fork(parent, child)
+
+
+def agreed_prefix_hit(full: BlockManager, windows: Sequence[BlockManager], prompt: np.ndarray) -> int:
+    """The longest hit ``k`` (blocks of positions) that the full group's cached run covers and
+    every ring group holds its window's blocks for (``prefix_blocks(prompt, k) == k`` in each).
+    A group's answer below ``k`` may not suit another, so the cut is repeated until no group
+    lowers it: every common hit is at most each group's answer, so the fixed point is the
+    longest."""
+    hit = full.prefix_blocks(prompt)
+    while True:
+        lowest = min((group.prefix_blocks(prompt, hit) for group in windows), default=hit)
+        if lowest == hit:
+            return hit
+        hit = lowest
 
 
 def _window_managers(
