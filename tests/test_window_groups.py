@@ -721,3 +721,20 @@ def test_two_ring_groups_agree_on_one_prefix_hit() -> None:
     assert agreed_prefix_hit(full, [long, short], prompt) == 2
     assert agreed_prefix_hit(full, [long], prompt) == 4 and agreed_prefix_hit(full, [short], prompt) == 6
     assert [m.match_prefix("s", prompt, 2) for m in (full, short, long)] == [32, 32, 32]
+
+
+def test_full_manager_refuses_a_ring_that_has_its_own_table(tmp_path: Path) -> None:
+    """The 32-ring has its own table: passing its length to the full table's manager (copy on
+    write and allowed writes in block_table's first columns) is refused; with
+    ``--shared-window-table`` the ring is in those columns, and the same manager is right."""
+    out = tmp_path / "paged.onnx"
+    rewrite(fixture_model("gpt_oss_swa_moe"), out, 16, ctx_len=CTX_LEN, dims=DIMS)
+    with pytest.raises(ValueError, match=r"own table \(block_table_w32"):
+        PagedRunner(out, BlockManager(12, 16, ring_lengths=[WINDOW]), 8, DIMS)
+    shared = tmp_path / "shared.onnx"
+    rewrite(
+        fixture_model("gpt_oss_swa_moe"), shared, 16, ctx_len=CTX_LEN, dims=DIMS, shared_window_table=True
+    )
+    assert PagedRunner(shared, BlockManager(12, 16, ring_lengths=[WINDOW]), 8, DIMS).managers.keys() == {
+        "block_table"
+    }

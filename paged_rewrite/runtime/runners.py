@@ -177,6 +177,7 @@ class PagedRunner(StepRunner):
         self.geometry = PagedGeometry.of(model_path)
         self.check_isolation = check_isolation
         self.manager = manager
+        _refuse_foreign_rings(self.geometry, manager)
         self.managers = {"block_table": manager, **_window_managers(self.geometry, manager, window_managers)}
         self.table_of = {c.input: self.geometry.table_of(c.input) for c in self.caches}
         self.num_kv_blocks = num_kv_blocks
@@ -399,6 +400,22 @@ def agreed_prefix_hit(full: BlockManager, windows: Sequence[BlockManager], promp
         if lowest == hit:
             return hit
         hit = lowest
+
+
+def _refuse_foreign_rings(geometry: PagedGeometry, manager: BlockManager) -> None:
+    """A ring with a table of its own (``block_table_w<W>``) is no ring of ``block_table``: its
+    length in the full manager's ``ring_lengths`` would copy and allow writes in the full
+    table's first columns for nothing."""
+    own = {g.window for g in geometry.window_groups if g.window and not g.logical} - set(
+        geometry.ring_lengths
+    )
+    foreign = sorted(own & set(manager.ring_lengths))
+    if foreign:
+        raise ValueError(
+            f"ring_lengths {foreign}: the model's ring of {foreign[0]} positions has its own table "
+            f"(block_table_w{foreign[0]}, managed by window_managers); the full table's manager "
+            f"takes only rings of block_table: PagedGeometry.ring_lengths = {geometry.ring_lengths}"
+        )
 
 
 def _window_managers(
