@@ -77,8 +77,9 @@ def paged_specializations(
     ``batch_size``). Each window group's pool (``total_num_kv_blocks_w<W>``) is likewise the same
     in every entry: ``rows * ceil(W / kv_block_size) + 1``, a ring of blocks per row; for a window
     over logical positions (``[p0 - W, p0 + S)`` of a full-length cache, whose blocks behind the
-    window a runtime frees) ``rows * (ceil((W + S) / kv_block_size) + 1) + 1``, with ``S`` the
-    longest ``seq_len`` of any entry (1 where none says).
+    window a runtime frees) ``rows * min(ceil((W + S - 1) / kv_block_size) + 1, num_kv_blocks) +
+    1``, with ``S`` the longest ``seq_len`` of any entry, and ``rows * num_kv_blocks + 1`` (the
+    widest table) where an entry leaves ``seq_len`` unbound: its chunk may span the context.
     """
     symbols = sorted({d for spec in report.inputs for d in spec.shape if isinstance(d, str)})
     context = report.context_dim or "ctx_len"
@@ -166,20 +167,42 @@ def _rows(entries: Iterable[Mapping[str, int]]) -> int:
 def _window_pools(report: RewriteReport, entries: Sequence[Mapping[str, int]]) -> dict[str, int]:
     """``total_num_kv_blocks_w<W>`` of each window group with a symbolic pool, for each of the
     most rows of any entry plus the null block: a ring of ``ceil(W / kv_block_size)`` blocks, or
-    the blocks a window ``[p0 - W, p0 + S)`` at any alignment touches; nothing when no entry
-    knows its rows."""
+    the blocks a read ``[p0 - W, p0 + S)`` touches at the worst alignment, ``ceil((W + S - 1) /
+    kv_block_size) + 1``, at most the widest table's; nothing when no entry knows its rows (or, for
+    a logical window, neither ``S`` nor the widest table is known)."""
     rows = _rows(entries)
-    chunk = max((v.get("seq_len", 1) for v in entries), default=1)
+    chunk = _longest_chunk(report, entries)
+    width = max((v.get("num_kv_blocks", 0) for v in entries), default=0)
     pools = {}
     for group in report.kv_groups:
         if group["window"] is None or not isinstance(group["pool_dim"], str) or not rows:
             continue
         if group["window_addressing"] == "ring":
             per_row = int(group["num_kv_blocks"])
+        elif chunk is not None:
+            per_row = math.ceil((group["window"] + chunk - 1) / report.kv_block_size) + 1
+            per_row = min(per_row, width) if width else per_row
+        elif width:
+            per_row = width  # a chunk of unknown length: a row may hold its whole context
         else:
-            per_row = math.ceil((group["window"] + chunk) / report.kv_block_size) + 1
+            continue
         pools[group["pool_dim"]] = rows * per_row + 1
     return pools
+
+
+def _longest_chunk(report: RewriteReport, entries: Sequence[Mapping[str, int]]) -> int | None:
+    """The most positions any entry's call writes (``position_ids``' second dim: static, or its
+    symbol's value in every entry); None if some entry leaves it unbound (a prefill entry without
+    ``seq_len``: its chunk may be as long as the context)."""
+    spec = next((s for s in report.inputs if s.name == "position_ids" and len(s.shape) == 2), None)
+    if spec is None:
+        return None
+    dim = spec.shape[1]
+    if isinstance(dim, int):
+        return dim
+    if dim is None or not entries or any(dim not in v for v in entries):
+        return None
+    return max(v[dim] for v in entries)
 
 
 def _default_pool(entries: Iterable[Mapping[str, int]]) -> int | None:

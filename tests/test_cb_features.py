@@ -32,6 +32,7 @@ from paged_rewrite.builder import ExportSpec, build_qeff_export
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import Runner, Scenario, SequenceScript, Step, drive, prefill_rows
 from paged_rewrite.runtime.extra_inputs import CompCtxSchedule, ExtraInputs
+from paged_rewrite.runtime.geometry import PagedGeometry
 from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
 from paged_rewrite.runtime.verify import final_kv_diff, verify
 
@@ -212,7 +213,10 @@ def test_paged_matches_original(
     needed = sum(-(-s.length // kv_block_size) for s in scenario.sequences)
     num_blocks = 1 + needed + 3  # spare blocks that must stay untouched
     order = shuffled_order(num_blocks, seed=kv_block_size)
-    manager = BlockManager(num_blocks, kv_block_size, order, ring_lengths=[WINDOW] if _ring(kind) else [])
+    # a ring has its own table (block_table_w32): the full manager wraps no ring
+    manager = BlockManager(
+        num_blocks, kv_block_size, order, ring_lengths=PagedGeometry.of(paged).ring_lengths
+    )
     paged_runner = PagedRunner(paged, manager, CTX_LEN // kv_block_size, DIMS, EXTRAS)
     slots: dict[Hashable, int] = {name: DECODE_ROWS.index(name) for name in PROMPTS}
     original = ContiguousRunner(exports[kind], DIMS, slots, EXTRAS)

@@ -70,8 +70,9 @@ def test_prefix_sharing_matches_the_unshared_run_with_fewer_blocks(models: tuple
 
 
 def test_prefix_sharing_keeps_sliding_window_rings_private(paged_fixture) -> None:  # type: ignore[no-untyped-def]
-    """gpt_oss layer 0 is a 32-slot ring in the first table columns: once the ring wraps, a fork
-    writes into columns it shares with its parent, which copy on write must make private."""
+    """gpt_oss layer 0 is a 32-slot ring with its own table (block_table_w32, the runner's default
+    ring manager): once the ring wraps, a fork writes into ring blocks it shares with its parent,
+    which copy on write must make private."""
     original, paged, _ = paged_fixture("gpt_oss_swa_moe", 16)
     prompt = np.random.default_rng(9).integers(0, 200, 20)
     tokens = {name: np.random.default_rng(seed).integers(0, 200, 24) for name, seed in (("A", 1), ("B", 2))}
@@ -79,7 +80,7 @@ def test_prefix_sharing_keeps_sliding_window_rings_private(paged_fixture) -> Non
     def run(shared: bool) -> list[np.ndarray]:
         scripts = [SequenceScript("A", prompt, 24, tokens["A"]),
                    SequenceScript("B", prompt, 24, tokens["B"], fork_of="A" if shared else None)]  # fmt: skip
-        manager = BlockManager(24, 16, shuffled_order(24, 4), ring_lengths=[32])
+        manager = BlockManager(24, 16, shuffled_order(24, 4))
         runner = PagedRunner(paged, manager, CTX // 16)
         dims = {"ctx_len": CTX, "sliding_window": 32}
         steps = drive([ContiguousRunner(original, dims), runner], Scenario(scripts))

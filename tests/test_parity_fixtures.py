@@ -67,7 +67,7 @@ def test_paged_matches_original_and_reference(
 
     needed = sum(-(-(len(s.prompt) + s.num_decode) // kv_block_size) for s in scenario.sequences)
     num_blocks = 1 + needed + 2
-    rings = list(PagedGeometry.of(paged).windows.values())
+    rings = PagedGeometry.of(paged).ring_lengths  # rings of block_table; a window group has its own
     manager = BlockManager(num_blocks, kv_block_size, shuffled_order(num_blocks, seed=kv_block_size), rings)
     paged_runner = PagedRunner(paged, manager, CTX_LEN // kv_block_size, full_width=full_width)
     dims = {

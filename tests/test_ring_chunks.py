@@ -48,7 +48,9 @@ def _paged_and_original(
 ) -> list[tuple[np.ndarray, ...]]:
     paged = tmp_path / "paged.onnx"
     rewrite(fixture_model(NAME), paged, kv_block_size, ctx_len=CTX_LEN, dims={"sliding_window": WINDOW})
-    manager = BlockManager(20, kv_block_size, shuffled_order(20, seed=kv_block_size), [WINDOW])
+    manager = BlockManager(
+        20, kv_block_size, shuffled_order(20, seed=kv_block_size)
+    )  # the ring: block_table_w32
     runners = [
         ContiguousRunner(fixture_model(NAME), {"ctx_len": CTX_LEN, "sliding_window": WINDOW}),
         PagedRunner(paged, manager, CTX_LEN // kv_block_size),

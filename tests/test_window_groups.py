@@ -20,8 +20,15 @@ from contract import contract_writes
 
 from paged_rewrite import rewrite
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
-from paged_rewrite.runtime.driver import chunk_row, drive, random_scenario
-from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, Row, unexpected_writes
+from paged_rewrite.runtime.driver import Scenario, SequenceScript, chunk_row, drive, random_scenario
+from paged_rewrite.runtime.runners import (
+    ContiguousRunner,
+    PagedRunner,
+    Row,
+    agreed_prefix_hit,
+    unexpected_writes,
+)
+from paged_rewrite.runtime.serving import Request, Server
 from paged_rewrite.runtime.verify import verify
 
 WINDOW = 32
@@ -174,17 +181,12 @@ def test_ring_blocks_are_allocated_once_and_reused() -> None:
     assert manager.num_free_blocks == 7
 
 
-def _ring_blocks(table: np.ndarray, num_pool: int) -> set[tuple[int, int]]:
-    """A ring row may rewrite any slot of the blocks its own window-table row lists (ring order
-    is the model's): every offset of every listed block inside the pool."""
-    return {(int(b), o) for b in table.ravel() if 0 < b < num_pool for o in range(16)}
-
-
 def test_adversarial_tables_on_every_group_stay_harmless(tmp_path: Path) -> None:
     """Garbage on both tables at once: -1, the null block, duplicates, entries past the window
     pool that are still inside the (larger) full pool, entries past both, wrong slot_ids, padding
-    and out-of-range positions, NaN in both null blocks. No block outside a row's own entries
-    and block 0 changes in either group, onnxruntime never sees an index out of range, and the
+    and out-of-range positions, NaN in both null blocks. In either group, no slot changes but
+    block 0 and those the contract gives each row's own positions (ring slot ``p % 32`` through
+    its ring table, a broken slot_id writing nothing), onnxruntime never sees an index out of range, and the
     well-formed row keeps finite logits."""
     out = tmp_path / "paged.onnx"
     rewrite(fixture_model("gpt_oss_swa_moe"), out, 16, ctx_len=CTX_LEN, dims=DIMS)
@@ -224,12 +226,49 @@ def test_adversarial_tables_on_every_group_stay_harmless(tmp_path: Path) -> None
         }
         got = dict(zip(names, session.run(None, feeds), strict=True))
         allowed = {
-            "0": _ring_blocks(ring, window_pool),
+            # ring slot p % 32 through the row's own ring table, as the contract says for p
+            "0": contract_writes(
+                ring, np.where(positions >= 0, positions % WINDOW, -1), slot_id, bs, window_pool
+            ),
             "1": contract_writes(full, positions, slot_id, bs, full_pool),
         }
         for name, before in pools.items():
             assert unexpected_writes(before, got[f"{name}_RetainedState"], allowed[name[-1]]) == [], name
         assert np.isfinite(got["logits"][0]).all(), "NaN leaked into the valid row"
+
+
+def test_runner_flags_a_write_into_another_rows_ring_slot(tmp_path: Path) -> None:
+    """The runner's own isolation check holds a ring group to the contract slot by slot: A and B
+    decode positions 20, 21, 22, 23 (ring slots 20-23: column 1, offsets 4-7). A change at
+    offset 12 of A's column-1 block — listed in A's ring table, but no row of the step writes
+    it — is flagged, as is one in B's column-0 block at the step's offset; the real writes and a
+    change in a slot the step writes are not."""
+    out = tmp_path / "paged.onnx"
+    rewrite(fixture_model("gpt_oss_swa_moe"), out, 16, ctx_len=CTX_LEN, dims=DIMS)
+    rings = BlockManager(9, 16, shuffled_order(9, 2), window=WINDOW)
+    paged = PagedRunner(out, BlockManager(12, 16), 8, DIMS, window_managers={"block_table_w32": rings})
+    rng = np.random.default_rng(4)
+    for name in ("A", "B"):
+        prompt = rng.integers(0, 256, 20)
+        for first in (0, 16):
+            paged.step([chunk_row(name, prompt, first, 16)], "prefill")
+    real_run = paged._run
+    tamper: list[tuple[int, int]] = []
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        got = real_run(feeds)
+        for block, offset in tamper:
+            got["past_value.0_RetainedState"][block, :, offset] += 1.0
+        return got
+
+    paged._run = run  # type: ignore[method-assign]
+    a, b = rings.blocks_of("A"), rings.blocks_of("B")
+    cases = [([], []), ([(a[1], 5)], []), ([(a[1], 12)], [a[1]]), ([(b[0], 7), (b[1], 7)], [b[0]])]
+    for position, (changed, flagged) in enumerate(cases, start=20):
+        tamper[:] = changed
+        decode = [Row(name, rng.integers(0, 256, 1), np.array([position])) for name in ("A", "B")]
+        paged.step(decode, "decode")
+        assert paged.isolation[-1].foreign_blocks_changed == flagged, changed
 
 
 def test_oversubscribed_window_pool_matches_the_original(tmp_path: Path) -> None:
@@ -344,6 +383,146 @@ def test_logical_window_pool_matches_the_original(tmp_path: Path) -> None:
     assert window.num_used_blocks == 3 + 3
 
 
+@pytest.fixture(scope="module")
+def retain_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The runnable retain_full_kv export and its rewrite (blocks of 16, context 128)."""
+    tmp = tmp_path_factory.mktemp("retain")
+    original = _runnable_retain(tmp)
+    out = tmp / "paged.onnx"
+    rewrite(original, out, 16, ctx_len=CTX_LEN)
+    return original, out
+
+
+def _logical_runner(out: Path, window: BlockManager, full_blocks: int = 24) -> PagedRunner:
+    full = BlockManager(full_blocks, 16, shuffled_order(full_blocks, 4))
+    return PagedRunner(out, full, 8, full_width=True, window_managers={"block_table_w32": window})
+
+
+def test_fork_in_a_logical_window_copies_on_write() -> None:
+    """A fork shares the partly filled block of positions 16-19; the child's write at 20 must go
+    to a private copy of it (the full group's rule: the columns the write touches)."""
+    manager = BlockManager(12, 16, window=WINDOW, logical=True)
+    manager.append("a", 20)
+    parent = manager.blocks_of("a")
+    manager.fork("a", "b")
+    manager.prepare_write("b", 21)
+    copies = manager.take_copies()
+    assert len(copies) == 1 and copies[0][0] == parent[1]
+    assert manager.blocks_of("b") == [parent[0], copies[0][1]] and manager.blocks_of("a") == parent
+
+
+def test_fork_in_a_logical_window_matches_the_original(retain_pair: tuple[Path, Path]) -> None:
+    """A and B share a 20-token prompt, B forked from A after its prefill; both decode 40 steps
+    with their own tokens (lengths 60: the window frees the shared blocks behind it as it moves).
+    Logits equal the original's (each sequence its own contiguous cache) bit for bit, every step."""
+    original, out = retain_pair
+    prompt = np.random.default_rng(9).integers(0, 256, 20)
+    scripts = [
+        SequenceScript(name, prompt, 40, np.random.default_rng(seed).integers(0, 256, 40), fork_of=parent)
+        for name, seed, parent in (("A", 1, None), ("B", 2, "A"))
+    ]
+    window = BlockManager(12, 16, shuffled_order(12, 3), window=WINDOW, logical=True)
+    paged = _logical_runner(out, window)
+    reference = ContiguousRunner(original, {"ctx_len": CTX_LEN})
+    steps = drive([reference, paged], Scenario(scripts, chunk_len=16))
+    assert len(steps) == 2 + 40
+    for step in steps:
+        assert np.array_equal(step.logits[0], step.logits[1]), step.index
+    assert all(not record.foreign_blocks_changed for record in paged.isolation)
+    assert (set(window.blocks_of("A")) - {-1}).isdisjoint(window.blocks_of("B"))
+
+
+def test_the_original_attends_to_the_last_window_positions_only(retain_pair: tuple[Path, Path]) -> None:
+    """The export's semantics, which decide what a logical window may free: it reads
+    ``[p0 - 32, p0 + S)``, but a query at ``q`` attends to ``(q - 32, q]`` only. With 40 positions
+    cached, changing position 8 (= 40 - 32, read) leaves the next call's logits unchanged;
+    changing 9 does not, whether the call is one token or seven."""
+    original, _ = retain_pair
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 256, 40)
+    runner = ContiguousRunner(original, {"ctx_len": CTX_LEN})
+    for first in range(0, 40, 16):
+        runner.step([chunk_row("a", prompt, first, 16)], "prefill")
+    for width in (1, 7):
+        tokens = rng.integers(0, 256, width)
+        changed = {}
+        for position in (None, 7, 8, 9, 10):
+            runner.fork("a", "b")
+            if position is not None:
+                for name in ("past_key.0", "past_value.0"):  # the sliding layer's cache itself
+                    runner.kv_view("b")[name][0, :, position] += 3.0
+            logits = runner.step([Row("b", tokens, np.arange(40, 40 + width))], "decode")
+            runner.release("b")
+            changed[position] = logits
+        moved = {p: not np.array_equal(changed[p], changed[None]) for p in (7, 8, 9, 10)}
+        assert moved == {7: False, 8: False, 9: True, 10: True}, width
+
+
+class _FreesOnePositionMore(BlockManager):
+    """A logical window that frees a block one position too early."""
+
+    def first_attended(self, length: int) -> int:
+        return super().first_attended(length) + 1
+
+
+def test_logical_window_frees_exactly_the_blocks_no_query_attends(retain_pair: tuple[Path, Path]) -> None:
+    """One sequence (a 30-token prompt in 16-token chunks, 50 decode steps). After every step of
+    length ``L`` the window group holds exactly the blocks of positions ``[L - 31, L)``, the ones
+    the next query (at ``L``) attends to: 3 blocks, but 2 where ``L - 31`` starts a block (``L``
+    47, 63, 79) or ``L`` ends one (48, 64, 80). Logits equal the original's bit for bit. A manager
+    freeing one position more drops position ``L - 31`` when it is the last of its block (first at
+    ``L`` 46), and the next call differs."""
+    original, out = retain_pair
+    scenario = random_scenario(256, [30], num_decode=50, chunk_len=16, seed=8)
+    window = BlockManager(6, 16, shuffled_order(6, 3), window=WINDOW, logical=True)
+    paged = _logical_runner(out, window)
+    held: dict[int, int] = {}
+    reference = ContiguousRunner(original, {"ctx_len": CTX_LEN})
+
+    class Recording:  # the paged runner, noting the window group's blocks after each step
+        def step(self, rows: list[Row], phase: str | None = None) -> np.ndarray:
+            logits = paged.step(rows, phase)  # type: ignore[arg-type]
+            held[window.length_of("A")] = window.num_used_blocks
+            return logits
+
+        def fork(self, parent: str, child: str) -> None:
+            raise AssertionError("no forks here")
+
+    steps = drive([reference, Recording()], scenario)
+    for step in steps:
+        assert np.array_equal(step.logits[0], step.logits[1]), step.index
+    assert sorted(held) == [16, 30, *range(31, 81)]
+    for length, count in held.items():
+        assert count == len({p // 16 for p in range(max(length - 31, 0), length)}), length
+    assert [held[n] for n in (45, 46, 47, 48, 49, 62, 63, 64, 65, 79)] == [3, 3, 2, 2, 3, 3, 2, 2, 3, 2]
+    assert max(held.values()) == BlockManager(2, 16, window=WINDOW, logical=True).blocks_for(80) == 3
+
+    eager = _FreesOnePositionMore(6, 16, shuffled_order(6, 3), window=WINDOW, logical=True)
+    steps = drive([ContiguousRunner(original, {"ctx_len": CTX_LEN}), _logical_runner(out, eager)], scenario)
+    differs = [s.index for s in steps if not np.array_equal(s.logits[0], s.logits[1])]
+    # step i (i >= 2) is the decode at position 30 + (i - 2): the first wrong call is the one at
+    # L = 46 (the KV it writes is then wrong, so every later call differs too)
+    assert differs[0] == 46 - 30 + 2, differs
+
+
+def test_logical_window_prefill_chunk_longer_than_the_window(retain_pair: tuple[Path, Path]) -> None:
+    """48-token prefill chunks, longer than the 32-position window (a chunk attends across its own
+    positions and the window before it): prompts of 96 and 60 tokens, 20 decode steps, the window
+    pool sized by ``blocks_for`` at that chunk: 6 blocks for the 116 positions of the first (a call
+    at ``p0`` holds ``[p0 - 31, p0 + 48)``, 79 positions: 6 blocks when they start at a block's
+    last slot), 5 for the 80 of the second (all it has), and the null block. Bit-exact."""
+    original, out = retain_pair
+    scenario = random_scenario(256, [96, 60], num_decode=20, chunk_len=48, seed=3)
+    probe = BlockManager(2, 16, window=WINDOW, logical=True)
+    assert [probe.blocks_for(s.length, 48) for s in scenario.sequences] == [6, 5]
+    window = BlockManager(12, 16, shuffled_order(12, 3), window=WINDOW, logical=True)
+    paged = _logical_runner(out, window, full_blocks=1 + 8 + 5)
+    steps = drive([ContiguousRunner(original, {"ctx_len": CTX_LEN}), paged], scenario)
+    for step in steps:
+        assert np.array_equal(step.logits[0], step.logits[1]), step.index
+    assert all(not record.foreign_blocks_changed for record in paged.isolation)
+
+
 def test_adversarial_logical_window_table_stays_harmless(tmp_path: Path) -> None:
     """Garbage on both full-width tables of the retain_full_kv export (the window pool smaller
     than the full one): writes stay in each row's own listed blocks of each group."""
@@ -453,3 +632,109 @@ def test_prefix_caching_is_refused_for_windows_it_cannot_name() -> None:
         BlockManager(8, 16, window=24, prefix_caching=True)
     with pytest.raises(ValueError, match="multiple of kv_block_size"):
         BlockManager(8, 16, window=WINDOW, logical=True, prefix_caching=True)
+
+
+def test_server_reserves_a_logical_window_for_its_prefill_chunks(retain_pair: tuple[Path, Path]) -> None:
+    """Four 100-token requests (8 new tokens each) served in 64-token prefill chunks. A request
+    holds up to ``blocks_for(108, 64)`` = 7 window blocks (a call at ``p0`` holds ``[p0 - 31,
+    p0 + 64)``: 95 positions, 7 blocks at the worst alignment), so a window pool of 2 * 7 blocks
+    and the null block admits two at a time and never runs out; the tokens equal the original's
+    served two at a time (the same calls in the same order)."""
+    original, out = retain_pair
+    rng = np.random.default_rng(6)
+    requests = [Request(f"r{i}", rng.integers(0, 256, 100), 8) for i in range(4)]
+    assert BlockManager(2, 16, window=WINDOW, logical=True).blocks_for(108, 64) == 7
+    window = BlockManager(15, 16, shuffled_order(15, 3), window=WINDOW, logical=True)
+    paged = Server(_logical_runner(out, window, full_blocks=1 + 4 * 7), 64, 4)
+    served = {s.request.name: s.tokens for s in paged.run(requests)}
+    reference = Server(ContiguousRunner(original, {"ctx_len": CTX_LEN}), 64, 2)
+    assert served == {s.request.name: s.tokens for s in reference.run(requests)}
+    assert paged.peak_running == 2 and window.num_free_blocks == 14
+    # 13 blocks: one at a time. Reserving 3 blocks a request (the window alone, chunks of 1) would
+    # admit all four, and the fourth one's second chunk would find 13 - 3 * 3 < 5 blocks free.
+    window = BlockManager(14, 16, shuffled_order(14, 3), window=WINDOW, logical=True)
+    alone = Server(_logical_runner(out, window, full_blocks=1 + 4 * 7), 64, 4)
+    assert {s.request.name: s.tokens for s in alone.run(requests)} == served
+    assert alone.peak_running == 1 and window.num_free_blocks == 13
+
+
+def _window_pool_sizes(tmp_path: Path, source: Path, **options: object) -> set[str]:
+    out = tmp_path / "sized.onnx"
+    rewrite(source, out, 16, ctx_len=CTX_LEN, **options)
+    entries = json.loads((tmp_path / "sized.specializations.json").read_text())["specializations"]
+    return {entry["symbols"]["total_num_kv_blocks_w32"] for entry in entries}
+
+
+def test_logical_window_specializations_size_the_pool_for_the_longest_chunk(
+    tmp_path: Path, retain_pair: tuple[Path, Path]
+) -> None:
+    """The window pool of the specializations (one value for every entry), batch_size 4, blocks of
+    16, context 128 (8 blocks a row). A call of ``S`` positions at ``p0`` reads ``[p0 - 32, p0 +
+    S)``: ``32 + S`` positions, at the worst alignment ``ceil((31 + S) / 16) + 1`` blocks, at most
+    the row's 8. Prefill entries without a ``seq_len`` may write a chunk as long as the context:
+    8 blocks a row. Four rows prefilling 32-token chunks and decoding in the 21-block pool of
+    ``seq_len`` 32 match the original bit for bit."""
+    original, out = retain_pair
+    sizes = {
+        "unbound": _window_pool_sizes(tmp_path, original, dims={"batch_size": 4}),  # prefill: no seq_len
+        "32": _window_pool_sizes(tmp_path, original, dims={"batch_size": 4, "seq_len": 32}),
+        "1": _window_pool_sizes(tmp_path, original, dims={"batch_size": 4, "seq_len": 1}),
+        "128": _window_pool_sizes(tmp_path, original, dims={"batch_size": 4, "seq_len": 128}),
+    }
+    assert sizes == {
+        "unbound": {str(4 * 8 + 1)},
+        "32": {str(4 * (4 + 1) + 1)},  # ceil(63 / 16) + 1 = 5
+        "1": {str(4 * (2 + 1) + 1)},  # ceil(32 / 16) + 1 = 3
+        "128": {str(4 * 8 + 1)},  # ceil(159 / 16) + 1 = 11, capped at the row's 8
+    }
+    specs = tmp_path / "specs.json"
+    specs.write_text(json.dumps({"specializations": [
+        {"name": "prefill", "symbols": {"batch_size": "1", "seq_len": "64", "ctx_len": "128"}},
+        {"name": "decode", "symbols": {"batch_size": "4", "seq_len": "1", "ctx_len": "128"}},
+    ]}))  # fmt: skip
+    # the most rows of any entry (4) times the longest chunk's ceil(95 / 16) + 1 = 7 blocks
+    assert _window_pool_sizes(tmp_path, original, specializations=specs) == {str(4 * 7 + 1)}
+
+    window = BlockManager(21, 16, shuffled_order(21, 5), window=WINDOW, logical=True)
+    paged = _logical_runner(out, window, full_blocks=1 + 4 * 8)
+    scenario = random_scenario(256, [70, 45, 90, 33], num_decode=12, chunk_len=32, seed=11)
+    for step in drive([ContiguousRunner(original, {"ctx_len": CTX_LEN}), paged], scenario):
+        assert np.array_equal(step.logits[0], step.logits[1]), step.index
+
+
+def test_two_ring_groups_agree_on_one_prefix_hit() -> None:
+    """Rings of 32 and 64 positions (2 and 4 blocks of 16) and the full group, caches seeded by
+    prefilling the prompt's first 2, 6 and 4 blocks: the full group holds blocks 0-5, the 32-ring
+    blocks 0-1 (a 32-position run) and 4-5 (the ring after 96), the 64-ring blocks 0-3. By hand:
+    a hit of 6 needs [4, 6) and [2, 6): the 64-ring lacks 4; of 4, [2, 4) and [0, 4): the
+    32-ring lacks 2; of 2, [0, 2) in both. Every group then starts at 32."""
+    prompt = np.arange(1000, 1000 + 6 * 16 + 1)
+    full = BlockManager(16, 16, prefix_caching=True)
+    short = BlockManager(16, 16, window=32, prefix_caching=True)
+    long = BlockManager(16, 16, window=64, prefix_caching=True)
+    for manager, lengths in ((full, [96]), (short, [32, 96]), (long, [64])):
+        for length in lengths:
+            manager.append("seed", length)
+            manager.cache_prompt("seed", prompt)
+            manager.free("seed")
+    assert agreed_prefix_hit(full, [short, long], prompt) == 2
+    assert agreed_prefix_hit(full, [long, short], prompt) == 2
+    assert agreed_prefix_hit(full, [long], prompt) == 4 and agreed_prefix_hit(full, [short], prompt) == 6
+    assert [m.match_prefix("s", prompt, 2) for m in (full, short, long)] == [32, 32, 32]
+
+
+def test_full_manager_refuses_a_ring_that_has_its_own_table(tmp_path: Path) -> None:
+    """The 32-ring has its own table: passing its length to the full table's manager (copy on
+    write and allowed writes in block_table's first columns) is refused; with
+    ``--shared-window-table`` the ring is in those columns, and the same manager is right."""
+    out = tmp_path / "paged.onnx"
+    rewrite(fixture_model("gpt_oss_swa_moe"), out, 16, ctx_len=CTX_LEN, dims=DIMS)
+    with pytest.raises(ValueError, match=r"own table \(block_table_w32"):
+        PagedRunner(out, BlockManager(12, 16, ring_lengths=[WINDOW]), 8, DIMS)
+    shared = tmp_path / "shared.onnx"
+    rewrite(
+        fixture_model("gpt_oss_swa_moe"), shared, 16, ctx_len=CTX_LEN, dims=DIMS, shared_window_table=True
+    )
+    assert PagedRunner(shared, BlockManager(12, 16, ring_lengths=[WINDOW]), 8, DIMS).managers.keys() == {
+        "block_table"
+    }

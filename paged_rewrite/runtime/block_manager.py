@@ -61,9 +61,11 @@ class BlockManager:
     Logical-position windows (``window=W, logical=True``): the manager of a full-length cache that
     the model reads only over ``[p0 - W, p0 + S)`` (QEfficient's chunked and disaggregated
     sliding-window exports). Its table spans the context like ``block_table``; once a sequence
-    has filled ``length`` positions, every block wholly before ``length - W`` is never read again
+    has filled ``length`` positions, every block wholly before ``length - W + 1`` is never attended
+    to again (a query at ``q`` sees ``(q - W, q]``; the read's extra position ``q - W`` is masked)
     and goes back to the free list, its table entry ``-1`` (reads of it return the null block's
-    zeros). A sequence thus holds at most ``ceil(W / kv_block_size) + 1`` blocks between calls.
+    zeros). A sequence thus holds the blocks of ``[length - W + 1, length)`` between calls, and
+    during a call those of ``[p0 - W + 1, p0 + S)`` (``logical_window_blocks``).
     """
 
     def __init__(
@@ -122,11 +124,13 @@ class BlockManager:
 
     def blocks_for(self, length: int, chunk: int = 1) -> int:
         """Blocks a sequence of ``length`` positions holds at most, while a call writes ``chunk``
-        positions (a logical-position window holds those behind ``length - chunk - W`` no more)."""
+        positions. A logical-position window holds, during a call at ``p0``, the blocks of
+        ``[p0 - W + 1, p0 + chunk)`` (``first_attended``): ``W + chunk - 1`` positions, which
+        touch at most ``ceil((W + chunk - 2) / kv_block_size) + 1`` blocks."""
         needed = -(-length // self.kv_block_size)
         ring = self.max_blocks_per_sequence
         if self.logical and self.window is not None:
-            return min(needed, -(-(self.window + chunk) // self.kv_block_size) + 1)
+            return min(needed, logical_window_blocks(self.window, chunk, self.kv_block_size))
         return needed if ring is None else min(needed, ring)
 
     @property
@@ -164,7 +168,10 @@ class BlockManager:
         self.ensure_capacity(seq, length)
         state = self._sequences[seq]
         size = self.kv_block_size
-        columns = set() if self.window is not None else set(range(state.length // size, -(-length // size)))
+        # The columns the write touches, as in the full group; a ring group's writes land at ring
+        # columns instead (below). A logical-position window is addressed like the full group.
+        ring_only = self.window is not None and not self.logical
+        columns = set() if ring_only else set(range(state.length // size, -(-length // size)))
         for ring in self.ring_lengths:
             if length - state.length >= ring:  # the write goes round the whole ring
                 columns |= set(range(-(-ring // size)))
@@ -301,12 +308,19 @@ class BlockManager:
         self.ensure_capacity(seq, state.length + num_tokens)
         state.length += num_tokens
         if self.logical and self.window is not None:
-            self._free_behind(state, state.length - self.window)
+            self._free_behind(state, self.first_attended(state.length))
 
-    def _free_behind(self, state: _Sequence, first_read: int) -> None:
-        """Release the blocks wholly before position ``first_read``: the model reads no position
-        before ``p0 - W`` again, ``p0`` being at least the sequence's length."""
-        for column in range(max(first_read, 0) // self.kv_block_size):
+    def first_attended(self, length: int) -> int:
+        """A logical-position window's first position any later call of a sequence of ``length``
+        positions attends to: a query at ``q`` sees ``(q - W, q]`` (the mask; the read also
+        fetches ``q - W``, masked), and every later query is at ``length`` or beyond."""
+        assert self.window is not None
+        return max(length - self.window + 1, 0)
+
+    def _free_behind(self, state: _Sequence, first_attended: int) -> None:
+        """Release the blocks wholly before position ``first_attended``: no later call attends
+        to them (it may read them, masked: a freed entry reads the null block)."""
+        for column in range(first_attended // self.kv_block_size):
             if state.blocks[column] != UNALLOCATED:
                 self._release(state.blocks[column])
                 state.blocks[column] = UNALLOCATED
@@ -343,6 +357,14 @@ class BlockManager:
             [0 if seq is None else self._sequences[seq].length % self.kv_block_size for seq in seqs],
             dtype=np.int64,
         )
+
+
+def logical_window_blocks(window: int, chunk: int, kv_block_size: int) -> int:
+    """The most blocks a sequence holds in a logical-position window group while a call writes
+    ``chunk`` positions: those touched by the ``window + chunk - 1`` positions ``[p0 - W + 1,
+    p0 + chunk)`` at the worst alignment."""
+    span = window + max(chunk, 1) - 1
+    return -(-(span - 1) // kv_block_size) + 1
 
 
 def shuffled_order(num_blocks: int, seed: int) -> list[int]:

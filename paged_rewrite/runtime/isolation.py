@@ -38,21 +38,30 @@ class TableWidthRecord:
 
 
 def expected_writes(
-    rows: Sequence[Row], table: np.ndarray, kv_block_size: int, ring_lengths: Sequence[int]
+    rows: Sequence[Row],
+    table: np.ndarray,
+    kv_block_size: int,
+    ring_lengths: Sequence[int],
+    window: int | None = None,
 ) -> set[tuple[int, int]]:
-    """``(block, offset)`` of every position the rows write, by the contract's address rule,
-    and every slot of their ring columns. A ring's slots are rewritten in an order the model
-    chooses (ring order ``p % window``, or, in a prefill-only graph, the last ``window`` tokens
-    in order), so only the row that owns a ring block may change it, anywhere."""
+    """``(block, offset)`` of every position the rows write, by the contract's address rule
+    through each row's own table row: position ``p`` at column ``p // size``, or in a ring
+    group's own table (``window=W``) ring slot ``p % W`` at column ``(p % W) // size``.
+    ``ring_lengths`` are rings whose slots are rewritten in an order the model chooses (rings in
+    the first columns of the full table, rings a model computes itself, or a prefill-only
+    graph's ring, which holds the last ``W`` tokens in order): every slot of those columns of
+    the row's own table is allowed, so only the row that owns such a block may change it."""
     size = kv_block_size
     allowed: set[tuple[int, int]] = set()
     for index, row in enumerate(rows):
         if row.seq is None:
             continue  # an idle row writes nothing but the null block
-        for position in (int(p) for p in row.position_ids if 0 <= p < table.shape[1] * size):
-            block = int(table[index, position // size])
-            if block > NULL_BLOCK:
-                allowed.add((block, position % size))
+        for position in (int(p) for p in row.position_ids if p >= 0):
+            slot = position % window if window else position
+            if slot < table.shape[1] * size:
+                block = int(table[index, slot // size])
+                if block > NULL_BLOCK:
+                    allowed.add((block, slot % size))
         for ring in ring_lengths:
             for block in (int(b) for b in table[index, : -(-ring // size)] if b > NULL_BLOCK):
                 allowed.update((block, offset) for offset in range(size))

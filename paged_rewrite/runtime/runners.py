@@ -44,6 +44,7 @@ __all__ = [
     "PagedRunner",
     "Row",
     "TableWidthRecord",
+    "agreed_prefix_hit",
     "cache_io",
     "foreign_changes",
     "kept_logits",
@@ -138,8 +139,9 @@ class PagedRunner(StepRunner):
     cut short (buckets that do not reach a row's context).
 
     **Isolation.** Every step checks, slot by slot: outside block 0, a pool slot may change only
-    if some row of the step wrote that logical position through its own table row, or lies in
-    that row's ring columns; any other change is recorded with its block, so a row writing into
+    if some row of the step wrote that logical position through its own table row (in a ring
+    group's table, ring slot ``p % W``), or lies in that row's ring columns of a ring the model
+    orders itself (a shared table's, a prefill-only graph's); any other change is recorded with its block, so a row writing into
     another row's block is caught even within one batch (``check_isolation=False`` skips it: it
     compares every pool byte). ``in_place=True`` updates the pools in place (``in_place.py``).
 
@@ -175,6 +177,7 @@ class PagedRunner(StepRunner):
         self.geometry = PagedGeometry.of(model_path)
         self.check_isolation = check_isolation
         self.manager = manager
+        _refuse_foreign_rings(self.geometry, manager)
         self.managers = {"block_table": manager, **_window_managers(self.geometry, manager, window_managers)}
         self.table_of = {c.input: self.geometry.table_of(c.input) for c in self.caches}
         self.num_kv_blocks = num_kv_blocks
@@ -274,9 +277,7 @@ class PagedRunner(StepRunner):
         pool is checked against the table of its own group."""
         size = self.manager.kv_block_size
         allowed = {
-            table: expected_writes(rows, tables[table], size, group.ring_lengths)
-            if self.check_isolation
-            else set()
+            table: self._expected_writes(rows, tables[table], group) if self.check_isolation else set()
             for table, group in self.managers.items()
         }
         record = IsolationRecord(step=len(self.isolation))
@@ -294,6 +295,19 @@ class PagedRunner(StepRunner):
         needed_columns = columns_for(max(needed.values(), default=0), size)
         self.table_widths.append(TableWidthRecord(record.step, columns, needed_columns, cut))
 
+    def _expected_writes(
+        self, rows: Sequence[Row], table: np.ndarray, group: BlockManager
+    ) -> set[tuple[int, int]]:
+        """The slots a group's pools may change in this step: each row's positions through its
+        own row of the group's table (ring slot ``p % W`` in a ring group's table). A prefill-only
+        graph's ring holds the last ``W`` tokens in order, not at ``p % W``: its rows may change
+        any slot of their ring blocks."""
+        size = self.manager.kv_block_size
+        ring = group.window is not None and not group.logical
+        if ring and not self.geometry.write_only:
+            return expected_writes(rows, table, size, (), window=group.window)
+        return expected_writes(rows, table, size, group.ring_lengths)
+
     def start(self, seq: Hashable, prompt: np.ndarray) -> int:
         """Begin ``seq``: with prefix caching, take the cached blocks its prompt starts with, in
         every table group (a hit every group agrees on: ``prefix_hit_blocks``). Returns the first
@@ -302,18 +316,18 @@ class PagedRunner(StepRunner):
             hit = self.prefix_hit_blocks(prompt)
             if self._window_groups():
                 self._prompts[seq] = prompt  # ring blocks are named as the prompt fills them
-            return min(group.match_prefix(seq, prompt, hit) for group in self.managers.values())
+            starts = {group.match_prefix(seq, prompt, hit) for group in self.managers.values()}
+            if len(starts) != 1:
+                raise RuntimeError(f"prefix hit of {hit} blocks: the groups start at {sorted(starts)}")
+            return starts.pop()
         for group in self.managers.values():
             group.ensure_capacity(seq, 0)  # known to the manager, holding nothing yet
         return 0
 
     def prefix_hit_blocks(self, prompt: np.ndarray) -> int:
-        """Blocks of positions a prefix hit on ``prompt`` covers: the full group's cached run,
-        cut to where every ring group still has its window's blocks."""
-        hit = self.manager.prefix_blocks(prompt)
-        for group in self._window_groups():
-            hit = group.prefix_blocks(prompt, hit)
-        return hit
+        """Blocks of positions a prefix hit on ``prompt`` covers: the longest every group agrees
+        on (``agreed_prefix_hit``)."""
+        return agreed_prefix_hit(self.manager, self._window_groups(), prompt)
 
     def cache_prompt(self, seq: Hashable, prompt: np.ndarray) -> None:
         """``seq`` has prefilled ``prompt``: offer its full blocks to later requests."""
@@ -372,6 +386,36 @@ class PagedRunner(StepRunner):
         for group in self.managers.values():
             group.fork(parent, child)
         self.states.fork(parent, child)
+
+
+def agreed_prefix_hit(full: BlockManager, windows: Sequence[BlockManager], prompt: np.ndarray) -> int:
+    """The longest hit ``k`` (blocks of positions) that the full group's cached run covers and
+    every ring group holds its window's blocks for (``prefix_blocks(prompt, k) == k`` in each).
+    A group's answer below ``k`` may not suit another, so the cut is repeated until no group
+    lowers it: every common hit is at most each group's answer, so the fixed point is the
+    longest."""
+    hit = full.prefix_blocks(prompt)
+    while True:
+        lowest = min((group.prefix_blocks(prompt, hit) for group in windows), default=hit)
+        if lowest == hit:
+            return hit
+        hit = lowest
+
+
+def _refuse_foreign_rings(geometry: PagedGeometry, manager: BlockManager) -> None:
+    """A ring with a table of its own (``block_table_w<W>``) is no ring of ``block_table``: its
+    length in the full manager's ``ring_lengths`` would copy and allow writes in the full
+    table's first columns for nothing."""
+    own = {g.window for g in geometry.window_groups if g.window and not g.logical} - set(
+        geometry.ring_lengths
+    )
+    foreign = sorted(own & set(manager.ring_lengths))
+    if foreign:
+        raise ValueError(
+            f"ring_lengths {foreign}: the model's ring of {foreign[0]} positions has its own table "
+            f"(block_table_w{foreign[0]}, managed by window_managers); the full table's manager "
+            f"takes only rings of block_table: PagedGeometry.ring_lengths = {geometry.ring_lengths}"
+        )
 
 
 def _window_managers(

@@ -143,7 +143,7 @@ class Server:
     def _blocks_short(self, candidate: Served, running: list[Served]) -> int:
         """Blocks the candidate (not started yet) lacks once every admitted request's reservation
         is honoured, in the table group where it lacks the most (a window group reserves a ring
-        per request). Its prefix-cache hits count as held; those only the cache holds now stop
+        per request; a logical-position window the blocks of its window and a prefill chunk). Its prefix-cache hits count as held; those only the cache holds now stop
         being available once it takes them. Asked without taking anything: a refusal must leave
         the cache's eviction order as it was."""
         assert isinstance(self.runner, PagedRunner)
@@ -153,7 +153,9 @@ class Server:
         for manager in self.runner.managers.values():
 
             def blocks_for(served: Served, manager: BlockManager = manager) -> int:
-                return manager.blocks_for(len(served.request.prompt) + served.request.max_new_tokens)
+                # a logical-position window holds a prefill chunk's blocks and the window's
+                length = len(served.request.prompt) + served.request.max_new_tokens
+                return manager.blocks_for(length, self.chunk_len)
 
             held = [sum(b != UNALLOCATED for b in manager.blocks_of(s.request.name)) for s in running]
             reserved = sum(blocks_for(s) - h for s, h in zip(running, held, strict=True))
