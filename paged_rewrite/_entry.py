@@ -31,6 +31,7 @@ def catch_interrupts_while_starting() -> None:
 
 
 def run() -> None:
-    from paged_rewrite.cli import main as cli_main
+    from paged_rewrite import cli
 
-    sys.exit(cli_main())
+    cli.OWNS_SIGINT = True  # this process is the command (in-process callers keep their handler)
+    sys.exit(cli.main())

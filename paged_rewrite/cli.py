@@ -124,6 +124,17 @@ def _progress(message: str) -> None:
         click.echo(f"paged-rewrite: {message} ...", err=True)
 
 
+# Set by the console script (_entry.py): this process is the command, and owns SIGINT.
+OWNS_SIGINT = False
+
+
+def _output_landed() -> None:
+    """The output is in place: a Ctrl-C from now on would report "nothing was written", which
+    is false, and could interrupt the report. The command's own process ignores it from here."""
+    if OWNS_SIGINT:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _with_error(payload: dict[str, Any], error: PagedRewriteError | None) -> dict[str, Any]:
     """A report that also failed carries its error, so ``--json`` prints one document: a pipeline
     parsing stdout gets the report and the verdict together."""
@@ -146,7 +157,9 @@ def _guarded(fn: F) -> F:
         # From here a Ctrl-C is a KeyboardInterrupt again (see _entry.py): the command cleans up.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            _output_landed()  # done: a late Ctrl-C changes nothing (click would say "Aborted!")
+            return result
         except PagedRewriteError as exc:  # already on stdout as JSON when the report carried it
             _fail(exc.kind, str(exc), exc.exit_code, as_json and not getattr(exc, "in_report", False))
         except KeyboardInterrupt:  # temporary files are already gone (see model_io)
@@ -285,6 +298,7 @@ def rewrite_command(
         ctx_buckets=ctx_buckets,
         shared_window_table=shared_window_table,
     )
+    _output_landed()
     _emit(as_json, report.to_dict(), report.summary())
 
 

@@ -176,7 +176,7 @@ _entry.run()
 """
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.6])
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.6, 0.9, 1.3])
 def test_a_real_ctrl_c_at_any_moment_of_start_up_is_one_line(
     model: Path, tmp_path: Path, delay: float
 ) -> None:
