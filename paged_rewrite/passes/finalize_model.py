@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 
 from paged_rewrite.custom_ops import EMITTED_OPS, PAGED_DOMAIN, paged_function_protos
-from paged_rewrite.graph import Body, function_key, prune_unread, used_names
+from paged_rewrite.graph import SUBGRAPH_OPS, Body, function_key, prune_unread, used_names
 from paged_rewrite.passes.cache_op_rules import is_ctx_op
 from paged_rewrite.passes.find_cache_sites import default_opset
 from paged_rewrite.passes.sites import CacheSites, PagedLayout
@@ -65,7 +65,7 @@ def finalize_model(
     candidates = dropped & {v.name for v in model.graph.input}
     # Function bodies cannot see graph values (a parameter of a kept CtxGatherCB definition
     # may be called batch_index too), so only the graph's own nodes keep an input alive.
-    used = used_names([model.graph]) | {o.name for o in model.graph.output} if candidates else set()
+    used = _read_in_graph(model.graph, candidates)
     removed = [v.name for v in model.graph.input if v.name in candidates and v.name not in used]
     kept = [v for v in model.graph.input if v.name not in removed]
     del model.graph.input[:]
@@ -105,6 +105,23 @@ def _drop_dead_function_inputs(
                 operands.add(call.input[index])
                 del call.input[index]
     return operands
+
+
+def _read_in_graph(graph: onnx.GraphProto, names: set[str]) -> set[str]:
+    """Which of ``names`` a node of ``graph`` (or a subgraph of one) reads, or an output returns."""
+    if not names:
+        return set()
+    read = {o.name for o in graph.output} & names
+    for node in graph.node:
+        read.update(name for name in node.input if name in names)
+        if node.op_type in SUBGRAPH_OPS:
+            read |= (
+                used_names(
+                    [graph_of for a in node.attribute for graph_of in [a.g, *a.graphs] if graph_of.node]
+                )
+                & names
+            )
+    return read
 
 
 def _readers(model: onnx.ModelProto, name: str) -> str:

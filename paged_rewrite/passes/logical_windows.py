@@ -37,7 +37,9 @@ def logical_windows(sites: CacheSites, context_dim: object) -> dict[str, int]:
         assert rule is not None and site.cache is not None
         if id(site.body.proto) not in indexes:
             indexes[id(site.body.proto)] = _Producers(site.body)
-        window = _window_of(indexes[id(site.body.proto)], site.node.input[rule.operand("ctx_indices")])
+        index = indexes[id(site.body.proto)]
+        positions = site.node.input[rule.operand("ctx_indices")]
+        window = _window_of(index, positions) if index.has_window_subs else None
         for tensor in _served(sites, site.cache):
             found.setdefault(tensor.name, set()).add(window)
     lengths = {t.name: t.length_dim for t in sites.tensors}
@@ -65,6 +67,13 @@ class _Producers:
         proto = body.proto
         self.initializers = (
             {t.name: t for t in proto.initializer} if isinstance(proto, onnx.GraphProto) else {}
+        )
+        # No Sub by a positive constant in the body: no window to find, and no read to walk.
+        self.has_window_subs = any(
+            node.op_type == "Sub"
+            and len(node.input) == 2
+            and (int_constant(node.input[1], self.nodes, self.initializers) or 0) > 0
+            for node in proto.node
         )
 
 
