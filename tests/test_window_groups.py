@@ -196,10 +196,7 @@ def test_adversarial_tables_on_every_group_stay_harmless(tmp_path: Path) -> None
     full_pool, window_pool, bs = 24, 9, 16
     for _ in range(40):
         batch, seq = int(rng.integers(2, 5)), int(rng.choice([1, 7, 16]))
-        pools = {}
-        for kind in ("key", "value"):
-            pools[f"past_{kind}.0"] = rng.standard_normal((window_pool, 2, bs, 16)).astype(np.float32)
-            pools[f"past_{kind}.1"] = rng.standard_normal((full_pool, 2, bs, 16)).astype(np.float32)
+        pools = _random_pools(rng, window_pool, full_pool, bs)
         for pool in pools.values():
             pool[0] = np.nan
         start = int(rng.integers(0, CTX_LEN - seq))
@@ -534,10 +531,7 @@ def test_adversarial_logical_window_table_stays_harmless(tmp_path: Path) -> None
     full_pool, window_pool, bs = 24, 9, 16
     for _ in range(30):
         batch, seq = int(rng.integers(1, 4)), int(rng.choice([1, 7, 16]))
-        pools = {}
-        for kind in ("key", "value"):
-            pools[f"past_{kind}.0"] = rng.standard_normal((window_pool, 2, bs, 16)).astype(np.float32)
-            pools[f"past_{kind}.1"] = rng.standard_normal((full_pool, 2, bs, 16)).astype(np.float32)
+        pools = _random_pools(rng, window_pool, full_pool, bs)
         tables = {
             "0": rng.choice([-1, 0, *range(window_pool + 6), 40], size=(batch, 8)).astype(np.int64),
             "1": rng.choice([-1, 0, *range(full_pool), 40], size=(batch, 8)).astype(np.int64),
@@ -738,3 +732,14 @@ def test_full_manager_refuses_a_ring_that_has_its_own_table(tmp_path: Path) -> N
     assert PagedRunner(shared, BlockManager(12, 16, ring_lengths=[WINDOW]), 8, DIMS).managers.keys() == {
         "block_table"
     }
+
+
+def _random_pools(
+    rng: np.random.Generator, window_pool: int, full_pool: int, bs: int
+) -> dict[str, np.ndarray]:
+    """Random K and V pools of layer 0 (its window group) and layer 1 (full context)."""
+    pools = {}
+    for kind in ("key", "value"):
+        pools[f"past_{kind}.0"] = rng.standard_normal((window_pool, 2, bs, 16)).astype(np.float32)
+        pools[f"past_{kind}.1"] = rng.standard_normal((full_pool, 2, bs, 16)).astype(np.float32)
+    return pools
