@@ -15,7 +15,6 @@ from paged_rewrite.errors import InternalError, NotAModelError, OutputError, Pag
 from paged_rewrite.model_io import data_files, load_model, save_model
 from paged_rewrite.pipeline import RewriteOptions, rewrite_model
 from paged_rewrite.report import RewriteReport
-from paged_rewrite.static_shapes import check_specializations
 
 VERSION = "0.1.0"
 # The longest context (and so block, bucket) in tokens: QEfficient exports mark padding with the
@@ -143,6 +142,8 @@ def _check_static_shapes(
 ) -> None:
     """Every value static under every specialization written, or a one-line error naming the
     first value the rewrite made non-static (values already non-static in the input are reported)."""
+    from paged_rewrite.static_shapes import check_specializations  # --full-check only: not at start-up
+
     report.static_shapes = check_specializations(
         model, report, specialized, origins, lambda: load_model(input_path, check_data_paths=False)
     )

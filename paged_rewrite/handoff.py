@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from paged_rewrite.errors import UsageError
 from paged_rewrite.report import RewriteReport
 
@@ -234,12 +232,16 @@ class CustomIO:
             document = [{name: p} for name, p in self.precisions.items()]
         else:
             document = self.precisions
+        import yaml  # only with --custom-io: the command line's start-up does not pay for it
+
         text: str = yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
         return text
 
 
 def read_custom_io(path: str | os.PathLike[str]) -> CustomIO:
     """Read ``custom_io.yaml`` with a YAML parser; any of the layouts of ``CustomIO``."""
+    import yaml  # only with --custom-io (see CustomIO.to_yaml)
+
     try:
         document = yaml.safe_load(Path(path).read_text())
     except (OSError, UnicodeDecodeError) as exc:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
 from paged_rewrite.graph import dims_of
 from paged_rewrite.passes.sites import CacheTensor, Dim
-from paged_rewrite.static_shapes import StaticShapeReport
+
+if TYPE_CHECKING:  # the static-shape machinery loads only with --full-check
+    from paged_rewrite.static_shapes import StaticShapeReport
 
 
 @dataclass(frozen=True)
