@@ -174,6 +174,56 @@ def _guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _plan_options(fn: F) -> F:
+    """The flags that shape a rewrite, shared by ``rewrite`` and ``inspect`` (whose plan must be
+    the rewrite's, exit code included)."""
+    options = [
+        click.option(
+            "--ctx-len",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Context length: the largest context bucket (one bucket makes num_kv_blocks static).",
+        ),
+        click.option(
+            "--ctx-buckets",
+            callback=_parse_buckets,
+            default=None,
+            metavar="T1,T2,...",
+            help="Context buckets in tokens (table widths a runtime may pass, one specialization each per "
+            "phase); default: powers of two from one block up to the context, when it is known.",
+        ),
+        click.option(
+            "--num-blocks",
+            type=click.IntRange(min=2),
+            default=None,
+            help="Pool size incl. the null block; makes total_num_kv_blocks static.",
+        ),
+        click.option(
+            "--dim",
+            "dims",
+            multiple=True,
+            callback=_parse_dims,
+            metavar="NAME=VALUE",
+            help="Bind a symbolic dim of the input model (repeatable), e.g. --dim sliding_window=32.",
+        ),
+        click.option(
+            "--specializations",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="QEfficient specializations.json: binds dims; the paged one is written beside the output.",
+        ),
+        click.option(
+            "--shared-window-table",
+            is_flag=True,
+            help="Keep sliding-window rings in the first columns of the one block_table (every pool full "
+            "size) instead of a table and pool per window length.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @click.group(cls=_DefaultToRewrite, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="paged-rewrite")
 def main() -> None:
@@ -199,40 +249,7 @@ def main() -> None:
 @click.option(
     "--kv-block-size", type=click.IntRange(min=1), required=True, help="Tokens per KV block (static)."
 )
-@click.option(
-    "--ctx-len",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Context length: the largest context bucket (one bucket makes num_kv_blocks static).",
-)
-@click.option(
-    "--ctx-buckets",
-    callback=_parse_buckets,
-    default=None,
-    metavar="T1,T2,...",
-    help="Context buckets in tokens (table widths a runtime may pass, one specialization each per "
-    "phase); default: powers of two from one block up to the context, when it is known.",
-)
-@click.option(
-    "--num-blocks",
-    type=click.IntRange(min=2),
-    default=None,
-    help="Pool size incl. the null block; makes total_num_kv_blocks static.",
-)
-@click.option(
-    "--dim",
-    "dims",
-    multiple=True,
-    callback=_parse_dims,
-    metavar="NAME=VALUE",
-    help="Bind a symbolic dim of the input model (repeatable), e.g. --dim sliding_window=32.",
-)
-@click.option(
-    "--specializations",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="QEfficient specializations.json: binds dims; the paged one is written beside the output.",
-)
+@_plan_options
 @click.option(
     "--custom-io",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -249,12 +266,6 @@ def main() -> None:
     is_flag=True,
     help="Also run the ONNX checker's strict shape inference, and show every value static under "
     "every specialization written.",
-)
-@click.option(
-    "--shared-window-table",
-    is_flag=True,
-    help="Keep sliding-window rings in the first columns of the one block_table (every pool full "
-    "size) instead of a table and pool per window length.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_guarded
@@ -311,12 +322,7 @@ def rewrite_command(
     show_default=True,
     help="Block size for the rewrite plan.",
 )
-@click.option("--ctx-len", type=click.IntRange(min=1), default=None)
-@click.option("--ctx-buckets", callback=_parse_buckets, default=None, metavar="T1,T2,...")
-@click.option("--num-blocks", type=click.IntRange(min=2), default=None)
-@click.option("--dim", "dims", multiple=True, callback=_parse_dims, metavar="NAME=VALUE")
-@click.option("--specializations", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--shared-window-table", is_flag=True)
+@_plan_options
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @_guarded
 def inspect_command(
