@@ -205,7 +205,7 @@ class SharedIndex:
     def _chain(self, function: Body, name: str, calls: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
         """The nodes of ``function`` computing ``name`` from its inputs (each fed the same by
         every call) and constants, in order, if they are few and comparable; else None."""
-        producers = self._producers_of(function)
+        producers = function.producers()
         formal = function.input_names
         chain: list[onnx.NodeProto] = []
         seen: set[str] = set()
@@ -291,9 +291,6 @@ class SharedIndex:
                     self._thread(function, calls, [renamed[name]])
                     node.input[position] = renamed[name]
         self.dropped |= moved  # what the function no longer reads: pruned at the end
-
-    def _producers_of(self, body: Body) -> dict[str, onnx.NodeProto]:
-        return body.producers()
 
     def _order_of(self, body: Body) -> dict[int, int]:
         """Node positions of ``body`` as the passes found it (insertions wait for ``commit``)."""
