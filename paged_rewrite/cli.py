@@ -247,7 +247,7 @@ def main() -> None:
     help="Where to write the paged model.",
 )
 @click.option(
-    "--kv-block-size", type=click.IntRange(min=1), required=True, help="Tokens per KV block (static)."
+    "--kv-block-size", type=click.IntRange(min=2), required=True, help="Tokens per KV block (static, >= 2)."
 )
 @_plan_options
 @click.option(
@@ -426,7 +426,7 @@ def verify_command(
 
 
 @main.command("demo")
-@click.option("--kv-block-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--kv-block-size", type=click.IntRange(min=2), default=16, show_default=True)
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),

@@ -235,3 +235,19 @@ def positions_renamed_for_one_call(source: Path, path: Path) -> Path:
     model.graph.node.extend(nodes)
     onnx.save(model, path)
     return path
+
+
+def read_before_write(source: Path, path: Path, cache: str) -> Path:
+    """``source`` whose read of ``cache`` takes the cache input as given instead of the output of
+    the cache's write: the layer attends over the cache as it was before the call (the current
+    token's own K or V not yet there). QEfficient never exports this; a paged read of a pool that
+    no write of the call produced must still return zeros for invalid positions."""
+    model = onnx.load(source)
+    written = {
+        n.output[0] for n in model.graph.node if n.op_type.startswith("CtxScatter") and n.input[0] == cache
+    }
+    reads = [n for n in model.graph.node if n.op_type.startswith("CtxGather") and n.input[0] in written]
+    assert len(reads) == 1, f"{source}: expected one read of {cache}'s write"
+    reads[0].input[0] = cache
+    onnx.save(model, path)
+    return path

@@ -95,6 +95,15 @@ def test_the_python_api_refuses_an_absurd_block_size_too(model: Path, tmp_path: 
         rewrite(model, tmp_path / "out.onnx", 2**63)
 
 
+def test_a_block_of_one_token_is_refused_with_the_reason(model: Path, tmp_path: Path) -> None:
+    """The null block needs two rows: one for invalid writes, the zero row for invalid reads."""
+    line = one_line(run(model, "-o", tmp_path / "out.onnx", "--kv-block-size", 1), 2, "usage")
+    assert "--kv-block-size" in line and "1 is not in the range x>=2" in line
+    with pytest.raises(UsageError, match=r"--kv-block-size must be at least 2 \(the null block keeps"):
+        rewrite(model, tmp_path / "out.onnx", 1)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_inspect_exits_as_the_rewrite_would(tmp_path: Path) -> None:
     """A CI pre-check runs inspect with the rewrite's flags: same exit code, the file named."""
     ring = fixture_model("gpt_oss_swa_moe")

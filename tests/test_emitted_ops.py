@@ -25,7 +25,7 @@ def test_every_body_is_flat_small_and_in_the_vocabulary(cache_type: int) -> None
         assert {n.domain for n in proto.node} <= {""}, proto.name  # no call to any function
         assert {("ai.onnx", n.op_type) for n in proto.node} <= op_vocabulary(), proto.name
         assert [(o.domain, o.version) for o in proto.opset_import] == [("", 17)]
-        if proto.name in ("PagedReadIndex", "PagedReadIndexCCL"):  # the zero row has the caches' type
+        if proto.name == "PagedWriteIndex":  # the zero rows have the caches' type
             assert cache_type in {a.i for n in proto.node if n.op_type == "Cast" for a in n.attribute}
 
 
@@ -67,36 +67,49 @@ def test_node_counts_are_in_the_report_and_its_json(tmp_path) -> None:
 
 
 def test_a_float16_pool_reads_float16_zeros() -> None:
-    """The read's zeros take the caches' type (CastLike in the source, a Cast when emitted)."""
-    half = TensorProto.FLOAT16
-    read_index = ["rows", "pick", "row_shape", "zero_row"]
+    """The zero rows take the caches' type (CastLike in the source, a Cast when emitted)."""
+    half, i64 = TensorProto.FLOAT16, TensorProto.INT64
+    write = ["pool", "table", "slot", "positions", "period"]
     nodes = [
-        helper.make_node("PagedReadIndex", ["pool", "table", "idx"], read_index, domain=PAGED_DOMAIN),
-        helper.make_node("PagedCtxGather", ["pool", *read_index], ["out"], domain=PAGED_DOMAIN),
+        helper.make_node("PagedWriteIndex", write, ["index", "zeros"], domain=PAGED_DOMAIN),
+        helper.make_node(
+            "PagedCtxScatter", ["pool", "index", "updates", "zeros"], ["written"], domain=PAGED_DOMAIN
+        ),
+        helper.make_node(
+            "PagedReadIndex", ["pool", "table", "idx"], ["rows", "row_shape"], domain=PAGED_DOMAIN
+        ),
+        helper.make_node("PagedCtxGather", ["written", "rows", "row_shape"], ["out"], domain=PAGED_DOMAIN),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [
-            helper.make_tensor_value_info("pool", half, [3, 1, 2, 2]),
-            helper.make_tensor_value_info("table", TensorProto.INT64, [1, 2]),
-            helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 1, 4]),
-        ],
-        [helper.make_tensor_value_info("out", half, [1, 1, 4, 2])],
-    )
+    inputs = [
+        helper.make_tensor_value_info("pool", half, [3, 1, 2, 2]),
+        helper.make_tensor_value_info("table", i64, [1, 2]),
+        helper.make_tensor_value_info("idx", i64, [1, 1, 4]),
+        helper.make_tensor_value_info("slot", i64, [1]),
+        helper.make_tensor_value_info("positions", i64, [1, 1]),
+        helper.make_tensor_value_info("period", i64, []),
+        helper.make_tensor_value_info("updates", half, [1, 1, 1, 2]),
+    ]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", half, [1, 1, 4, 2])])
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(PAGED_DOMAIN, 1)],
-        functions=paged_function_protos(["PagedReadIndex", "PagedCtxGather"], half),
+        functions=paged_function_protos(cache_type=half),
         ir_version=8,
     )
     onnx.checker.check_model(model, full_check=True)
     pool = np.full((3, 1, 2, 2), np.nan, np.float16)
     pool[2] = 7
+    feeds = {
+        "pool": pool,
+        "table": np.array([[2, -1]]),
+        "idx": np.array([[[0, 1, 2, -1]]]),
+        "slot": np.array([0]),
+        "positions": np.array([[-1]]),  # a padding token: written to the null block only
+        "period": np.array(2),
+        "updates": np.full((1, 1, 1, 2), np.nan, np.float16),
+    }
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (out,) = session.run(
-        None, {"pool": pool, "table": np.array([[2, -1]]), "idx": np.array([[[0, 1, 2, -1]]])}
-    )
+    (out,) = session.run(None, feeds)
     assert out.dtype == np.float16
     assert np.array_equal(out[0, 0], np.array([[7, 7], [7, 7], [0, 0], [0, 0]], np.float16))
 

@@ -22,54 +22,68 @@ from paged_rewrite.runtime.runners import foreign_changes, unexpected_writes
 HEADS, HEAD_DIM = 2, 3
 
 
-def _ops_session() -> ort.InferenceSession:
-    def tensor(name: str, dtype: int, dims: list[str | int]) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(name, dtype, dims)
+def _tensor(name: str, dtype: int, dims: list[str | int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, dims)
 
-    f, i64 = TensorProto.FLOAT, TensorProto.INT64
-    # Each cache op as the rewrite emits it: the shared index op, then the per-cache data op.
-    read_index = ["rows", "pick", "row_shape", "zero_row"]
-    nodes = [
-        helper.make_node(
-            "PagedWriteIndex",
-            ["pool", "block_table", "slot_id", "position_ids", "slot_period"],
-            ["write_index"],
-            domain=PAGED_DOMAIN,
-        ),
-        helper.make_node(
-            "PagedCtxScatter", ["pool", "write_index", "updates"], ["new_pool"], domain=PAGED_DOMAIN
-        ),
-        helper.make_node(
-            "PagedReadIndexCCL",
-            ["new_pool", "block_table", "ctx_indices", "comp_ctx_len"],
-            read_index,
-            domain=PAGED_DOMAIN,
-        ),
-        helper.make_node("PagedCtxGather", ["new_pool", *read_index], ["read"], domain=PAGED_DOMAIN),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "paged_ops",
-        [
-            tensor("pool", f, ["N", HEADS, "bs", HEAD_DIM]),
-            tensor("block_table", i64, ["B", "nb"]),
-            tensor("slot_id", i64, ["B"]),
-            tensor("position_ids", i64, ["B", "S"]),
-            tensor("updates", f, ["B", HEADS, "S", HEAD_DIM]),
-            tensor("ctx_indices", i64, ["B", 1, "C"]),
-            tensor("comp_ctx_len", i64, []),
-            tensor("slot_period", i64, []),
-        ],
-        [tensor("new_pool", f, ["N", HEADS, "bs", HEAD_DIM]), tensor("read", f, ["B", HEADS, "C", HEAD_DIM])],
-    )
+
+F, I64 = TensorProto.FLOAT, TensorProto.INT64
+READ_INPUTS = [
+    _tensor("pool", F, ["N", HEADS, "bs", HEAD_DIM]),
+    _tensor("block_table", I64, ["B", "nb"]),
+    _tensor("ctx_indices", I64, ["B", 1, "C"]),
+    _tensor("comp_ctx_len", I64, []),
+]
+
+
+def _session(
+    nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]
+):
     model = helper.make_model(
-        graph,
+        helper.make_graph(nodes, "paged_ops", inputs, outputs),
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(PAGED_DOMAIN, 1)],
         functions=paged_function_protos(),
         ir_version=8,
     )
     onnx.checker.check_model(model, full_check=True)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _ops_session() -> ort.InferenceSession:
+    """Each cache op as the rewrite emits it: the shared index op, then the per-cache data op;
+    the read takes the write's output, as in every QEfficient export."""
+    nodes = [
+        helper.make_node(
+            "PagedWriteIndex",
+            ["pool", "block_table", "slot_id", "position_ids", "slot_period"],
+            ["write_index", "zeros"],
+            domain=PAGED_DOMAIN,
+        ),
+        helper.make_node(
+            "PagedCtxScatter",
+            ["pool", "write_index", "updates", "zeros"],
+            ["new_pool"],
+            domain=PAGED_DOMAIN,
+        ),
+        helper.make_node(
+            "PagedReadIndexCCL",
+            ["new_pool", "block_table", "ctx_indices", "comp_ctx_len"],
+            ["rows", "row_shape"],
+            domain=PAGED_DOMAIN,
+        ),
+        helper.make_node("PagedCtxGather", ["new_pool", "rows", "row_shape"], ["read"], domain=PAGED_DOMAIN),
+    ]
+    inputs = [
+        *READ_INPUTS,
+        _tensor("slot_id", I64, ["B"]),
+        _tensor("position_ids", I64, ["B", "S"]),
+        _tensor("updates", F, ["B", HEADS, "S", HEAD_DIM]),
+        _tensor("slot_period", I64, []),
+    ]
+    outputs = [
+        _tensor("new_pool", F, ["N", HEADS, "bs", HEAD_DIM]),
+        _tensor("read", F, ["B", HEADS, "C", HEAD_DIM]),
+    ]
+    return _session(nodes, inputs, outputs)
 
 
 SESSION = _ops_session()
@@ -84,7 +98,7 @@ def _address(table: np.ndarray, b: int, p: int, num_pool: int, bs: int) -> tuple
 
 @st.composite
 def paged_inputs(draw: st.DrawFn) -> dict[str, np.ndarray]:
-    bs = draw(st.sampled_from([1, 2, 4]))
+    bs = draw(st.sampled_from([2, 3, 4]))
     num_pool, batch, nb, seq = (
         draw(st.integers(2, 9)),
         draw(st.integers(1, 3)),
@@ -119,6 +133,12 @@ def test_writes_stay_in_own_blocks_and_land_at_the_contract_address(feeds: dict[
 
     own = {int(e) for e in table.ravel() if 0 <= e < num_pool} | {0}
     assert foreign_changes(pool, new_pool, own) == []
+    # The null block: invalid writes land on its row 0 only; its last row is the zero row.
+    assert np.array_equal(new_pool[0, :, 1:-1], pool[0, :, 1:-1])
+    assert (
+        np.array_equal(new_pool[0, :, -1], np.zeros((HEADS, HEAD_DIM)))
+        and not np.signbit(new_pool[0, :, -1]).any()
+    )
 
     writes: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for b in range(pos.shape[0]):
@@ -182,7 +202,8 @@ def test_rewritten_model_keeps_rows_apart(paged_fixture) -> None:
 def test_invalid_reads_are_exact_zeros_whatever_block_0_holds(garbage: float) -> None:
     """Padding, INT32_MAX sentinels, positions beyond the table, unallocated (-1), out-of-pool and
     null-block (0) entries all read +0.0 — not block 0's contents, which here are NaN, inf or
-    huge — while valid positions read their block. So a model need not mask V to stay finite."""
+    huge in every row, the zero row included — while valid positions read their block. So a
+    model need not mask V to stay finite."""
     pool = np.arange(5 * HEADS * 2 * HEAD_DIM, dtype=np.float32).reshape(5, HEADS, 2, HEAD_DIM) + 1
     pool[0] = garbage
     feeds = {

@@ -15,6 +15,7 @@ from derived_models import (
     cb_with_adapter_gather,
     cb_with_penalty_buffer,
     pre_ccl_gather,
+    read_before_write,
     renamed_dim,
     scatter_on_heads,
     without_function,
@@ -49,6 +50,18 @@ def test_an_op_whose_body_does_something_else_is_refused(tmp_path: Path) -> None
     message = str(error.value)
     assert "/model/layers.0/self_attn/CtxScatter" in message
     assert "indexes axis 1 with the positions; the rule expects axis 2" in message
+    assert not (tmp_path / "paged.onnx").exists()
+
+
+def test_a_read_of_the_cache_input_itself_is_refused(tmp_path: Path) -> None:
+    """Paged reads return zeros for invalid positions because they read the zero row the write
+    before them has just cleared; a read of the cache as given has no such write, so the
+    rewrite refuses it, naming the node and the cache, and writes nothing."""
+    source = read_before_write(fixture_model("llama_default"), tmp_path / "stale.onnx", "past_value.0")
+    with pytest.raises(UnsupportedPatternError) as error:
+        rewrite(source, tmp_path / "paged.onnx", 16, ctx_len=128)
+    message = str(error.value)
+    assert "'/model/layers.0/self_attn/CtxGather_1'" in message and "'past_value.0'" in message
     assert not (tmp_path / "paged.onnx").exists()
 
 

@@ -66,11 +66,10 @@ def test_subfunctions_keep_one_shared_body_and_thread_the_table(paged_fixture) -
     assert [name.split(".")[1] for name in added] == [
         "logical_shape",
         "write_index",
+        "zeros",
         "hoisted",
         "rows",
-        "pick",
         "row_shape",
-        "zero_row",
     ]  # fmt: skip  (hoisted: the layer's context length, which its mask reads too)
     assert _ops(body.node) == {"PagedCtxScatter": 2, "PagedCtxGather": 2}
     assert _ops(paged.graph.node) == {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1}

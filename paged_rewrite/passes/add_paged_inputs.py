@@ -61,8 +61,11 @@ def add_paged_inputs(
     The table width stays the symbolic ``num_kv_blocks`` whenever there are several context
     buckets (``ctx_buckets``, else the default ladder up to a known context), so a runtime can
     pass a narrower table per step; with a single bucket it is static, ``ceil(bucket / bs)``."""
-    if kv_block_size < 1:
-        raise UsageError(f"--kv-block-size must be a positive integer, got {kv_block_size}")
+    if kv_block_size < 2:  # the null block's row 0 takes invalid writes, its last row is the zero row
+        raise UsageError(
+            f"--kv-block-size must be at least 2 (the null block keeps a row for invalid writes "
+            f"and a zero row for invalid reads), got {kv_block_size}"
+        )
     if num_blocks is not None and num_blocks < 2:
         raise UsageError(f"--num-blocks must be at least 2 (block 0 is the null block), got {num_blocks}")
     bound = dict(dims or {})

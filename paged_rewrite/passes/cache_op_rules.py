@@ -34,9 +34,11 @@ class IndexOp:
 
 
 WRITE_INDEX = IndexOp(
-    "PagedWriteIndex", ("cache", "block_table", "slot_id", "positions", "slot_period"), ("write_index",)
+    "PagedWriteIndex",
+    ("cache", "block_table", "slot_id", "positions", "slot_period"),
+    ("write_index", "zeros"),
 )
-_READ_OUTPUTS = ("rows", "pick", "row_shape", "zero_row")
+_READ_OUTPUTS = ("rows", "row_shape")
 READ_INDEX = IndexOp("PagedReadIndex", ("cache", "block_table", "ctx_indices"), _READ_OUTPUTS)
 READ_INDEX_CCL = IndexOp(
     "PagedReadIndexCCL", ("cache", "block_table", "ctx_indices", "comp_ctx_len"), _READ_OUTPUTS
@@ -74,7 +76,7 @@ class CtxOpRule:
         return self.emits is not None and self.position_axis == KV_POSITION_AXIS
 
 
-_SCATTER = ("PagedCtxScatter", ("cache", "write_index", "updates"))
+_SCATTER = ("PagedCtxScatter", ("cache", "write_index", "updates", "zeros"))
 _GATHER = ("PagedCtxGather", ("cache", *_READ_OUTPUTS))
 
 RULES: tuple[CtxOpRule, ...] = (

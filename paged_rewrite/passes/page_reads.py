@@ -1,7 +1,9 @@
 """Page the reads: ``CtxGather`` (with or without a CCL length), ``CtxGatherCB`` and
-``CtxGatherBlockedKV`` become ``PagedCtxGather(pool, rows, pick)``; ``rows`` and ``pick`` come
-from ``PagedReadIndex`` (``PagedReadIndexCCL``), computed once for every cache read at the same
-logical positions (``shared_index``). Invalid positions read zeros."""
+``CtxGatherBlockedKV`` become ``PagedCtxGather(pool, rows, row_shape)``; ``rows`` come from
+``PagedReadIndex`` (``PagedReadIndexCCL``), computed once for every cache read at the same
+logical positions (``shared_index``). Invalid positions read the null block's zero row, which
+the write whose output every paged read takes (``find_cache_sites`` accepts no other read) has
+just set to zeros."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ class SharedIndex:
         self, site: Site, op_type: str, operands: Sequence[Operand], outputs: Sequence[str]
     ) -> list[str]:
         """The names, in ``site``'s body, of the outputs of ``op_type(operands)`` for the cache
-        ``site`` touches; ``outputs`` names them for reading (``"rows"``, ``"pick"``)."""
+        ``site`` touches; ``outputs`` names them for reading (``"rows"``, ``"row_shape"``)."""
         assert site.cache is not None
         signature = self._layout.pool_signature(site.cache)
         hoisted = self._in_main_graph(site, operands) if site.body.is_function else None
