@@ -10,8 +10,11 @@ default context buckets (128, 256, ..., 4096), pool 8 * 32 + 1 = 257 blocks: the
 token slots per cache tensor plus the null block. Both run in onnxruntime CPU with their caches
 updated in place (``paged_rewrite.runtime.in_place``; a device keeps retained state in place, and the
 per-step copy onnxruntime otherwise makes is reported separately below) through
-``paged_rewrite.runtime.serving``: FCFS admission reserving each request's KV in full, one 128-token
-prefill chunk then one decode step per iteration, virtual time advanced by measured call times.
+``paged_rewrite.runtime.serving``: FCFS admission reserving each request's KV in full, one prefill call
+of up to 128 tokens then one decode step per iteration, virtual time advanced by measured call times.
+Both models are taken as compiled for prefill lengths 32 and 64 besides the 128-token chunk (three
+prefill specializations per context bucket), so a call is padded to the shortest length that holds
+its tokens: the last chunk of a prompt, or what a prefix hit leaves.
 Every runner is warmed with an unrelated prompt before anything is timed on it.
 
 Workload: Poisson arrivals at ``--rate`` requests/s (a load that saturates both servers: capacity and
@@ -55,6 +58,9 @@ from paged_rewrite.runtime.sessions import open_session
 
 BLOCK, ROWS, CHUNK = 128, 8, 128
 USER_TOKENS = 64  # the user part of the TTFT probe
+# Prefill lengths compiled besides the chunk (one specialization each): a call prefilling fewer
+# tokens is padded to the shortest that holds them (runtime.serving.Server), for both models.
+PREFILL_LENGTHS = (32, 64)
 MAX_RUNNING = 256  # no batch cap the pool could reach: the paged model's concurrency is its memory's
 SYSTEM_MARK = "-system"  # names of the requests whose prompt starts with the common system prompt
 FILLS = (1 / 32, 1 / 16, 1 / 10, 1 / 4, 1 / 2, 1.0)
@@ -184,6 +190,11 @@ def original_runner(setup: Setup, original: Path) -> ContiguousRunner:
     return warmed(setup, runner, ROWS)
 
 
+def make_server(runner: PagedRunner | ContiguousRunner, chunk: int, max_running: int) -> Server:
+    """A server prefilling in chunks of ``chunk`` and in the shorter ``PREFILL_LENGTHS``."""
+    return Server(runner, chunk, max_running, prefill_lengths=[n for n in PREFILL_LENGTHS if n < chunk])
+
+
 def warmed(setup: Setup, runner: R, max_running: int) -> R:
     """``runner`` after serving an unrelated prompt as long as the TTFT probe, at both chunk
     lengths: a session's first calls pay for its allocations and first kernel runs, which no
@@ -192,7 +203,10 @@ def warmed(setup: Setup, runner: R, max_running: int) -> R:
     rng = np.random.default_rng(99)
     for chunk in (CHUNK // 2, CHUNK):
         prompt = rng.integers(0, setup.spec.vocab_size, setup.system + USER_TOKENS)
-        Server(runner, chunk, max_running).run([Request(f"warm-{chunk}", prompt, 2)])
+        make_server(runner, chunk, max_running).run([Request(f"warm-{chunk}", prompt, 2)])
+    for length in PREFILL_LENGTHS:  # one call at each shorter prefill length too
+        prompt = rng.integers(0, setup.spec.vocab_size, length)
+        make_server(runner, CHUNK, max_running).run([Request(f"warm-{length}", prompt, 2)])
     return runner
 
 
@@ -213,7 +227,7 @@ def ttft_cold_and_hit(
     limits = {"paged": MAX_RUNNING, "original": ROWS}
 
     def served(model: str, request: Request) -> Served:
-        return Server(runners[model], chunk, limits[model]).run([request])[0]
+        return make_server(runners[model], chunk, limits[model]).run([request])[0]
 
     times: dict[str, list[float]] = {"paged_cold": [], "paged_hit": [], "original": []}
     for index in range(samples):
@@ -367,27 +381,27 @@ def main() -> None:
                 for c in (CHUNK, CHUNK // 2)}  # fmt: skip
         requests = workload(setup, args.requests, args.rate, args.seed)
         original_summary, original_served = serve(
-            Server(original_runner(setup, original), CHUNK, ROWS), requests, "original"
+            make_server(original_runner(setup, original), CHUNK, ROWS), requests, "original"
         )
         paged_summary, paged_served = serve(
-            Server(paged_runner(setup, paged), CHUNK, MAX_RUNNING), requests, "paged"
+            make_server(paged_runner(setup, paged), CHUNK, MAX_RUNNING), requests, "paged"
         )
         uncached_summary, uncached_served = serve(
-            Server(paged_runner(setup, paged, caching=False), CHUNK, MAX_RUNNING), requests,
+            make_server(paged_runner(setup, paged, caching=False), CHUNK, MAX_RUNNING), requests,
             "paged, prefix caching off",
         )  # fmt: skip
         # Capacity: every request at once, so the pool alone bounds how many run together (the
         # original's bound is its 8 cache rows whatever the load).
         burst = [Request(r.name, r.prompt, r.max_new_tokens, 0.0) for r in requests]
         burst_summary, _ = serve(
-            Server(paged_runner(setup, paged), CHUNK, MAX_RUNNING), burst, "paged, all at once"
+            make_server(paged_runner(setup, paged), CHUNK, MAX_RUNNING), burst, "paged, all at once"
         )
         light = workload(setup, args.requests, args.light_rate, args.seed)
         light_summary, light_served = serve(
-            Server(paged_runner(setup, paged), CHUNK, MAX_RUNNING), light, "paged, light"
+            make_server(paged_runner(setup, paged), CHUNK, MAX_RUNNING), light, "paged, light"
         )
         light_uncached_summary, _ = serve(
-            Server(paged_runner(setup, paged, caching=False), CHUNK, MAX_RUNNING), light,
+            make_server(paged_runner(setup, paged, caching=False), CHUNK, MAX_RUNNING), light,
             "paged, light, prefix caching off",
         )  # fmt: skip
     caching = {
@@ -399,7 +413,7 @@ def main() -> None:
     for label, values in caching.items():
         print(f"system-prompt TTFT, {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
     results = {"setup": {"layers": setup.layers, "ctx": setup.ctx, "requests": args.requests},
-               "decode_vs_fill_ms": fills, "ttft_alone_ms": ttft, "original": original_summary,
+               "decode_vs_fill_ms": fills, "prefill_lengths": [*PREFILL_LENGTHS, CHUNK], "ttft_alone_ms": ttft, "original": original_summary,
                "paged": paged_summary, "paged_prefix_caching_off": uncached_summary,
                "paged_burst": burst_summary, "paged_light": light_summary,
                "paged_light_prefix_caching_off": light_uncached_summary,

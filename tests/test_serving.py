@@ -108,3 +108,40 @@ def test_a_request_arriving_as_the_server_empties_is_admitted(paged_fixture, mon
     server = Server(PagedRunner(paged, BlockManager(12, BLOCK), CTX_LEN // BLOCK), 32, 64)
     done = server.run([Request("a", np.arange(20), 2, 0.0), Request("b", np.arange(30), 2, 1.5)])
     assert [(s.request.name, s.finished_at) for s in done] == [("a", 2.0), ("b", 4.0)]
+
+
+def test_prefill_calls_shrink_to_the_shortest_compiled_length_that_holds_them(paged_fixture) -> None:
+    """With prefill lengths 8 and 16 besides the 32-token chunk, a prompt's last chunk (and what a
+    prefix hit leaves) is padded to the shortest length that holds it; every request still gets
+    the tokens it gets with full-chunk padding, on the original as on the paged model."""
+    original, paged, _ = paged_fixture("llama_cb", BLOCK)
+
+    def serve(runner: PagedRunner | ContiguousRunner, lengths: tuple[int, ...]) -> tuple[dict, list[int]]:
+        prefill_lengths: list[int] = []
+        step = runner.step
+
+        def recording(rows, phase=None):  # type: ignore[no-untyped-def]
+            if phase == "prefill":
+                prefill_lengths.append(len(rows[0].input_ids))
+            return step(rows, phase)
+
+        runner.step = recording  # type: ignore[method-assign]
+        server = Server(runner, 32, 4, prefill_lengths=lengths)
+        return {s.request.name: s.tokens for s in server.run(_requests())}, prefill_lengths
+
+    def paged_runner() -> PagedRunner:
+        return PagedRunner(paged, BlockManager(40, BLOCK), CTX_LEN // BLOCK)
+
+    def contiguous_runner() -> ContiguousRunner:
+        return ContiguousRunner(original, {"ctx_len": CTX_LEN, "full_batch_size": 4})
+
+    full, full_lengths = serve(paged_runner(), ())
+    fitted, fitted_lengths = serve(paged_runner(), (8, 16))
+    assert set(full_lengths) == {32}
+    # prompts 40, 9, 70, 23, 55, 12 tokens: chunks of 32, the last one as short as it may be
+    per_prompt = [[32, 8], [16], [32, 32, 8], [32], [32, 32], [16]]
+    assert sorted(fitted_lengths) == sorted(n for chunks in per_prompt for n in chunks)
+    assert fitted == full
+    assert serve(contiguous_runner(), (8, 16))[0] == full
+    with pytest.raises(ValueError, match="must lie in"):
+        Server(paged_runner(), 32, 4, prefill_lengths=(64,))

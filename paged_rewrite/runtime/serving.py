@@ -77,7 +77,13 @@ class Server:
     batch limit; the original's is its cache rows), ``chunk_len`` tokens per prefill call.
     ``decode_rows``: pad every decode batch of a paged model to that many rows with idle rows (a
     device compiled for one decode batch size; at most ``max_running`` requests then). The
-    original always decodes all its cache rows."""
+    original always decodes all its cache rows.
+
+    ``prefill_lengths``: the prefill lengths the model is compiled for besides ``chunk_len`` (a
+    specializations file with one prefill entry per ``seq_len``; the rewrite repeats each per
+    context bucket). A call is padded to the shortest that holds the tokens it prefills, so the
+    last chunk of a prompt, or what a prefix-cache hit leaves, does not pay for a full chunk of
+    padding. Without them every call is ``chunk_len`` long."""
 
     def __init__(
         self,
@@ -85,9 +91,15 @@ class Server:
         chunk_len: int,
         max_running: int,
         decode_rows: int | None = None,
+        prefill_lengths: Sequence[int] = (),
     ) -> None:
+        if not all(0 < length <= chunk_len for length in prefill_lengths):
+            raise ValueError(
+                f"prefill lengths {list(prefill_lengths)} must lie in [1, chunk_len={chunk_len}]"
+            )
         self.runner = runner
         self.chunk_len = chunk_len
+        self.prefill_lengths = sorted({*prefill_lengths, chunk_len})
         self.paged = isinstance(runner, PagedRunner)
         slots = runner.slots.num_slots if isinstance(runner, ContiguousRunner) and runner.slots else None
         self.max_running = min(max_running, slots) if slots else max_running
@@ -176,7 +188,9 @@ class Server:
 
     def _prefill_chunk(self, served: Served) -> None:
         request = served.request
-        chunk = chunk_row(request.name, request.prompt, served.next_position, self.chunk_len)
+        left = len(request.prompt) - served.next_position
+        length = next(n for n in self.prefill_lengths if n >= min(left, self.chunk_len))
+        chunk = chunk_row(request.name, request.prompt, served.next_position, length)
         logits = self._call("prefill", [chunk])
         served.next_position = int(chunk.position_ids.max()) + 1
         if served.prefilled:
