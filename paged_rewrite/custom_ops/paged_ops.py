@@ -62,10 +62,12 @@ def PagedBlockAddress(pool, block_table, positions):
       positions    int64 ``[B, K]`` logical positions (any values).
     Outputs:
       block   int64 ``[B, K]``: ``block_table[b, p // kv_block_size]``.
-      offset  int64 ``[B, K]``: ``p % kv_block_size``.
-    Invalid addresses map to ``(0, 0)``, the null block: a position outside
+      offset  int64 ``[B, K]``: ``p % kv_block_size``, in ``[0, kv_block_size)`` whatever ``p``.
+    Invalid addresses map to block 0, the null block: a position outside
     ``[0, num_kv_blocks * kv_block_size)`` (padding ``-1``, INT32_MAX sentinels, garbage), or a
     table entry outside ``[0, N)`` (``-1`` = unallocated, or a block the pool does not have).
+    Which row of block 0 is the caller's choice (writes: row 0; reads: the zero row), so every
+    caller replaces the offset wherever ``block`` is 0.
     """
     pool_shape = op.Shape(pool)
     block_size = op.Gather(pool_shape, 2)
@@ -83,8 +85,7 @@ def PagedBlockAddress(pool, block_table, positions):
     entry = op.Gather(flat_table, op.Add(op.Mul(row, num_columns), op.Div(safe_position, block_size)))
     valid = op.And(in_range, op.And(op.Greater(entry, negative), op.Less(entry, op.Gather(pool_shape, 0))))
     block = op.Where(valid, entry, zero)
-    offset = op.Where(valid, op.Mod(safe_position, block_size), zero)
-    return block, offset
+    return block, op.Mod(safe_position, block_size)
 
 
 @script(paged, default_opset=op)
@@ -235,10 +236,7 @@ def PagedReadIndex(pool, block_table, ctx_indices):
       row_shape  int64 ``[2]``: ``[-1, D]``, the pool seen as rows.
     """
     index_shape = op.Shape(ctx_indices)
-    zero = op.Constant(value_ints=[0])
-    one = op.Constant(value_ints=[1])
-    batch_2d = op.Concat(op.Slice(index_shape, zero, one), op.Constant(value_ints=[-1]), axis=0)
-    block, offset = PagedBlockAddress(pool, block_table, op.Reshape(ctx_indices, batch_2d))
+    block, offset = PagedBlockAddress(pool, block_table, op.Flatten(ctx_indices, axis=1))
     block = op.Reshape(block, index_shape)
     last_offset = op.Sub(op.Gather(op.Shape(pool), 2), op.Constant(value_int=1))
     offset = op.Where(
