@@ -48,6 +48,7 @@ class _Interface:
         self.outputs = {v.name: v for v in model.graph.output}
         self.initializers = {t.name for t in model.graph.initializer}
         self.definitions = {(f.domain, f.name): f for f in model.functions}
+        self.mismatches: dict[tuple[int, int], str | None] = {}  # (rule, definition) -> body_mismatch
 
     def outer(self, name: str, body: Body, call: onnx.NodeProto | None, outputs: bool = False) -> str | None:
         """``name`` of ``body`` as the main graph calls it (None when it is local to the function)."""
@@ -138,7 +139,10 @@ def _check_body(node: onnx.NodeProto, rule: CtxOpRule, interface: _Interface) ->
     function = interface.definitions.get(function_key(node))
     if function is None:
         raise UnsupportedPatternError(f"{where(node)}: no model-local function defines {node.op_type}")
-    mismatch = body_mismatch(rule, function)
+    key = (id(rule), id(function))  # every call of one definition has the same answer
+    if key not in interface.mismatches:
+        interface.mismatches[key] = body_mismatch(rule, function)
+    mismatch = interface.mismatches[key]
     if mismatch is not None:
         raise UnsupportedPatternError(f"{where(node)}: not the {rule.op_type} the rewrite knows: {mismatch}")
 
