@@ -317,7 +317,7 @@ def rewrite_command(
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "--kv-block-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=2),
     default=128,
     show_default=True,
     help="Block size for the rewrite plan.",

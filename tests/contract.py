@@ -21,3 +21,10 @@ def contract_writes(
             if 0 < block < num_pool:
                 allowed.add((block, p % bs))
     return allowed
+
+
+def zero_rows_are_zero(pool_after: np.ndarray) -> bool:
+    """The null block's zero row (its last row, every head) after a call is +0.0: every paged
+    write sets it, which is what makes invalid reads return zeros whatever block 0 held before."""
+    zero_row = pool_after[0, :, -1]
+    return bool(np.array_equal(zero_row, np.zeros_like(zero_row)) and not np.signbit(zero_row).any())

@@ -66,9 +66,9 @@ def test_node_counts_are_in_the_report_and_its_json(tmp_path) -> None:
     assert "paged ops emitted (nodes in each flat body): PagedWriteIndex" in report.summary()
 
 
-def test_a_float16_pool_reads_float16_zeros() -> None:
-    """The zero rows take the caches' type (CastLike in the source, a Cast when emitted)."""
-    half, i64 = TensorProto.FLOAT16, TensorProto.INT64
+def _write_then_read(cache_type: int) -> onnx.ModelProto:
+    """One write and one read of a ``[3, 1, 2, 2]`` pool, as the rewrite emits them."""
+    i64 = TensorProto.INT64
     write = ["pool", "table", "slot", "positions", "period"]
     nodes = [
         helper.make_node("PagedWriteIndex", write, ["index", "zeros"], domain=PAGED_DOMAIN),
@@ -81,22 +81,29 @@ def test_a_float16_pool_reads_float16_zeros() -> None:
         helper.make_node("PagedCtxGather", ["written", "rows", "row_shape"], ["out"], domain=PAGED_DOMAIN),
     ]
     inputs = [
-        helper.make_tensor_value_info("pool", half, [3, 1, 2, 2]),
+        helper.make_tensor_value_info("pool", cache_type, [3, 1, 2, 2]),
         helper.make_tensor_value_info("table", i64, [1, 2]),
         helper.make_tensor_value_info("idx", i64, [1, 1, 4]),
         helper.make_tensor_value_info("slot", i64, [1]),
         helper.make_tensor_value_info("positions", i64, [1, 1]),
         helper.make_tensor_value_info("period", i64, []),
-        helper.make_tensor_value_info("updates", half, [1, 1, 1, 2]),
+        helper.make_tensor_value_info("updates", cache_type, [1, 1, 1, 2]),
     ]
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", half, [1, 1, 4, 2])])
+    graph = helper.make_graph(
+        nodes, "g", inputs, [helper.make_tensor_value_info("out", cache_type, [1, 1, 4, 2])]
+    )
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(PAGED_DOMAIN, 1)],
-        functions=paged_function_protos(cache_type=half),
+        functions=paged_function_protos(cache_type=cache_type),
         ir_version=8,
     )
     onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_float16_pool_reads_float16_zeros() -> None:
+    """The zero rows take the caches' type (CastLike in the source, a Cast when emitted)."""
     pool = np.full((3, 1, 2, 2), np.nan, np.float16)
     pool[2] = 7
     feeds = {
@@ -108,10 +115,18 @@ def test_a_float16_pool_reads_float16_zeros() -> None:
         "period": np.array(2),
         "updates": np.full((1, 1, 1, 2), np.nan, np.float16),
     }
+    model = _write_then_read(TensorProto.FLOAT16)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, feeds)
     assert out.dtype == np.float16
     assert np.array_equal(out[0, 0], np.array([[7, 7], [7, 7], [0, 0], [0, 0]], np.float16))
+
+
+def test_bfloat16_caches_get_ops_onnxruntime_cpu_can_load() -> None:
+    """The zeros are expanded as float and then cast: onnxruntime's CPU Expand has no bfloat16
+    kernel, so an Expand of bfloat16 zeros would make every bfloat16 paged model unloadable."""
+    model = _write_then_read(TensorProto.BFLOAT16)
+    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def test_caches_of_different_types_are_refused(tmp_path) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from contract import contract_writes
+from contract import contract_writes, zero_rows_are_zero
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
@@ -196,6 +196,7 @@ def test_rewritten_model_keeps_rows_apart(paged_fixture) -> None:
         allowed = contract_writes(table, feeds["position_ids"], feeds["slot_id"], bs, num_pool)
         for name, before in pools.items():
             assert unexpected_writes(before, out[f"{name}_RetainedState"], allowed) == [], name
+            assert zero_rows_are_zero(out[f"{name}_RetainedState"]), name
 
 
 @pytest.mark.parametrize("garbage", [np.nan, np.inf, -1e30])

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from contract import contract_writes
+from contract import contract_writes, zero_rows_are_zero
 from models import qeff_export
 
 from paged_rewrite import NotAModelError, UsageError, rewrite
@@ -164,6 +164,7 @@ def test_rows_stay_apart_and_valid_rows_stay_finite(paged_fixture) -> None:  # t
         allowed = contract_writes(table, positions, slot_id, bs, num_pool)
         for name, before in pools.items():
             assert unexpected_writes(before, out[f"{name}_RetainedState"], allowed) == [], name
+            assert zero_rows_are_zero(out[f"{name}_RetainedState"]), name  # whatever block 0 held
         assert np.isfinite(out["logits"][0]).all(), "NaN leaked into the valid row"
 
 

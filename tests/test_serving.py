@@ -111,9 +111,9 @@ def test_a_request_arriving_as_the_server_empties_is_admitted(paged_fixture, mon
 
 
 def test_prefill_calls_shrink_to_the_shortest_compiled_length_that_holds_them(paged_fixture) -> None:
-    """With prefill lengths 8 and 16 besides the 32-token chunk, a prompt's last chunk (and what a
-    prefix hit leaves) is padded to the shortest length that holds it; every request still gets
-    the tokens it gets with full-chunk padding, on the original as on the paged model."""
+    """With prefill lengths 8 and 16 besides the 32-token chunk, a prompt's last chunk is padded to
+    the shortest length that holds it; every request still gets the tokens it gets with
+    full-chunk padding, on the original as on the paged model."""
     original, paged, _ = paged_fixture("llama_cb", BLOCK)
 
     def serve(runner: PagedRunner | ContiguousRunner, lengths: tuple[int, ...]) -> tuple[dict, list[int]]:
@@ -145,3 +145,30 @@ def test_prefill_calls_shrink_to_the_shortest_compiled_length_that_holds_them(pa
     assert serve(contiguous_runner(), (8, 16))[0] == full
     with pytest.raises(ValueError, match="must lie in"):
         Server(paged_runner(), 32, 4, prefill_lengths=(64,))
+
+
+def test_what_a_prefix_hit_leaves_is_prefilled_at_the_shortest_length(paged_fixture) -> None:
+    """B shares A's first 48 tokens (3 blocks): with prefix caching B prefills only its last 9
+    tokens, in one 16-token call (lengths 8, 16 beside the 32-token chunk), and gets the tokens
+    an uncached server with full-chunk padding gives it."""
+    _, paged, _ = paged_fixture("llama_cb", BLOCK)
+    rng = np.random.default_rng(9)
+    a = rng.integers(0, 200, 70)
+    b = np.r_[a[:48], rng.integers(0, 200, 9)]
+    runner = PagedRunner(paged, BlockManager(40, BLOCK, prefix_caching=True), CTX_LEN // BLOCK)
+    lengths: list[int] = []
+    step = runner.step
+
+    def recording(rows, phase=None):  # type: ignore[no-untyped-def]
+        if phase == "prefill":
+            lengths.append(len(rows[0].input_ids))
+        return step(rows, phase)
+
+    runner.step = recording  # type: ignore[method-assign]
+    server = Server(runner, 32, 4, prefill_lengths=(8, 16))
+    served = {s.request.name: s for s in server.run([Request("A", a, 4, 0.0), Request("B", b, 4, 1e6)])}
+    assert served["B"].cached_tokens == 48
+    assert lengths == [32, 32, 8, 16]  # A: 32 + 32 + 6 (padded to 8); B: its 9 uncached tokens
+    cold = PagedRunner(paged, BlockManager(40, BLOCK), CTX_LEN // BLOCK)
+    (alone,) = Server(cold, 32, 4).run([Request("B", b, 4)])
+    assert served["B"].tokens == alone.tokens

@@ -120,6 +120,7 @@ def test_shape_of_cache_is_rewired_to_the_logical_view(paged_fixture) -> None:
 # BlockedKV: each of its 4 KV blocks reads its own positions, shared by both layers).
 INDEX_OPS = {
     "llama_default": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
+    "gemma2_default": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
     "llama_cb": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
     "mistral_default": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
     "qwen2_default": {"PagedWriteIndex": 1, "PagedReadIndexCCL": 1, "PagedLogicalShape": 1},
@@ -137,6 +138,7 @@ INDEX_OPS = {
 # gpt_oss exports have two groups in two layers, each paying its index ops once (BENCHMARKS.md).
 WITHIN_5_PERCENT = {
     "llama_default",
+    "gemma2_default",
     "llama_cb",
     "mistral_default",
     "qwen2_default",

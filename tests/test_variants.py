@@ -222,3 +222,34 @@ def test_cache_read_inside_a_subgraph_is_refused(tmp_path: Path) -> None:
     onnx.save(model, tmp_path / "if.onnx")
     with pytest.raises(UnsupportedPatternError, match=r"/odd/If.*past_key\.0.*inside a subgraph"):
         rewrite(tmp_path / "if.onnx", tmp_path / "out.onnx", 16)
+
+
+def test_cache_read_inside_a_subgraph_of_a_layer_function_is_refused(tmp_path: Path) -> None:
+    """The same inside the shared layer function: an If there whose branch reads the layer's
+    written cache would see a pool no paged read covers (nor its zero row), so it is refused."""
+    from onnx import TensorProto, helper
+
+    model = onnx.load(fixture_model("llama_subfunctions"))
+    layer = next(f for f in model.functions if any(n.op_type == "CtxScatter" for n in f.node))
+    written = next(n for n in layer.node if n.op_type == "CtxScatter").output[0]
+    branch = helper.make_graph(
+        [helper.make_node("Identity", [written], ["branch_value"])], "branch", [],
+        [helper.make_tensor_value_info("branch_value", TensorProto.FLOAT, None)],
+    )  # fmt: skip
+    layer.node.append(
+        helper.make_node(
+            "Constant", [], ["cond"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])
+        )
+    )
+    layer.node.append(
+        helper.make_node("If", ["cond"], ["via_if"], name="/odd/If", then_branch=branch, else_branch=branch)
+    )
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "if.onnx")
+    with pytest.raises(UnsupportedPatternError) as error:
+        rewrite(tmp_path / "if.onnx", tmp_path / "out.onnx", 16)
+    assert (
+        f"node '/odd/If' (ai.onnx::If) in function {layer.name!r} reads cache {written!r} inside a subgraph"
+        in str(error.value)
+    )
+    assert not (tmp_path / "out.onnx").exists()

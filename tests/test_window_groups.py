@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import feature_fixture_model, feature_manifest, fixture_model
-from contract import contract_writes
+from contract import contract_writes, zero_rows_are_zero
 
 from paged_rewrite import rewrite
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
@@ -231,6 +231,7 @@ def test_adversarial_tables_on_every_group_stay_harmless(tmp_path: Path) -> None
         }
         for name, before in pools.items():
             assert unexpected_writes(before, got[f"{name}_RetainedState"], allowed[name[-1]]) == [], name
+            assert zero_rows_are_zero(got[f"{name}_RetainedState"]), name  # whatever block 0 held
         assert np.isfinite(got["logits"][0]).all(), "NaN leaked into the valid row"
 
 

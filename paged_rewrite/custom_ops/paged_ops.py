@@ -188,9 +188,9 @@ def PagedWriteIndex(pool, block_table, slot_id, position_ids, slot_period):
         axis=3,
     )
     head_dim = op.Slice(pool_shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[4]))
-    zeros = op.Expand(
-        op.CastLike(op.Constant(value_float=0.0), pool), op.Concat(batch_and_heads, one, head_dim, axis=0)
-    )
+    # Expanded as float, then cast: onnxruntime's CPU Expand has no bfloat16 kernel.
+    zeros_shape = op.Concat(batch_and_heads, one, head_dim, axis=0)
+    zeros = op.CastLike(op.Expand(op.Constant(value_float=0.0), zeros_shape), pool)
     return write_index, zeros
 
 

@@ -88,6 +88,8 @@ def find_cache_sites(model: onnx.ModelProto) -> CacheSites:
     _check_shapes(sites.tensors, model)
     cache_names = {name for t in sites.tensors for name in (t.input.name, t.output.name)}
     _refuse_subgraph_users(model.graph, cache_names)
+    for function, local_names in _local_cache_names(sites).values():
+        _refuse_subgraph_users(function, local_names)
     sites.main.watch(cache_names | ADDRESSING_NAMES)
     for tensor in sites.tensors:
         _collect_users(sites, interface, tensor)
@@ -162,8 +164,24 @@ def _refuse_nested_calls(model: onnx.ModelProto, layers: dict[tuple[str, str], B
                 )
 
 
-def _refuse_subgraph_users(graph: onnx.GraphProto, cache_names: set[str]) -> None:
-    """A cache read inside an If/Loop/Scan body (by outer-scope reference) is refused, not missed."""
+def _local_cache_names(sites: CacheSites) -> dict[int, tuple[onnx.FunctionProto, set[str]]]:
+    """Per layer function, the names its caches have inside it: the cache operand and the written
+    value of each write (what a subgraph there could read by outer-scope reference)."""
+    local: dict[int, tuple[onnx.FunctionProto, set[str]]] = {}
+    for tensor in sites.tensors:
+        body, node = tensor.write.body, tensor.write.node
+        if isinstance(body.proto, onnx.FunctionProto):
+            rule = rule_for(node.domain, node.op_type, len(node.input))
+            assert rule is not None
+            names = local.setdefault(id(body.proto), (body.proto, set()))[1]
+            names.update((node.input[rule.operand("cache")], node.output[0]))
+    return local
+
+
+def _refuse_subgraph_users(graph: onnx.GraphProto | onnx.FunctionProto, cache_names: set[str]) -> None:
+    """A cache read inside an If/Loop/Scan body (by outer-scope reference) is refused, not missed:
+    in the main graph and in a layer function alike."""
+    inside = f" in function {graph.name!r}" if isinstance(graph, onnx.FunctionProto) else ""
     for node in graph.node:
         if node.op_type not in SUBGRAPH_OPS:  # checked first: attributes are slow to walk
             continue
@@ -173,7 +191,7 @@ def _refuse_subgraph_users(graph: onnx.GraphProto, cache_names: set[str]) -> Non
             used = used_names(subgraphs) & cache_names
             if used:
                 raise UnsupportedPatternError(
-                    f"{where(node)} reads cache {sorted(used)[0]!r} inside a subgraph"
+                    f"{where(node)}{inside} reads cache {sorted(used)[0]!r} inside a subgraph"
                 )
 
 

@@ -1,5 +1,6 @@
 """Page the writes: every cache write (``CtxScatter``, ``CtxScatterCB``) becomes
-``PagedCtxScatter(pool, write_index, updates)``, its ``write_index`` computed by
+``PagedCtxScatter(pool, write_index, updates, zeros)``, its ``write_index`` (and the ``zeros`` it
+writes to the null block's zero row) computed by
 ``PagedWriteIndex(pool, block_table, slot_id, positions, slot_period)`` once for every cache
 written at the same positions (``shared_index``). ``slot_period`` is the period over which ``slot_id`` (a logical position
 modulo ``kv_block_size``) and the written slot must agree: ``kv_block_size`` for full-context
