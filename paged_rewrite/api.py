@@ -36,6 +36,7 @@ def rewrite(
     full_check: bool = False,
     ctx_buckets: Sequence[int] | None = None,
     shared_window_table: bool = False,
+    prefill_lengths: Sequence[int] | None = None,
 ) -> RewriteReport:
     """Rewrite the QEfficient export at ``input_path`` into a paged-KV model at ``output_path``.
 
@@ -55,10 +56,17 @@ def rewrite(
     rewrite, naming it. The input is only read. With ``output_path=None`` nothing is written (a
     dry run). Ring-buffer (sliding-window) caches get a block table and pool dim per window
     length (``block_table_w<W>``, ``total_num_kv_blocks_w<W>``) unless ``shared_window_table``,
-    which keeps them in the first columns of the one ``block_table``.
+    which keeps them in the first columns of the one ``block_table``. ``prefill_lengths`` (tokens)
+    writes one prefill specialization per length (``seq_len``) and context bucket instead of one
+    with ``seq_len`` unbound, so a runtime can pad each prefill call to the shortest that holds it.
     Raises a ``PagedRewriteError`` subclass (with its exit code) on bad input.
     """
-    _check_ranges(kv_block_size, ctx_len, num_blocks, dims or {}, ctx_buckets)
+    _check_ranges(kv_block_size, ctx_len, num_blocks, dims or {}, ctx_buckets, prefill_lengths)
+    if prefill_lengths and specializations:
+        raise UsageError(
+            "--prefill-lengths writes the default specializations; with --specializations, give one "
+            "prefill entry per seq_len in the file instead"
+        )
     if output_path is not None and (not os.fspath(output_path) or not Path(output_path).name):
         raise UsageError(f"the output path {os.fspath(output_path)!r} names no file (-o paged.onnx, say)")
     entries = handoff.read_specializations(specializations) if specializations else None
@@ -68,7 +76,9 @@ def rewrite(
     weights = data_files(model, input_path)  # refuses unsafe locations; protected from overwriting below
     _refuse_unknown_dims(dims or {}, model, input_path)
     buckets = tuple(ctx_buckets) if ctx_buckets is not None else None
-    options = RewriteOptions(kv_block_size, ctx_len, num_blocks, bound, buckets, shared_window_table)
+    options = RewriteOptions(
+        kv_block_size, ctx_len, num_blocks, bound, buckets, shared_window_table, tuple(prefill_lengths or ())
+    )
     try:
         report = rewrite_model(model, options)
     except InternalError as error:  # a step broke: an invalid input explains it; else it is our bug
@@ -99,6 +109,7 @@ def rewrite(
         "kv_block_size": kv_block_size,
         "ctx_len": ctx_len,
         "ctx_buckets": list(ctx_buckets) if ctx_buckets is not None else None,
+        "prefill_lengths": list(prefill_lengths) if prefill_lengths else None,
         "num_blocks": num_blocks,
         "dims": dict(sorted((dims or {}).items())),
         "specializations": Path(specializations).name if specializations else None,
@@ -161,11 +172,13 @@ def _check_ranges(
     num_blocks: int | None,
     dims: Mapping[str, int],
     ctx_buckets: Sequence[int] | None,
+    prefill_lengths: Sequence[int] | None = None,
 ) -> None:
     """Values past any context a model can have, or past an ONNX dim, are usage errors here rather
     than overflows deep in the rewrite."""
     limits = [("--kv-block-size", kv_block_size, MAX_CONTEXT), ("--ctx-len", ctx_len, MAX_CONTEXT)]
     limits += [("--ctx-buckets", bucket, MAX_CONTEXT) for bucket in ctx_buckets or ()]
+    limits += [("--prefill-lengths", length, MAX_CONTEXT) for length in prefill_lengths or ()]
     limits += [("--num-blocks", num_blocks, MAX_DIM)]
     limits += [(f"--dim {name}", value, MAX_DIM) for name, value in dims.items()]
     for flag, value, limit in limits:

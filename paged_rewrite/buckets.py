@@ -1,4 +1,5 @@
-"""Context buckets: the ``block_table`` widths a paged model is compiled for and run at.
+"""Context buckets: the ``block_table`` widths a paged model is compiled for and run at (and,
+the same idea along the other axis, the prefill lengths: ``resolve_prefill_lengths``).
 
 A paged model reads its cache through ``block_table``; where the graph takes its context length
 from the cache shape (``Shape(past_key)``, rewired to ``PagedLogicalShape``), a table of ``n``
@@ -20,17 +21,38 @@ from collections.abc import Sequence
 from paged_rewrite.errors import UsageError
 
 
-def parse_buckets(text: str) -> tuple[int, ...]:
+def parse_buckets(text: str, flag: str = "--ctx-buckets") -> tuple[int, ...]:
     """``"512,1024,2048"`` -> ``(512, 1024, 2048)``; a usage error for anything else."""
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise UsageError(
-            f"--ctx-buckets {text!r}: expected comma-separated token counts, e.g. 512,1024"
-        ) from None
+        raise UsageError(f"{flag} {text!r}: expected comma-separated token counts, e.g. 512,1024") from None
     if not values:
-        raise UsageError(f"--ctx-buckets {text!r}: no bucket given")
+        raise UsageError(f"{flag} {text!r}: no value given")
     return values
+
+
+def resolve_prefill_lengths(
+    given: Sequence[int], seq_symbolic: bool, seq_bound: int | None, context_len: int | None
+) -> tuple[int, ...]:
+    """The prefill lengths of a rewrite (``--prefill-lengths``), ascending: the ``seq_len`` values a
+    device is compiled for besides decode, one prefill specialization each per context bucket, so
+    a runtime pads each prefill call to the shortest that holds its tokens (``Server``). They need
+    ``seq_len`` symbolic in the model and not bound; none may exceed the context."""
+    lengths = tuple(sorted(set(given)))
+    if not lengths:
+        return ()
+    if lengths[0] < 1:
+        raise UsageError(f"--prefill-lengths: a length must be a positive token count, got {lengths[0]}")
+    if seq_bound is not None:
+        raise UsageError(
+            f"--prefill-lengths: seq_len is bound to {seq_bound}, so the model has one prefill length"
+        )
+    if not seq_symbolic:
+        raise UsageError("--prefill-lengths: the model has no symbolic seq_len to specialize")
+    if context_len is not None and lengths[-1] > context_len:
+        raise UsageError(f"--prefill-lengths {lengths[-1]} is longer than the context ({context_len} tokens)")
+    return lengths
 
 
 def default_ladder(context_len: int, kv_block_size: int) -> tuple[int, ...]:

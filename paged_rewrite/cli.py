@@ -111,6 +111,17 @@ def _parse_buckets(_ctx: click.Context, _param: click.Parameter, value: str | No
         raise click.BadParameter(str(error)) from None
 
 
+def _parse_prefill_lengths(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return parse_buckets(value, "--prefill-lengths")
+    except UsageError as error:
+        raise click.BadParameter(str(error)) from None
+
+
 def _require_model_file(path: Path) -> None:
     if path.is_dir():
         raise NotAModelError(f"{path}: is a directory, not a model file")
@@ -191,6 +202,14 @@ def _plan_options(fn: F) -> F:
             metavar="T1,T2,...",
             help="Context buckets in tokens (table widths a runtime may pass, one specialization each per "
             "phase); default: powers of two from one block up to the context, when it is known.",
+        ),
+        click.option(
+            "--prefill-lengths",
+            callback=_parse_prefill_lengths,
+            default=None,
+            metavar="S1,S2,...",
+            help="Prefill lengths in tokens (seq_len), one prefill specialization each per context bucket, "
+            "so a runtime pads each prefill call to the shortest that holds it; default: seq_len left open.",
         ),
         click.option(
             "--num-blocks",
@@ -275,6 +294,7 @@ def rewrite_command(
     kv_block_size: int,
     ctx_len: int | None,
     ctx_buckets: tuple[int, ...] | None,
+    prefill_lengths: tuple[int, ...] | None,
     num_blocks: int | None,
     dims: dict[str, int],
     specializations: Path | None,
@@ -308,6 +328,7 @@ def rewrite_command(
         full_check=full_check,
         ctx_buckets=ctx_buckets,
         shared_window_table=shared_window_table,
+        prefill_lengths=prefill_lengths,
     )
     _output_landed()
     _emit(as_json, report.to_dict(), report.summary())
@@ -330,6 +351,7 @@ def inspect_command(
     kv_block_size: int,
     ctx_len: int | None,
     ctx_buckets: tuple[int, ...] | None,
+    prefill_lengths: tuple[int, ...] | None,
     num_blocks: int | None,
     dims: dict[str, int],
     specializations: Path | None,
@@ -354,6 +376,7 @@ def inspect_command(
         num_blocks=num_blocks,
         specializations=specializations,
         shared_window_table=shared_window_table,
+        prefill_lengths=prefill_lengths,
     )
     _emit(as_json, found.to_dict(), found.summary())
     if found.plan_error is not None:  # the code a rewrite with these flags would exit with

@@ -139,9 +139,10 @@ def _default_entries(report: RewriteReport, symbols: Sequence[str], bound: Mappi
     out unless bound) and decode with ``seq_len = 1``. A graph that never reads its cache
     (disaggregated prefill) has no decode phase; a TLM's decode ``seq_len`` (the speculative
     tokens + 1) is not known here and is left out."""
-    if not report.ctx_buckets or "seq_len" not in symbols or "seq_len" in bound:
+    if not (report.ctx_buckets or report.prefill_lengths) or "seq_len" not in symbols or "seq_len" in bound:
         return [{"name": "Default", "symbols": dict(bound)}]
-    phases = [{"name": "prefill", "symbols": dict(bound)}]
+    phases = [{"name": f"prefill{n}", "symbols": {**bound, "seq_len": n}} for n in report.prefill_lengths]
+    phases = phases or [{"name": "prefill", "symbols": dict(bound)}]
     if any("PagedCtxGather" in rewrite for rewrite in report.rewritten):
         tlm = any(spec.name == "num_logits_to_keep" for spec in report.inputs)
         phases.append({"name": "decode", "symbols": {**bound, **({} if tlm else {"seq_len": 1})}})

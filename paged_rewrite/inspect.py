@@ -73,6 +73,7 @@ def inspect_model(
     num_blocks: int | None = None,
     specializations: str | os.PathLike[str] | None = None,
     shared_window_table: bool = False,
+    prefill_lengths: Sequence[int] | None = None,
 ) -> Inspection:
     """Find the cache sites of ``path`` and plan a rewrite (dry run). A model whose sites cannot be
     listed raises (naming the file); a plan that fails is reported with the error a rewrite with
@@ -109,6 +110,7 @@ def inspect_model(
             num_blocks=num_blocks,
             specializations=specializations,
             shared_window_table=shared_window_table,
+            prefill_lengths=prefill_lengths,
         )
         return Inspection(str(path), infos, plan)
     except PagedRewriteError as error:  # e.g. a ring buffer whose length was not given

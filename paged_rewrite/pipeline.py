@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import onnx
 
+from paged_rewrite.buckets import resolve_prefill_lengths
 from paged_rewrite.domain import QEFF_DOMAIN
 from paged_rewrite.errors import InternalError, NotAModelError, PagedRewriteError
 from paged_rewrite.graph import undefined_ops
@@ -43,6 +44,7 @@ class RewriteOptions:
     dims: Mapping[str, int] = field(default_factory=dict)
     ctx_buckets: tuple[int, ...] | None = None
     shared_window_table: bool = False  # rings in the first columns of the one table (add_paged_inputs)
+    prefill_lengths: tuple[int, ...] = ()  # seq_len values to specialize prefill for (buckets.py)
 
 
 def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteReport:
@@ -64,6 +66,12 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         options.ctx_buckets,
         options.shared_window_table,
     )
+    prefill_lengths = resolve_prefill_lengths(
+        options.prefill_lengths,
+        any("seq_len" in v.shape for v in map(TensorSpec.of, model.graph.input)),
+        layout.bound_dims.get("seq_len"),
+        max(layout.ctx_buckets, default=None),
+    )
     shared = SharedIndex(sites, layout)  # the index ops the passes below request, each made once
     dropped: set[str] = set()  # what the rewritten nodes stopped reading: finalize_model tidies it
     paged_passes: tuple[PagedPass, ...] = (
@@ -75,7 +83,11 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
     )
     for paged_pass in paged_passes:
         dropped |= run_pass(paged_pass, sites, layout, shared).dropped
-    finalized = run_pass(finalize_model, sites, layout, dropped, _layout_metadata(layout, sites))
+    metadata = {
+        **_layout_metadata(layout, sites),
+        "paged_rewrite.prefill_lengths": json.dumps(prefill_lengths),
+    }
+    finalized = run_pass(finalize_model, sites, layout, dropped, metadata)
     dangling = sorted(undefined_ops(model) - undefined_before)
     if dangling:  # a bug of ours, caught before anything is written
         raise InternalError(
@@ -89,6 +101,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         num_kv_blocks=layout.num_kv_blocks,
         total_num_kv_blocks=layout.total_num_kv_blocks,
         ctx_buckets=list(layout.ctx_buckets),
+        prefill_lengths=list(prefill_lengths),
         caches=caches,
         rewritten=rewritten,
         functions=[body.name for body in sites.functions],

@@ -80,6 +80,7 @@ class RewriteReport:
     total_num_kv_blocks: int | str
     null_block: int = 0
     ctx_buckets: list[int] = field(default_factory=list)  # table widths in tokens (buckets.py)
+    prefill_lengths: list[int] = field(default_factory=list)  # prefill seq_len values (buckets.py)
     caches: list[CacheReport] = field(default_factory=list)
     rewritten: dict[str, int] = field(default_factory=dict)
     added_inputs: list[str] = field(default_factory=list)
@@ -123,6 +124,8 @@ class RewriteReport:
         if self.ctx_buckets:
             widths = ", ".join(f"{b} ({-(-b // self.kv_block_size)})" for b in self.ctx_buckets)
             lines.append(f"context buckets, tokens (num_kv_blocks): {widths}")
+        if self.prefill_lengths:
+            lines.append(f"prefill lengths, tokens: {', '.join(map(str, self.prefill_lengths))}")
         if self.functions:
             lines.append(
                 f"rewrote inside local functions (one shared body each): {', '.join(self.functions)}"

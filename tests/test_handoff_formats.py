@@ -92,7 +92,7 @@ def test_malformed_custom_io_is_a_usage_error(tmp_path: Path, text: str, message
 def test_manifest_records_the_flags_and_one_type_per_field(tmp_path: Path) -> None:
     source = qeff_export(tmp_path / "model.onnx")
     rewrite(source, tmp_path / "ladder.onnx", 16, ctx_len=128, ctx_buckets=[32, 128], num_blocks=33,
-            dims={"batch_size": 2})  # fmt: skip
+            dims={"batch_size": 2}, prefill_lengths=[32, 16])  # fmt: skip
     rewrite(source, tmp_path / "one.onnx", 16, ctx_len=128, ctx_buckets=[128])
     ladder = json.loads((tmp_path / "ladder.onnx.json").read_text())
     one = json.loads((tmp_path / "one.onnx.json").read_text())
@@ -100,6 +100,7 @@ def test_manifest_records_the_flags_and_one_type_per_field(tmp_path: Path) -> No
         "kv_block_size": 16,
         "ctx_len": 128,
         "ctx_buckets": [32, 128],
+        "prefill_lengths": [32, 16],
         "num_blocks": 33,
         "dims": {"batch_size": 2},
         "specializations": None,
@@ -108,6 +109,7 @@ def test_manifest_records_the_flags_and_one_type_per_field(tmp_path: Path) -> No
         "shared_window_table": False,
     }
     assert one["flags"]["ctx_buckets"] == [128] and one["flags"]["num_blocks"] is None
+    assert one["flags"]["prefill_lengths"] is None
     assert ladder["bound_dims"] == {"batch_size": 2, "ctx_len": 128}
     # the table width: symbolic with two buckets (null), static with one (an int), never a string
     assert ladder["num_kv_blocks"] is None and one["num_kv_blocks"] == 8

@@ -52,6 +52,7 @@ class PagedGeometry:
     inputs: tuple[str, ...] = ()
     ctx_buckets: tuple[int, ...] = ()
     groups: tuple[TableGroup, ...] = ()
+    prefill_lengths: tuple[int, ...] = ()  # the seq_len values prefill is specialized for
 
     @property
     def window_groups(self) -> list[TableGroup]:
@@ -120,6 +121,7 @@ class PagedGeometry:
             inputs=tuple(v.name for v in graph.input),
             ctx_buckets=tuple(json.loads(metadata.get("paged_rewrite.ctx_buckets", "[]"))),
             groups=groups,
+            prefill_lengths=tuple(json.loads(metadata.get("paged_rewrite.prefill_lengths", "[]"))),
         )
 
 

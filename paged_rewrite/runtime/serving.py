@@ -79,11 +79,12 @@ class Server:
     device compiled for one decode batch size; at most ``max_running`` requests then). The
     original always decodes all its cache rows.
 
-    ``prefill_lengths``: the prefill lengths the model is compiled for besides ``chunk_len`` (a
-    specializations file with one prefill entry per ``seq_len``; the rewrite repeats each per
-    context bucket). A call is padded to the shortest that holds the tokens it prefills, so the
-    last chunk of a prompt, or what a prefix-cache hit leaves, does not pay for a full chunk of
-    padding. Without them every call is ``chunk_len`` long."""
+    ``prefill_lengths``: the prefill lengths the model is compiled for besides ``chunk_len``
+    (``--prefill-lengths``, or a specializations file with one prefill entry per ``seq_len``; by
+    default a paged model's own, from its metadata, those up to ``chunk_len``). A call is padded
+    to the shortest that holds the tokens it prefills, so the last chunk of a prompt, or what a
+    prefix-cache hit leaves, does not pay for a full chunk of padding. With none, every call is
+    ``chunk_len`` long."""
 
     def __init__(
         self,
@@ -91,8 +92,11 @@ class Server:
         chunk_len: int,
         max_running: int,
         decode_rows: int | None = None,
-        prefill_lengths: Sequence[int] = (),
+        prefill_lengths: Sequence[int] | None = None,
     ) -> None:
+        if prefill_lengths is None:
+            own = runner.geometry.prefill_lengths if isinstance(runner, PagedRunner) else ()
+            prefill_lengths = [length for length in own if length <= chunk_len]
         if not all(0 < length <= chunk_len for length in prefill_lengths):
             raise ValueError(
                 f"prefill lengths {list(prefill_lengths)} must lie in [1, chunk_len={chunk_len}]"

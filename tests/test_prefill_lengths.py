@@ -1,0 +1,123 @@
+"""``--prefill-lengths``: the prefill ``seq_len`` values a device is compiled for flow from the flag
+to the specializations (one prefill entry per length and context bucket), the manifest, the model's
+metadata and the runtime's ``Server``, which pads each prefill call to the shortest that holds it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import CTX_LEN, fixture_model
+from derived_models import renamed_dim
+from test_cli_errors import one_line, run
+
+from paged_rewrite import rewrite
+from paged_rewrite.errors import UsageError
+from paged_rewrite.runtime.block_manager import BlockManager
+from paged_rewrite.runtime.runners import PagedRunner
+from paged_rewrite.runtime.serving import Request, Server
+
+BLOCK = 16
+
+
+def test_the_lengths_flow_to_specializations_manifest_and_metadata(tmp_path: Path) -> None:
+    out = tmp_path / "paged.onnx"
+    report = rewrite(fixture_model("llama_default"), out, BLOCK, ctx_len=CTX_LEN, prefill_lengths=[32, 8])
+    assert report.prefill_lengths == [8, 32] and "prefill lengths, tokens: 8, 32" in report.summary()
+    entries = json.loads((tmp_path / "paged.specializations.json").read_text())["specializations"]
+    buckets = [16, 32, 64, 128]  # the default ladder at block 16, context 128
+    expected = [(f"{phase}_ctx{b}", seq) for phase, seq in (("prefill8", "8"), ("prefill32", "32"), ("decode", "1"))
+                for b in buckets]  # fmt: skip
+    assert [(e["name"], e["symbols"]["seq_len"]) for e in entries] == expected
+    assert {e["symbols"]["num_kv_blocks"] for e in entries} == {"1", "2", "4", "8"}
+    manifest = json.loads((tmp_path / "paged.onnx.json").read_text())
+    assert manifest["flags"]["prefill_lengths"] == [32, 8]  # as given
+    metadata = {p.key: p.value for p in onnx.load(out, load_external_data=False).metadata_props}
+    assert json.loads(metadata["paged_rewrite.prefill_lengths"]) == [8, 32]
+
+
+def test_without_the_flag_prefill_keeps_seq_len_open(tmp_path: Path) -> None:
+    report = rewrite(fixture_model("llama_default"), tmp_path / "paged.onnx", BLOCK, ctx_len=CTX_LEN)
+    entries = json.loads((tmp_path / "paged.specializations.json").read_text())["specializations"]
+    assert report.prefill_lengths == []
+    assert {e["name"].split("_")[0] for e in entries} == {"prefill", "decode"}
+    assert all("seq_len" not in e["symbols"] for e in entries if e["name"].startswith("prefill"))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"prefill_lengths": [256]}, "--prefill-lengths 256 is longer than the context (128 tokens)"),
+        ({"prefill_lengths": [0, 8]}, "a length must be a positive token count, got 0"),
+        ({"prefill_lengths": [8], "dims": {"seq_len": 32}}, "seq_len is bound to 32"),
+    ],
+)
+def test_lengths_the_model_cannot_take_are_usage_errors(tmp_path: Path, options: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        rewrite(fixture_model("llama_default"), tmp_path / "paged.onnx", BLOCK, ctx_len=CTX_LEN, **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_without_a_symbolic_seq_len_is_refused(tmp_path: Path) -> None:
+    source = renamed_dim(fixture_model("llama_default"), tmp_path / "renamed.onnx", "seq_len", "q_len")
+    with pytest.raises(UsageError, match="the model has no symbolic seq_len to specialize"):
+        rewrite(source, tmp_path / "p.onnx", BLOCK, ctx_len=CTX_LEN, prefill_lengths=[8])
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_with_a_specializations_file_the_file_says_the_lengths(tmp_path: Path) -> None:
+    specs = tmp_path / "specializations.json"
+    specs.write_text(
+        json.dumps({"specializations": [{"batch_size": "1", "seq_len": "32", "ctx_len": "128"}]})
+    )
+    with pytest.raises(UsageError, match="give one prefill entry per seq_len in the file instead"):
+        rewrite(
+            fixture_model("llama_default"),
+            tmp_path / "p.onnx",
+            BLOCK,
+            specializations=specs,
+            prefill_lengths=[8],
+        )
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_the_command_line_takes_the_flag_and_refuses_a_bad_list(tmp_path: Path) -> None:
+    model = fixture_model("llama_default")
+    done = run(model, "-o", tmp_path / "p.onnx", "--kv-block-size", BLOCK, "--ctx-len", CTX_LEN,
+               "--prefill-lengths", "16,64", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["prefill_lengths"] == [16, 64]
+    line = one_line(
+        run(model, "-o", tmp_path / "q.onnx", "--kv-block-size", BLOCK, "--prefill-lengths", "16,x"),
+        2,
+        "usage",
+    )
+    assert "--prefill-lengths '16,x': expected comma-separated token counts" in line
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_server_pads_to_the_models_own_prefill_lengths(tmp_path: Path) -> None:
+    """Without ``prefill_lengths``, the server takes the paged model's own (its metadata): a
+    9-token prompt runs one 16-token call, and its tokens are those of full-chunk padding."""
+    paged = tmp_path / "paged.onnx"
+    rewrite(fixture_model("llama_default"), paged, BLOCK, ctx_len=CTX_LEN, prefill_lengths=[8, 16, 32])
+    prompt = np.random.default_rng(3).integers(0, 200, 9)
+    tokens = {}
+    for lengths in (None, ()):
+        runner = PagedRunner(paged, BlockManager(20, BLOCK), CTX_LEN // BLOCK)
+        calls: list[int] = []
+        step = runner.step
+
+        def recording(rows, phase=None, step=step, calls=calls):  # type: ignore[no-untyped-def]
+            if phase == "prefill":
+                calls.append(len(rows[0].input_ids))
+            return step(rows, phase)
+
+        runner.step = recording  # type: ignore[method-assign]
+        (served,) = Server(runner, 32, 4, prefill_lengths=lengths).run([Request("A", prompt, 3)])
+        tokens[lengths] = (served.tokens, calls)
+    assert tokens[None][1] == [16] and tokens[()][1] == [32]
+    assert tokens[None][0] == tokens[()][0]
