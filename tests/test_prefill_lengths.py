@@ -121,3 +121,26 @@ def test_a_server_pads_to_the_models_own_prefill_lengths(tmp_path: Path) -> None
         tokens[lengths] = (served.tokens, calls)
     assert tokens[None][1] == [16] and tokens[()][1] == [32]
     assert tokens[None][0] == tokens[()][0]
+
+
+def test_inspect_plans_with_the_flag_and_exits_as_the_rewrite_would(tmp_path: Path) -> None:
+    model = fixture_model("llama_default")
+    planned = run(
+        "inspect", model, "--kv-block-size", BLOCK, "--ctx-len", CTX_LEN, "--prefill-lengths", "256"
+    )
+    assert planned.returncode == 2
+    assert "--prefill-lengths 256 is longer than the context (128 tokens)" in planned.stderr
+    fine = run(
+        "inspect", model, "--kv-block-size", BLOCK, "--ctx-len", CTX_LEN, "--prefill-lengths", "8", "--json"
+    )
+    assert fine.returncode == 0 and json.loads(fine.stdout)["plan"]["prefill_lengths"] == [8]
+
+
+def test_every_prefill_entry_is_static_under_the_full_check(tmp_path: Path) -> None:
+    report = rewrite(
+        fixture_model("llama_default"), tmp_path / "p.onnx", BLOCK, ctx_len=CTX_LEN, prefill_lengths=[8, 32],
+        full_check=True,
+    )  # fmt: skip
+    checked = {result.specialization for result in report.static_shapes if result.ok}
+    assert {f"prefill{n}_ctx{b}" for n in (8, 32) for b in (16, 32, 64, 128)} <= checked
+    assert all(result.ok for result in report.static_shapes)
