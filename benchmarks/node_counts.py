@@ -2,9 +2,13 @@
 model-local function (what the QAIC compiler lowers), original against paged.
 
     python benchmarks/node_counts.py [--kv-block-size 16] [--fixtures ../shared/fixtures]
+    python benchmarks/node_counts.py --builder-window-layers 2,4,8,24
 
 Reads ``qeff/*`` and ``qeff-features/**`` in place (weights are not loaded). The feature exports
 are rewritten with the context and ring length of their own manifest's scenario.
+``--builder-window-layers`` instead counts the project's builder models with a 32-token ring layer
+beside full-context layers (two address groups, as gpt_oss has) at each depth, context 128: how the
+index ops' fixed cost compares with what paging saves per cache as a model gets deeper.
 """
 
 from __future__ import annotations
@@ -45,7 +49,11 @@ def main() -> None:
     parser.add_argument(
         "--fixtures", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "fixtures"
     )
+    parser.add_argument("--builder-window-layers", default=None, metavar="L1,L2,...")
     args = parser.parse_args()
+    if args.builder_window_layers:
+        builder_depths(args.kv_block_size, [int(n) for n in args.builder_window_layers.split(",")])
+        return
     models = sorted((args.fixtures / "qeff").glob("*/model.onnx"))
     models += sorted((args.fixtures / "qeff-features").glob("**/model.onnx"))
     print(f"kv_block_size {args.kv_block_size}; nodes after inlining every local function")
@@ -69,6 +77,24 @@ def main() -> None:
             )
             listed = ", ".join(f"{op} {count}" for op, count in sorted(index_ops.items()))
             print(f"| {name} | {before} | {after} | {after / before:.3f} | {listed} |", flush=True)
+
+
+def builder_depths(kv_block_size: int, depths: list[int]) -> None:
+    from paged_rewrite.builder import ExportSpec, write_qeff_export
+
+    print(f"builder, one 32-token ring layer + full layers, kv_block_size {kv_block_size}, context 128")
+    print("| layers | original | paged | paged / original |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for layers in depths:
+            folder = Path(tmp) / f"l{layers}"
+            spec = ExportSpec(num_layers=layers, sliding_window=32, max_position=256)
+            source = write_qeff_export(folder / "model.onnx", spec, sparse_weights=True)
+            target = folder / "paged.onnx"
+            rewrite(source, target, kv_block_size, ctx_len=128, dims={"sliding_window": 32})
+            before = inlined_nodes(onnx.load(source, load_external_data=False))
+            after = inlined_nodes(onnx.load(target, load_external_data=False))
+            print(f"| {layers} | {before} | {after} | {after / before:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
