@@ -28,7 +28,7 @@ def plan_options(fn: F) -> F:
         ),
         click.option(
             "--ctx-buckets",
-            callback=_parse_buckets,
+            callback=_token_counts("--ctx-buckets"),
             default=None,
             metavar="T1,T2,...",
             help="Context buckets in tokens (table widths a runtime may pass, one specialization each per "
@@ -36,7 +36,7 @@ def plan_options(fn: F) -> F:
         ),
         click.option(
             "--prefill-lengths",
-            callback=_parse_prefill_lengths,
+            callback=_token_counts("--prefill-lengths"),
             default=None,
             metavar="S1,S2,...",
             help="Prefill lengths in tokens (seq_len), one prefill specialization each per context bucket, "
@@ -84,21 +84,17 @@ def _parse_dims(_ctx: click.Context, _param: click.Parameter, values: tuple[str,
     return dims
 
 
-def _parse_buckets(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        return parse_buckets(value)
-    except UsageError as error:
-        raise click.BadParameter(str(error)) from None
+def _token_counts(
+    flag: str,
+) -> Callable[[click.Context, click.Parameter, str | None], tuple[int, ...] | None]:
+    """The parser of a comma-separated list of token counts given to ``flag``."""
 
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        try:
+            return parse_buckets(value, flag)
+        except UsageError as error:
+            raise click.BadParameter(str(error)) from None
 
-def _parse_prefill_lengths(
-    _ctx: click.Context, _param: click.Parameter, value: str | None
-) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        return parse_buckets(value, "--prefill-lengths")
-    except UsageError as error:
-        raise click.BadParameter(str(error)) from None
+    return parse

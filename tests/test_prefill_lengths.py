@@ -13,6 +13,7 @@ import pytest
 from conftest import CTX_LEN, fixture_model
 from derived_models import renamed_dim
 from test_cli_errors import one_line, run
+from test_serving import prefill_call_lengths
 
 from paged_rewrite import rewrite
 from paged_rewrite.errors import UsageError
@@ -108,15 +109,7 @@ def test_a_server_pads_to_the_models_own_prefill_lengths(tmp_path: Path) -> None
     tokens = {}
     for lengths in (None, ()):
         runner = PagedRunner(paged, BlockManager(20, BLOCK), CTX_LEN // BLOCK)
-        calls: list[int] = []
-        step = runner.step
-
-        def recording(rows, phase=None, step=step, calls=calls):  # type: ignore[no-untyped-def]
-            if phase == "prefill":
-                calls.append(len(rows[0].input_ids))
-            return step(rows, phase)
-
-        runner.step = recording  # type: ignore[method-assign]
+        calls = prefill_call_lengths(runner)
         (served,) = Server(runner, 32, 4, prefill_lengths=lengths).run([Request("A", prompt, 3)])
         tokens[lengths] = (served.tokens, calls)
     assert tokens[None][1] == [16] and tokens[()][1] == [32]

@@ -38,6 +38,20 @@ def _recorded(runner: PagedRunner | ContiguousRunner) -> list[tuple[str, list, n
     return calls
 
 
+def prefill_call_lengths(runner: PagedRunner | ContiguousRunner) -> list[int]:
+    """The length of every prefill call ``runner`` makes from now on, as they are made."""
+    lengths: list[int] = []
+    step = runner.step
+
+    def recording(rows, phase=None):  # type: ignore[no-untyped-def]
+        if phase == "prefill":
+            lengths.append(len(rows[0].input_ids))
+        return step(rows, phase)
+
+    runner.step = recording  # type: ignore[method-assign]
+    return lengths
+
+
 def test_original_and_paged_serve_every_request(paged_fixture) -> None:
     original, paged, _ = paged_fixture("llama_cb", BLOCK)
     contiguous = Server(ContiguousRunner(original, {"ctx_len": CTX_LEN, "full_batch_size": 4}), 32, 64)
@@ -117,15 +131,7 @@ def test_prefill_calls_shrink_to_the_shortest_compiled_length_that_holds_them(pa
     original, paged, _ = paged_fixture("llama_cb", BLOCK)
 
     def serve(runner: PagedRunner | ContiguousRunner, lengths: tuple[int, ...]) -> tuple[dict, list[int]]:
-        prefill_lengths: list[int] = []
-        step = runner.step
-
-        def recording(rows, phase=None):  # type: ignore[no-untyped-def]
-            if phase == "prefill":
-                prefill_lengths.append(len(rows[0].input_ids))
-            return step(rows, phase)
-
-        runner.step = recording  # type: ignore[method-assign]
+        prefill_lengths = prefill_call_lengths(runner)
         server = Server(runner, 32, 4, prefill_lengths=lengths)
         return {s.request.name: s.tokens for s in server.run(_requests())}, prefill_lengths
 
@@ -156,15 +162,7 @@ def test_what_a_prefix_hit_leaves_is_prefilled_at_the_shortest_length(paged_fixt
     a = rng.integers(0, 200, 70)
     b = np.r_[a[:48], rng.integers(0, 200, 9)]
     runner = PagedRunner(paged, BlockManager(40, BLOCK, prefix_caching=True), CTX_LEN // BLOCK)
-    lengths: list[int] = []
-    step = runner.step
-
-    def recording(rows, phase=None):  # type: ignore[no-untyped-def]
-        if phase == "prefill":
-            lengths.append(len(rows[0].input_ids))
-        return step(rows, phase)
-
-    runner.step = recording  # type: ignore[method-assign]
+    lengths = prefill_call_lengths(runner)
     server = Server(runner, 32, 4, prefill_lengths=(8, 16))
     served = {s.request.name: s for s in server.run([Request("A", a, 4, 0.0), Request("B", b, 4, 1e6)])}
     assert served["B"].cached_tokens == 48
