@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from functools import cache
 
+import numpy as np
 import onnx
 import onnx.inliner
 from onnx import helper
@@ -112,6 +113,8 @@ def _merge_duplicates(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[on
         del node.input[:]
         node.input.extend(inputs)
         attributes = b"".join(a.SerializeToString() for a in sorted(node.attribute, key=lambda a: a.name))
+        if node.op_type == "Constant" and not node.domain:  # by value: value_int=1 is value=int64 1
+            attributes = _constant_value(node) or attributes
         key = (node.domain, node.op_type, tuple(inputs), attributes)
         if key in first and not outputs & set(node.output):
             renamed.update(zip(node.output, first[key], strict=True))
@@ -119,6 +122,25 @@ def _merge_duplicates(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[on
         first.setdefault(key, list(node.output))
         kept.append(node)
     return kept
+
+
+def _constant_value(node: onnx.NodeProto) -> bytes | None:
+    """A ``Constant``'s value as type, shape and bytes, whichever attribute holds it (None for the
+    forms not compared by value)."""
+    (attribute,) = node.attribute
+    kinds = {
+        "value_int": np.int64,
+        "value_ints": np.int64,
+        "value_float": np.float32,
+        "value_floats": np.float32,
+    }
+    if attribute.name == "value":
+        value = onnx.numpy_helper.to_array(attribute.t)
+    elif attribute.name in kinds:
+        value = np.asarray(helper.get_attribute_value(attribute), dtype=kinds[attribute.name])
+    else:
+        return None
+    return f"{value.dtype.str}{value.shape}".encode() + value.tobytes()
 
 
 def _drop_unused(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
