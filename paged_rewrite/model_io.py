@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -187,7 +189,8 @@ def save_model(
             files.place(staged_texts[sidecar], sidecar)
         files.place(tmp_model, target)
     except BaseException as exc:
-        files.roll_back()
+        with _interrupts_deferred():  # a second Ctrl-C must not cut the roll-back short
+            files.roll_back()
         if isinstance(exc, (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
             raise OutputError(
                 f"{target}: the rewritten model fails the ONNX checker: {_first_line(exc)}"
@@ -257,6 +260,23 @@ class _FileSet:
         for leftover in self.temporaries:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT until the block ends, then deliver it to whatever handler was in place (the
+    main thread only: Python runs signal handlers there, and only there can they be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _umask() -> int:

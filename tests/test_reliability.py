@@ -247,3 +247,34 @@ def test_a_bug_inside_a_pass_is_one_line_naming_the_pass(
         result.stderr.strip() == f"paged-rewrite: internal error: {model}: in page_writes: KeyError: 'slot'"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_interrupt_during_the_roll_back_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C arrives while a failed write is being undone (a real SIGINT, sent from inside the
+    roll-back's first file removal): the roll-back still finishes, then the interrupt is
+    delivered. Nothing is left in the output folder."""
+    import signal
+
+    source = write_qeff_export(tmp_path / "src" / "model.onnx", ExportSpec(), sparse_weights=True)
+    (tmp_path / "out").mkdir()
+
+    def first_interrupt(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt  # after the data file is placed and the rest staged
+
+    unlink = os.unlink
+    sent: list[str] = []
+
+    def unlink_then_interrupt(path: str | os.PathLike[str], *args: object, **kwargs: object) -> None:
+        unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+        if not sent:
+            sent.append(os.fspath(path))
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(onnx.checker, "check_model", first_interrupt)
+    monkeypatch.setattr(os, "unlink", unlink_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        rewrite(source, tmp_path / "out" / "paged.onnx", 16, copy_weights=True)
+    monkeypatch.undo()
+    assert sent and list((tmp_path / "out").iterdir()) == []
