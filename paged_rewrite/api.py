@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -131,15 +130,13 @@ def rewrite(
             full_check,
             sidecars={paths[kind]: text for kind, text in sidecars.items()},
             replaceable=replaceable,
+            obsolete=[paths[kind] for kind in set(previous.kinds) - set(kinds)],  # e.g. a custom_io.yaml
         )
     except OutputError as error:
         if "fails the ONNX checker" in str(error):
             _blame_the_input(input_path, full_check)
         raise
     report.output_path = str(target)
-    for kind in set(previous.kinds) - set(kinds):  # e.g. a custom_io.yaml this run did not write
-        with contextlib.suppress(FileNotFoundError):
-            paths[kind].unlink()
     report.files = {kind: str(paths[kind]) for kind in sorted(sidecars)}
     return report
 

@@ -33,12 +33,20 @@ def parse_buckets(text: str, flag: str = "--ctx-buckets") -> tuple[int, ...]:
 
 
 def resolve_prefill_lengths(
-    given: Sequence[int], seq_symbolic: bool, seq_bound: int | None, context_len: int | None
+    given: Sequence[int],
+    seq_symbolic: bool,
+    seq_bound: int | None,
+    context_len: int | None,
+    reads_cache: bool = True,
 ) -> tuple[int, ...]:
     """The prefill lengths of a rewrite (``--prefill-lengths``), ascending: the ``seq_len`` values a
     device is compiled for besides decode, one prefill specialization each per context bucket, so
     a runtime pads each prefill call to the shortest that holds its tokens (``Server``). They need
-    ``seq_len`` symbolic in the model and not bound; none may exceed the context."""
+    ``seq_len`` symbolic in the model and not bound; none may exceed the context. A graph that
+    never reads its cache (disaggregated prefill) attends within its chunk, and QEfficient ties
+    that chunk to the cache length: its one prefill length is the context."""
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in given):
+        raise UsageError(f"--prefill-lengths: expected token counts, got {list(given)}")
     lengths = tuple(sorted(set(given)))
     if not lengths:
         return ()
@@ -52,6 +60,12 @@ def resolve_prefill_lengths(
         raise UsageError("--prefill-lengths: the model has no symbolic seq_len to specialize")
     if context_len is not None and lengths[-1] > context_len:
         raise UsageError(f"--prefill-lengths {lengths[-1]} is longer than the context ({context_len} tokens)")
+    if not reads_cache and lengths != (context_len,):
+        raise UsageError(
+            "--prefill-lengths: this graph never reads its cache (disaggregated prefill): it attends "
+            "within its chunk, which QEfficient ties to the cache length, so its one prefill length is "
+            f"the context ({context_len if context_len is not None else 'not known'})"
+        )
     return lengths
 
 

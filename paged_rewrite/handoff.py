@@ -28,6 +28,7 @@ Entry = dict[str, Any]
 TOOL_NAME = "paged-rewrite"  # the marker by which a manifest is known to be ours
 CustomIOLayout = Literal["io_list", "mapping", "pairs"]
 FLAT = "_flat"  # an entry read from the flat layout, written back in it
+PREFILL_LENGTH = "_prefill_length"  # a default entry made for one of --prefill-lengths
 
 
 def read_specializations(path: str | os.PathLike[str]) -> list[Entry]:
@@ -66,7 +67,8 @@ def paged_specializations(
     kv_block_size``. With context buckets (``report.ctx_buckets``), each input entry is repeated
     per bucket up to the entry's own context, with ``num_kv_blocks = ceil(bucket /
     kv_block_size)``; without an input file, the entries are one per bucket and phase (prefill,
-    and decode with ``seq_len = 1`` where the graph has both). Without buckets, an entry's
+    and decode with ``seq_len = 1`` where the graph has both; with ``report.prefill_lengths``, one
+    prefill entry per length, at the buckets at least that long). Without buckets, an entry's
     ``ctx_len`` becomes its ``num_kv_blocks`` (a file whose entries disagree on the context lists
     its own buckets). ``total_num_kv_blocks`` is the same in every entry — QAIC's retained-state
     buffers cannot change shape between specializations: ``--num-blocks``, or enough for every
@@ -91,7 +93,7 @@ def paged_specializations(
                     f"but the rewrite was bound to {name}={bound[name]}"
                 )
         known = {**bound, **entry["symbols"]}
-        for bucket in _entry_buckets(report, known.get(context)):
+        for bucket in _entry_buckets(report, known.get(context), entry):
             values = dict(known)
             named = dict(entry)
             if isinstance(report.num_kv_blocks, int):
@@ -114,7 +116,8 @@ def paged_specializations(
                 f"specialization {entry.get('name', '?')!r} gives no value for {', '.join(missing)}"
             )
         written = {s: str(values[s]) for s in symbols if s in values}
-        out.append(written if entry.get(FLAT) else {**entry, "symbols": written})
+        public = {key: value for key, value in entry.items() if key != PREFILL_LENGTH}
+        out.append(written if entry.get(FLAT) else {**public, "symbols": written})
     return {"specializations": out}
 
 
@@ -129,7 +132,7 @@ def entry_origins(
     origins = []
     for entry in entries or _default_entries(report, symbols, bound):
         known = {**bound, **entry["symbols"]}
-        origins += [entry for _ in _entry_buckets(report, known.get(context))]
+        origins += [entry for _ in _entry_buckets(report, known.get(context), entry)]
     return origins
 
 
@@ -141,7 +144,10 @@ def _default_entries(report: RewriteReport, symbols: Sequence[str], bound: Mappi
     tokens + 1) is not known here and is left out."""
     if not (report.ctx_buckets or report.prefill_lengths) or "seq_len" not in symbols or "seq_len" in bound:
         return [{"name": "Default", "symbols": dict(bound)}]
-    phases = [{"name": f"prefill{n}", "symbols": {**bound, "seq_len": n}} for n in report.prefill_lengths]
+    phases = [
+        {"name": f"prefill{n}", "symbols": {**bound, "seq_len": n}, PREFILL_LENGTH: n}
+        for n in report.prefill_lengths
+    ]
     phases = phases or [{"name": "prefill", "symbols": dict(bound)}]
     if any("PagedCtxGather" in rewrite for rewrite in report.rewritten):
         tlm = any(spec.name == "num_logits_to_keep" for spec in report.inputs)
@@ -149,13 +155,17 @@ def _default_entries(report: RewriteReport, symbols: Sequence[str], bound: Mappi
     return phases
 
 
-def _entry_buckets(report: RewriteReport, context_len: int | None) -> list[int | None]:
+def _entry_buckets(report: RewriteReport, context_len: int | None, entry: Entry) -> list[int | None]:
     """The buckets of one entry: the rewrite's ladder up to the entry's context (the context
-    itself last), else the entry's context alone, else nothing known (``[None]``)."""
+    itself last), else the entry's context alone, else nothing known (``[None]``). A prefill
+    entry of ``--prefill-lengths`` skips the buckets shorter than its chunk: no call can use them."""
     if report.ctx_buckets:
         ladder: list[int | None] = [b for b in report.ctx_buckets if context_len is None or b < context_len]
-        return ladder if context_len is None else [*ladder, context_len]
-    return [context_len] if context_len is not None else [None]
+        buckets = ladder if context_len is None else [*ladder, context_len]
+    else:
+        buckets = [context_len] if context_len is not None else [None]
+    chunk = entry.get(PREFILL_LENGTH)
+    return [b for b in buckets if chunk is None or b is None or b >= chunk]
 
 
 def _rows(entries: Iterable[Mapping[str, int]]) -> int:
@@ -321,6 +331,7 @@ def manifest(report: RewriteReport, source: Path, version: str, flags: Mapping[s
             {"tokens": bucket, "num_kv_blocks": math.ceil(bucket / report.kv_block_size)}
             for bucket in report.ctx_buckets
         ],
+        "prefill_lengths": report.prefill_lengths,
         "null_block": report.null_block,
         "windows": report.windows,
         "groups": report.kv_groups,

@@ -128,6 +128,7 @@ def save_model(
     full_check: bool = False,
     sidecars: Mapping[Path, str] | None = None,
     replaceable: Collection[Path] = (),
+    obsolete: Collection[Path] = (),
 ) -> Path:
     """Write ``model`` to ``path`` and its ``sidecars`` (path -> text) as one: each goes to a
     temporary file in its target folder, the model is checked by path with the ONNX checker, and
@@ -139,6 +140,10 @@ def save_model(
     Files the tool names by itself (sidecars, ``<output>.data``) must not exist unless
     they are in ``replaceable`` (what an earlier run recorded as its own): anything else is
     refused before a byte is written. ``path`` itself, named by the user, may be replaced.
+    ``obsolete`` files (an earlier run's sidecars this run does not write) go once the model is in
+    place. From that moment the output has landed: an interrupt then is ignored, since nothing can
+    be undone and everything asked for is written (the clean-up of backups and obsolete files
+    finishes first).
 
     The check is structural (every node, function and name); ``full_check`` adds the checker's
     strict shape inference, which costs twice a plain load and save on a 70B-size graph.
@@ -170,6 +175,7 @@ def save_model(
     for implicit in [*texts, *([data_target] if external and copy_weights else [])]:
         _refuse_foreign(implicit, owned)
     files = _FileSet()
+    landed = False
     try:
         files.make_folders(target.parent)
         tmp_model = files.temp_beside(target)
@@ -185,10 +191,18 @@ def save_model(
         if external and copy_weights:
             files.place(tmp_data, data_target)
         onnx.checker.check_model(tmp_model, full_check=full_check)
-        for sidecar in sorted(staged_texts):
-            files.place(staged_texts[sidecar], sidecar)
-        files.place(tmp_model, target)
+        with _interrupts_deferred(after_success="ignore"):  # placing is quick; once done, it stays
+            for sidecar in sorted(staged_texts):
+                files.place(staged_texts[sidecar], sidecar)
+            files.place(tmp_model, target)
+            landed = True
+            files.finish()
+            for stale in obsolete:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stale)
     except BaseException as exc:
+        if landed:  # a failure cleaning up after the output is in place: nothing to undo
+            raise
         with _interrupts_deferred():  # a second Ctrl-C must not cut the roll-back short
             files.roll_back()
         if isinstance(exc, (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
@@ -200,7 +214,6 @@ def save_model(
         if isinstance(exc, OSError):
             raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from None
         raise
-    files.finish()
     return target
 
 
@@ -263,19 +276,24 @@ class _FileSet:
 
 
 @contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT until the block ends, then deliver it to whatever handler was in place (the
-    main thread only: Python runs signal handlers there, and only there can they be set)."""
-    if threading.current_thread() is not threading.main_thread():
+def _interrupts_deferred(after_success: str = "deliver") -> Iterator[None]:
+    """Hold SIGINT until the block ends. Then a held interrupt is delivered to the handler in place,
+    unless the block completed and ``after_success`` is ``"ignore"`` (work that cannot be undone
+    and is done). Only on the main thread, where Python runs and sets signal handlers, and only
+    when the current handler is Python's to restore."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    completed = False
     try:
         yield
+        completed = True
     finally:
         signal.signal(signal.SIGINT, previous)
-        if received:
+        if received and not (completed and after_success == "ignore"):
             signal.raise_signal(signal.SIGINT)
 
 

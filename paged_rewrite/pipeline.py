@@ -71,6 +71,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         any("seq_len" in v.shape for v in map(TensorSpec.of, model.graph.input)),
         layout.bound_dims.get("seq_len"),
         max(layout.ctx_buckets, default=None),
+        reads_cache=bool(sites.reads),
     )
     shared = SharedIndex(sites, layout)  # the index ops the passes below request, each made once
     dropped: set[str] = set()  # what the rewritten nodes stopped reading: finalize_model tidies it

@@ -153,3 +153,27 @@ def _assert_ships_what_it_calls(model: onnx.ModelProto, counts: dict[str, int]) 
     for function in paged.values():
         assert len(function.node) < MAX_BODY_NODES
         assert all(n.domain == "" and ("ai.onnx", n.op_type) in op_vocabulary() for n in function.node)
+
+
+def test_constants_merge_by_value_and_onnx_type_only() -> None:
+    """``value_int=1`` and an int64 scalar tensor 1 are one node in an emitted body; an INT4 and a
+    UINT4 1 (one numpy byte type for both) are not, nor are a float 1.0 and an int 1."""
+    from paged_rewrite.custom_ops.emit import _merge_duplicates
+
+    def constant(name: str, data_type: int, value: float) -> onnx.NodeProto:
+        return helper.make_node(
+            "Constant", [], [name], value=helper.make_tensor(name, data_type, [], [value])
+        )
+
+    nodes = [
+        constant("int4", TensorProto.INT4, 1),
+        constant("uint4", TensorProto.UINT4, 1),
+        constant("int64", TensorProto.INT64, 1),
+        helper.make_node("Constant", [], ["int64_attr"], value_int=1),
+        constant("float", TensorProto.FLOAT, 1.0),
+        *(helper.make_node("Identity", [name], [f"use_{name}"]) for name in ("uint4", "int64_attr", "float")),
+    ]
+    kept = _merge_duplicates(nodes, {"use_uint4", "use_int64_attr", "use_float"})
+    uses = {n.output[0]: n.input[0] for n in kept if n.op_type == "Identity"}
+    assert uses == {"use_uint4": "uint4", "use_int64_attr": "int64", "use_float": "float"}
+    assert [n.output[0] for n in kept if n.op_type == "Constant"] == ["int4", "uint4", "int64", "float"]

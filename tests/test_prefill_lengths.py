@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import CTX_LEN, fixture_model
+from conftest import CTX_LEN, feature_fixture_model, fixture_model
 from derived_models import renamed_dim
 from test_cli_errors import one_line, run
 from test_serving import prefill_call_lengths
@@ -30,12 +30,18 @@ def test_the_lengths_flow_to_specializations_manifest_and_metadata(tmp_path: Pat
     assert report.prefill_lengths == [8, 32] and "prefill lengths, tokens: 8, 32" in report.summary()
     entries = json.loads((tmp_path / "paged.specializations.json").read_text())["specializations"]
     buckets = [16, 32, 64, 128]  # the default ladder at block 16, context 128
-    expected = [(f"{phase}_ctx{b}", seq) for phase, seq in (("prefill8", "8"), ("prefill32", "32"), ("decode", "1"))
-                for b in buckets]  # fmt: skip
+    expected = [
+        (f"{phase}_ctx{b}", seq)
+        for phase, seq in (("prefill8", "8"), ("prefill32", "32"), ("decode", "1"))
+        for b in buckets
+        if b >= int(seq)
+    ]  # fmt: skip  (no 32-token chunk attends over 16)
     assert [(e["name"], e["symbols"]["seq_len"]) for e in entries] == expected
+    assert ("prefill32_ctx16", "32") not in expected and len(expected) == 11
     assert {e["symbols"]["num_kv_blocks"] for e in entries} == {"1", "2", "4", "8"}
     manifest = json.loads((tmp_path / "paged.onnx.json").read_text())
     assert manifest["flags"]["prefill_lengths"] == [32, 8]  # as given
+    assert manifest["prefill_lengths"] == [8, 32]  # as resolved
     metadata = {p.key: p.value for p in onnx.load(out, load_external_data=False).metadata_props}
     assert json.loads(metadata["paged_rewrite.prefill_lengths"]) == [8, 32]
 
@@ -60,6 +66,23 @@ def test_lengths_the_model_cannot_take_are_usage_errors(tmp_path: Path, options:
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         rewrite(fixture_model("llama_default"), tmp_path / "paged.onnx", BLOCK, ctx_len=CTX_LEN, **options)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("lengths", [[16, 32, 64], [32]])
+def test_a_graph_that_never_reads_its_cache_has_one_prefill_length(
+    tmp_path: Path, lengths: list[int]
+) -> None:
+    """Disaggregated prefill attends within its chunk, tied to the cache length (64 here): a
+    shorter prefill length would not even run the original. The context itself is accepted."""
+    source = feature_fixture_model("gpt_oss_prefill_only")
+    dims = {"sliding_window": 32}
+    with pytest.raises(
+        UsageError, match=r"never reads its cache .* its one prefill length is the context \(64\)"
+    ):
+        rewrite(source, tmp_path / "p.onnx", BLOCK, ctx_len=64, dims=dims, prefill_lengths=lengths)
+    assert list(tmp_path.iterdir()) == []
+    report = rewrite(source, tmp_path / "p.onnx", BLOCK, ctx_len=64, dims=dims, prefill_lengths=[64])
+    assert report.prefill_lengths == [64]
 
 
 def test_a_model_without_a_symbolic_seq_len_is_refused(tmp_path: Path) -> None:
@@ -114,6 +137,10 @@ def test_a_server_pads_to_the_models_own_prefill_lengths(tmp_path: Path) -> None
         tokens[lengths] = (served.tokens, calls)
     assert tokens[None][1] == [16] and tokens[()][1] == [32]
     assert tokens[None][0] == tokens[()][0]
+    with pytest.raises(
+        ValueError, match=r"chunk_len 48 is not one of the model's prefill lengths \[8, 16, 32\]"
+    ):
+        Server(PagedRunner(paged, BlockManager(20, BLOCK), CTX_LEN // BLOCK), 48, 4)
 
 
 def test_inspect_plans_with_the_flag_and_exits_as_the_rewrite_would(tmp_path: Path) -> None:
@@ -135,5 +162,5 @@ def test_every_prefill_entry_is_static_under_the_full_check(tmp_path: Path) -> N
         full_check=True,
     )  # fmt: skip
     checked = {result.specialization for result in report.static_shapes if result.ok}
-    assert {f"prefill{n}_ctx{b}" for n in (8, 32) for b in (16, 32, 64, 128)} <= checked
+    assert {f"prefill{n}_ctx{b}" for n in (8, 32) for b in (16, 32, 64, 128) if b >= n} <= checked
     assert all(result.ok for result in report.static_shapes)

@@ -7,6 +7,7 @@ long mode is ``PAGED_REWRITE_PROPERTY_STEPS=1000 pytest tests/test_reliability.p
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -278,3 +279,48 @@ def test_a_second_interrupt_during_the_roll_back_waits_for_it(
         rewrite(source, tmp_path / "out" / "paged.onnx", 16, copy_weights=True)
     monkeypatch.undo()
     assert sent and list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_interrupt_once_the_output_has_landed_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real SIGINT while the backups of the replaced files are cleaned up, after the model is in
+    place: nothing can be undone and everything asked for is written, so the rewrite completes
+    (rather than reporting 'nothing was written' over a finished output)."""
+    import signal
+
+    from paged_rewrite import model_io
+
+    source = qeff_export(tmp_path / "model.onnx")
+    rewrite(source, tmp_path / "paged.onnx", 16, ctx_len=128)  # an earlier run: its files get replaced
+    finish = model_io._FileSet.finish
+
+    def finish_after_an_interrupt(files: model_io._FileSet) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        finish(files)
+
+    monkeypatch.setattr(model_io._FileSet, "finish", finish_after_an_interrupt)
+    report = rewrite(source, tmp_path / "paged.onnx", 32, ctx_len=128)
+    monkeypatch.undo()
+    assert (
+        report.kv_block_size == 32
+        and json.loads((tmp_path / "paged.onnx.json").read_text())["kv_block_size"] == 32
+    )
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_interrupts_are_not_held_where_python_cannot_restore_the_handler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host that installed its own C-level SIGINT handler (``getsignal`` is None): nothing is
+    replaced, so nothing needs restoring, and the block runs as is."""
+    import signal
+
+    from paged_rewrite import model_io
+
+    monkeypatch.setattr(signal, "getsignal", lambda _signum: None)
+    installed: list[object] = []
+    monkeypatch.setattr(signal, "signal", lambda *args: installed.append(args))
+    with model_io._interrupts_deferred():
+        pass
+    assert installed == []

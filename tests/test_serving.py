@@ -168,5 +168,5 @@ def test_what_a_prefix_hit_leaves_is_prefilled_at_the_shortest_length(paged_fixt
     assert served["B"].cached_tokens == 48
     assert lengths == [32, 32, 8, 16]  # A: 32 + 32 + 6 (padded to 8); B: its 9 uncached tokens
     cold = PagedRunner(paged, BlockManager(40, BLOCK), CTX_LEN // BLOCK)
-    (alone,) = Server(cold, 32, 4).run([Request("B", b, 4)])
+    (alone,) = Server(cold, 32, 4, prefill_lengths=()).run([Request("B", b, 4)])
     assert served["B"].tokens == alone.tokens

@@ -125,22 +125,38 @@ def _merge_duplicates(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[on
 
 
 def _constant_value(node: onnx.NodeProto) -> bytes | None:
-    """A ``Constant``'s value as type, shape and bytes, whichever attribute holds it (None for the
-    forms not compared by value)."""
+    """A ``Constant``'s value as ONNX type, shape and bytes, whichever attribute holds it; None for
+    the forms not compared by value (strings, sparse tensors, types numpy cannot tell apart)."""
     (attribute,) = node.attribute
-    kinds = {
-        "value_int": np.int64,
-        "value_ints": np.int64,
-        "value_float": np.float32,
-        "value_floats": np.float32,
+    scalar_kinds = {
+        "value_int": onnx.TensorProto.INT64,
+        "value_ints": onnx.TensorProto.INT64,
+        "value_float": onnx.TensorProto.FLOAT,
+        "value_floats": onnx.TensorProto.FLOAT,
     }
-    if attribute.name == "value":
-        value = onnx.numpy_helper.to_array(attribute.t)
-    elif attribute.name in kinds:
-        value = np.asarray(helper.get_attribute_value(attribute), dtype=kinds[attribute.name])
+    if attribute.name == "value" and attribute.t.data_type in _BY_VALUE:
+        data_type, value = attribute.t.data_type, onnx.numpy_helper.to_array(attribute.t)
+    elif attribute.name in scalar_kinds:
+        data_type = scalar_kinds[attribute.name]
+        value = np.asarray(
+            helper.get_attribute_value(attribute), dtype=helper.tensor_dtype_to_np_dtype(data_type)
+        )
     else:
         return None
-    return f"{value.dtype.str}{value.shape}".encode() + value.tobytes()
+    return f"{data_type}{value.shape}".encode() + value.tobytes()
+
+
+# Element types whose numpy array holds the value itself, one array type per ONNX type.
+_BY_VALUE = {
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.BOOL,
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+}
 
 
 def _drop_unused(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:

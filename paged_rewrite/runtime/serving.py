@@ -81,7 +81,8 @@ class Server:
 
     ``prefill_lengths``: the prefill lengths the model is compiled for besides ``chunk_len``
     (``--prefill-lengths``, or a specializations file with one prefill entry per ``seq_len``; by
-    default a paged model's own, from its metadata, those up to ``chunk_len``). A call is padded
+    default a paged model's own, from its metadata, those up to ``chunk_len``, which must then be
+    one of them). A call is padded
     to the shortest that holds the tokens it prefills, so the last chunk of a prompt, or what a
     prefix-cache hit leaves, does not pay for a full chunk of padding. With none, every call is
     ``chunk_len`` long."""
@@ -96,6 +97,10 @@ class Server:
     ) -> None:
         if prefill_lengths is None:
             own = runner.geometry.prefill_lengths if isinstance(runner, PagedRunner) else ()
+            if own and chunk_len not in own:  # a device runs only the lengths it was compiled for
+                raise ValueError(
+                    f"chunk_len {chunk_len} is not one of the model's prefill lengths {list(own)}"
+                )
             prefill_lengths = [length for length in own if length <= chunk_len]
         if not all(0 < length <= chunk_len for length in prefill_lengths):
             raise ValueError(
