@@ -94,6 +94,8 @@ def resolve_buckets(
     if given is None:
         return default_ladder(context_len, kv_block_size) if context_len else ()
     buckets = sorted(set(given))
+    if not buckets:
+        raise UsageError("--ctx-buckets: no bucket given")
     if buckets[0] < 1:
         raise UsageError(f"--ctx-buckets: a bucket must be a positive token count, got {buckets[0]}")
     if context_len is not None:

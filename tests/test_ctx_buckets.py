@@ -45,6 +45,8 @@ def test_the_ladder() -> None:
         resolve_buckets([100, 120], None, 128)
     with pytest.raises(UsageError, match="positive"):
         resolve_buckets([0, 64], None, 16)
+    with pytest.raises(UsageError, match="no bucket given"):  # an empty list from the Python API
+        resolve_buckets([], 4096, 128)
     assert [pick_width(n, [1, 2, 4, 8], 16) for n in (1, 16, 17, 33, 128, 500)] == [1, 1, 2, 4, 8, 8]
 
 
