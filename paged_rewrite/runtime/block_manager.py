@@ -319,7 +319,7 @@ class BlockManager:
 
     def _free_behind(self, state: _Sequence, first_attended: int) -> None:
         """Release the blocks wholly before position ``first_attended``: no later call attends
-        to them (it may read them, masked: a freed entry reads the null block)."""
+        to them (it may read them, masked: a freed entry reads the null block's zero row)."""
         for column in range(first_attended // self.kv_block_size):
             if state.blocks[column] != UNALLOCATED:
                 self._release(state.blocks[column])
