@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 
 from paged_rewrite.custom_ops import EMITTED_OPS, PAGED_DOMAIN, paged_function_protos
-from paged_rewrite.graph import SUBGRAPH_OPS, Body, function_key, prune_unread, used_names
+from paged_rewrite.graph import SUBGRAPH_OPS, Body, prune_unread, used_names
 from paged_rewrite.passes.cache_op_rules import is_ctx_op
 from paged_rewrite.passes.find_cache_sites import default_opset
 from paged_rewrite.passes.sites import CacheSites, PagedLayout
@@ -113,7 +113,8 @@ def _read_in_graph(graph: onnx.GraphProto, names: set[str]) -> set[str]:
         return set()
     read = {o.name for o in graph.output} & names
     for node in graph.node:
-        read.update(name for name in node.input if name in names)
+        if not names.isdisjoint(node.input):
+            read.update(names.intersection(node.input))
         if node.op_type in SUBGRAPH_OPS:
             read |= (
                 used_names(
@@ -139,8 +140,8 @@ def _import_domain(imports: Any) -> None:  # a repeated OperatorSetIdProto field
 def _remove_unused_functions(model: onnx.ModelProto) -> None:
     """Drop the definition of a Ctx op only when no node calls it any more: KV calls became paged
     ops, but a LoRA ``CtxGatherCB`` on adapter weights still needs its definition."""
-    called = {function_key(n) for n in model.graph.node}
-    called |= {function_key(n) for f in model.functions for n in f.node}
+    called = {(n.domain, n.op_type) for n in model.graph.node}
+    called |= {(n.domain, n.op_type) for f in model.functions for n in f.node}
     kept = [f for f in model.functions if not is_ctx_op(f.domain, f.name) or (f.domain, f.name) in called]
     if len(kept) != len(model.functions):
         del model.functions[:]

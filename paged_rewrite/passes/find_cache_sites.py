@@ -251,12 +251,14 @@ def _list_left_alone(sites: CacheSites, interface: _Interface, layers: dict[tupl
     """Every Ctx op the rewrite does not touch, with the reason it is not a KV cache op."""
     rewritten = {id(site.node) for site in [*sites.writes, *sites.reads]}
     first_call: dict[tuple[str, str], onnx.NodeProto] = {}
+    names = {name for _, name in layers}  # a cheap test first: a 70B graph has tens of thousands of nodes
     for node in sites.model.graph.node:
-        first_call.setdefault(function_key(node), node)
+        if node.op_type in names:
+            first_call.setdefault(function_key(node), node)
     places: list[tuple[onnx.NodeProto, Body, onnx.NodeProto | None]]
-    places = [(node, sites.main, None) for node in sites.model.graph.node]
+    places = [(node, sites.main, None) for node in sites.model.graph.node if node.op_type.startswith("Ctx")]
     for key, layer in layers.items():  # names resolved through the first call of a shared body
-        places += [(inner, layer, first_call.get(key)) for inner in layer]
+        places += [(inner, layer, first_call.get(key)) for inner in layer if inner.op_type.startswith("Ctx")]
     for node, body, call in places:
         if not _is_ctx(node) or id(node) in rewritten:
             continue

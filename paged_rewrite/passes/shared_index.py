@@ -86,8 +86,10 @@ class SharedIndex:
         self._layout = layout
         self._nodes: dict[tuple[object, ...], _IndexNode] = {}
         self._calls: dict[tuple[str, str], list[onnx.NodeProto]] = {}
+        local = {function.name for function in sites.model.functions}  # a cheap test first: 70B graphs
         for node in sites.model.graph.node:
-            self._calls.setdefault(function_key(node), []).append(node)
+            if node.op_type in local:
+                self._calls.setdefault(function_key(node), []).append(node)
         self._threaded: dict[tuple[str, str], list[str]] = {}  # function -> hoisted inputs added
         self._expressions: dict[int, _Expressions] = {}
         self._clones: dict[tuple[str, str], dict[str, str]] = {}  # function -> values moved -> copies
