@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import CTX_LEN, feature_fixture_model, fixture_model
+from conftest import CTX_LEN, feature_dims, feature_fixture_model, feature_manifest, fixture_model
 from derived_models import renamed_dim
 from test_cli_errors import one_line, run
 from test_serving import prefill_call_lengths
@@ -18,7 +18,9 @@ from test_serving import prefill_call_lengths
 from paged_rewrite import rewrite
 from paged_rewrite.errors import UsageError
 from paged_rewrite.runtime.block_manager import BlockManager
-from paged_rewrite.runtime.runners import PagedRunner
+from paged_rewrite.runtime.extra_inputs import CompCtxSchedule, ExtraInputs
+from paged_rewrite.runtime.geometry import PagedGeometry
+from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
 from paged_rewrite.runtime.serving import Request, Server
 
 BLOCK = 16
@@ -164,3 +166,32 @@ def test_every_prefill_entry_is_static_under_the_full_check(tmp_path: Path) -> N
     checked = {result.specialization for result in report.static_shapes if result.ok}
     assert {f"prefill{n}_ctx{b}" for n in (8, 32) for b in (16, 32, 64, 128) if b >= n} <= checked
     assert all(result.ok for result in report.static_shapes)
+
+
+@pytest.mark.parametrize("name", ["llama_ccl", "llama_tlm", "qwen2_cb", "llava_lang_kv_offload"])
+def test_feature_exports_serve_the_same_tokens_at_fitted_prefill_lengths(tmp_path: Path, name: str) -> None:
+    """CCL, TLM, CB and a VLM's language model, rewritten with prefill lengths 8, 16, 32: served with
+    calls fitted to those lengths, every request gets the tokens it gets with full-chunk padding, and
+    those the original export gives at the same fitted lengths."""
+    manifest = feature_manifest(name)
+    ctx, dims = manifest["scenario"]["ctx_len"], feature_dims(manifest)
+    paged = tmp_path / "paged.onnx"
+    rewrite(feature_fixture_model(name), paged, BLOCK, ctx_len=ctx, dims=dims, prefill_lengths=[8, 16, 32])
+    geometry = PagedGeometry.of(paged)
+    all_dims = {**geometry.dims, "ctx_len": ctx, **dims}
+    extra = ExtraInputs(comp_ctx_lengths=CompCtxSchedule.spread(ctx))
+    rng = np.random.default_rng(0)
+    requests = [Request(f"r{i}", rng.integers(0, 200, n), 3) for i, n in enumerate((9, 40, 21))]
+    served = {}
+    for lengths in (None, ()):  # the model's own (8, 16, 32), and full 32-token calls
+        runner = PagedRunner(
+            paged, BlockManager(1 + 3 * (ctx // BLOCK), BLOCK), ctx // BLOCK, all_dims, extra
+        )
+        served[lengths] = {
+            s.request.name: s.tokens for s in Server(runner, 32, 4, prefill_lengths=lengths).run(requests)
+        }
+    original = ContiguousRunner(feature_fixture_model(name), all_dims, extra_inputs=extra)
+    fitted_original = {
+        s.request.name: s.tokens for s in Server(original, 32, 4, prefill_lengths=(8, 16)).run(requests)
+    }
+    assert served[None] == served[()] == fitted_original
