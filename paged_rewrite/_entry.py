@@ -4,8 +4,10 @@ line and exit 130, not a traceback.
 Python raises ``KeyboardInterrupt`` wherever it happens to be; while the command line and its
 imports load (a second or more on a cold start), no handler of ours is active yet. So the very
 first thing done here is a signal handler that writes the line and exits (nothing has been
-written by then); ``cli.main`` hands SIGINT back to Python's own handler once its commands,
-which clean up their temporary files and print the same line, are running.
+written by then). Each command hands SIGINT back to Python's own handler once its imports are
+done (``cli._take_interrupts``): from there it cleans up its temporary files and prints the same
+line. Until then the handler exits without unwinding, since an exception raised inside a C
+extension's module init (onnx and onnxruntime are pybind11 modules) aborts the process.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import sys
 
 def _interrupted_while_starting(signum: int, frame: object) -> None:
     os.write(2, b"paged-rewrite: interrupted: nothing was written\n")
-    raise SystemExit(130)  # unwinds whatever import was running; Python prints nothing for it
+    # Exit at once, unwinding nothing: the interrupt may land inside a C extension's module init
+    # (onnx, onnxruntime: pybind11), where a Python exception aborts the process (SIGABRT).
+    os._exit(130)
 
 
 def main() -> None:

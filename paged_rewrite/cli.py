@@ -129,14 +129,20 @@ def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=True) if as_json else text)
 
 
+def _take_interrupts() -> None:
+    """From here a Ctrl-C is a KeyboardInterrupt again, and the command cleans up (model_io). Each
+    command calls this after its imports: until then the start-up handler (``_entry.py``) exits at
+    once, because an exception raised inside a C extension's module init (onnx, onnxruntime: both
+    pybind11) aborts the process instead of unwinding."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _guarded(fn: F) -> F:
     """Turn our errors into one line + exit code; never show a traceback. With ``--json`` the
     error goes to stdout as JSON too, so a pipeline reading stdout sees it."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json = bool(kwargs.get("as_json"))
-        # From here a Ctrl-C is a KeyboardInterrupt again (see _entry.py): the command cleans up.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             result = fn(*args, **kwargs)
             _output_landed()  # done: a late Ctrl-C changes nothing (click would say "Aborted!")
@@ -226,6 +232,7 @@ def rewrite_command(
     """
     from paged_rewrite.api import rewrite
 
+    _take_interrupts()
     _progress(f"rewriting {model}")
     report = rewrite(
         model,
@@ -278,6 +285,8 @@ def inspect_command(
       paged-rewrite inspect model.onnx --kv-block-size 128 --json
     """
     from paged_rewrite.inspect import inspect_model
+
+    _take_interrupts()
 
     found = inspect_model(
         model,
@@ -339,6 +348,7 @@ def verify_command(
     """
     from paged_rewrite.runtime.verify import verify
 
+    _take_interrupts()
     for path in (original, paged):
         _require_model_file(path)
     report = verify(
@@ -381,6 +391,7 @@ def demo_command(kv_block_size: int, workdir: Path | None, as_json: bool) -> Non
     from paged_rewrite.builder import ExportSpec, write_qeff_export
     from paged_rewrite.runtime.verify import verify
 
+    _take_interrupts()
     if workdir is not None:
         _refuse_foreign_demo_files(workdir)
     with tempfile.TemporaryDirectory() as tmp:

@@ -183,6 +183,35 @@ def test_static_sizes_from_flags(tmp_path) -> None:
     assert next(t for t in ladder.inputs if t.name == "block_table").shape == ["batch_size", "num_kv_blocks"]
 
 
+@pytest.mark.parametrize("num_blocks", [33, 5])
+def test_a_static_pool_is_what_verify_and_the_runner_use(tmp_path, num_blocks: int) -> None:
+    """A model rewritten with --num-blocks takes pools of exactly that many blocks: verify runs its
+    scenario in that pool (bit-exact), or says it cannot fit; a runner given another size says so
+    before onnxruntime would refuse the first call."""
+    from conftest import fixture_model
+
+    from paged_rewrite import rewrite
+    from paged_rewrite.errors import UsageError
+    from paged_rewrite.runtime.block_manager import BlockManager
+    from paged_rewrite.runtime.runners import PagedRunner
+    from paged_rewrite.runtime.verify import verify
+
+    original = fixture_model("llama_default")
+    rewrite(original, tmp_path / "p.onnx", 16, ctx_len=128, num_blocks=num_blocks)
+    if num_blocks == 33:
+        result = verify(original, tmp_path / "p.onnx")
+        assert result.ok and result.bit_exact and result.num_blocks == 33, result.summary()
+        with pytest.raises(
+            ValueError, match=r"the pools of block_table hold 33 blocks .*its BlockManager has 20"
+        ):
+            PagedRunner(tmp_path / "p.onnx", BlockManager(20, 16), 8)
+    else:
+        with pytest.raises(
+            UsageError, match=r"its pool holds 5 blocks \(--num-blocks\); the scenario needs 7"
+        ):
+            verify(original, tmp_path / "p.onnx")
+
+
 def test_symbolic_sizes_without_flags(tmp_path) -> None:
     from conftest import fixture_model
 

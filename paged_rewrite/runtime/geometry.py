@@ -53,6 +53,7 @@ class PagedGeometry:
     ctx_buckets: tuple[int, ...] = ()
     groups: tuple[TableGroup, ...] = ()
     prefill_lengths: tuple[int, ...] = ()  # the seq_len values prefill is specialized for
+    pool_blocks: dict[str, int] = field(default_factory=dict)  # table -> its pools' static block count
 
     @property
     def window_groups(self) -> list[TableGroup]:
@@ -122,6 +123,11 @@ class PagedGeometry:
             ctx_buckets=tuple(json.loads(metadata.get("paged_rewrite.ctx_buckets", "[]"))),
             groups=groups,
             prefill_lengths=tuple(json.loads(metadata.get("paged_rewrite.prefill_lengths", "[]"))),
+            pool_blocks={
+                g.table: int(blocks)
+                for g in groups
+                if g.caches and (blocks := dims[g.caches[0]][0]) is not None
+            },
         )
 
 

@@ -108,6 +108,13 @@ class PagedRunner(StepRunner):
         self.manager = manager
         _refuse_foreign_rings(self.geometry, manager)
         self.managers = {"block_table": manager, **_window_managers(self.geometry, manager, window_managers)}
+        for table, group in self.managers.items():
+            static = self.geometry.pool_blocks.get(table)
+            if static is not None and group.num_blocks != static:
+                raise ValueError(
+                    f"{model_path}: the pools of {table} hold {static} blocks (a static pool, --num-blocks); "
+                    f"its BlockManager has {group.num_blocks}"
+                )
         self.table_of = {c.input: self.geometry.table_of(c.input) for c in self.caches}
         self.num_kv_blocks = num_kv_blocks
         self.pools = {

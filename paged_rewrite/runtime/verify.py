@@ -207,6 +207,14 @@ def compare(
         )
     needed = sum(math.ceil(s.length / bs) for s in scenario.sequences)
     num_blocks = 1 + needed + spare_blocks
+    static = geometry.pool_blocks.get("block_table")
+    if static is not None:  # the pool is what the model was rewritten with (--num-blocks)
+        if static < 1 + needed:
+            raise UsageError(
+                f"{paged}: its pool holds {static} blocks (--num-blocks); the scenario needs {1 + needed} "
+                "(its sequences' blocks and the null block): rewrite with more, or pass a shorter --ctx-len"
+            )
+        num_blocks = static
     order = shuffled_order(num_blocks, seed) if block_order == "shuffled" else None
     manager = BlockManager(num_blocks, bs, order, ring_lengths=geometry.ring_lengths)
     window_managers = {}  # a window group's pool: what its window holds per sequence, and spare blocks
