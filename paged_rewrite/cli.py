@@ -133,8 +133,9 @@ def _take_interrupts() -> None:
     """From here a Ctrl-C is a KeyboardInterrupt again, and the command cleans up (model_io). Each
     command calls this after its imports: until then the start-up handler (``_entry.py``) exits at
     once, because an exception raised inside a C extension's module init (onnx, onnxruntime: both
-    pybind11) aborts the process instead of unwinding."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    pybind11) aborts the process instead of unwinding. An in-process caller keeps its own handler."""
+    if OWNS_SIGINT:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _guarded(fn: F) -> F:

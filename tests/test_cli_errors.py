@@ -289,3 +289,22 @@ def test_verify_with_its_arguments_swapped_says_so(model: Path, tmp_path: Path) 
     assert run(model, "-o", paged, "--kv-block-size", 16).returncode == 0
     line = one_line(run("verify", paged, model), 2, "usage")
     assert "ORIGINAL is already a paged model" in line
+
+
+def test_an_in_process_caller_keeps_its_own_interrupt_handler(model: Path, tmp_path: Path) -> None:
+    """``paged_rewrite.cli.main`` called in-process (a notebook, a build tool) leaves the caller's
+    SIGINT handler in place; only the console script owns SIGINT."""
+    import signal
+
+    def host_handler(signum: int, frame: object) -> None:
+        raise AssertionError("not called")
+
+    previous = signal.signal(signal.SIGINT, host_handler)
+    try:
+        result = CliRunner().invoke(
+            main, [str(model), "-o", str(tmp_path / "p.onnx"), "--kv-block-size", "16"]
+        )
+        assert result.exit_code == 0, result.output
+        assert signal.getsignal(signal.SIGINT) is host_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
