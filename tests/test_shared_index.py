@@ -15,13 +15,13 @@ from onnx import TensorProto, helper
 
 from paged_rewrite import rewrite
 from paged_rewrite.graph import Body
-from paged_rewrite.passes.shared_index import _Expressions
+from paged_rewrite.passes.expression_keys import ExpressionKeys
 from paged_rewrite.runtime.verify import verify
 
 
 def _keys(
     nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto] = (), inputs: list[str] = ()
-) -> _Expressions:  # type: ignore[assignment]
+) -> ExpressionKeys:  # type: ignore[assignment]
     graph = helper.make_graph(
         nodes,
         "g",
@@ -29,7 +29,7 @@ def _keys(
         [],
         list(initializers),
     )
-    return _Expressions(Body(graph))
+    return ExpressionKeys(Body(graph))
 
 
 def _const(name: str, value: int) -> onnx.NodeProto:
