@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -14,6 +14,22 @@ from paged_rewrite.errors import InternalError, NotAModelError, OutputError, Pag
 from paged_rewrite.model_io import data_files, load_model, save_model
 from paged_rewrite.pipeline import RewriteOptions, rewrite_model
 from paged_rewrite.report import RewriteReport
+
+if TYPE_CHECKING:
+    from typing_extensions import TypedDict
+
+    class PlanFlags(TypedDict, total=False):
+        """The keyword flags of ``rewrite`` that shape the plan: what ``inspect_model`` and the
+        ``rewrite``/``inspect`` commands pass on unchanged (``cli_options.plan_options``)."""
+
+        ctx_len: int | None
+        ctx_buckets: Sequence[int] | None
+        prefill_lengths: Sequence[int] | None
+        num_blocks: int | None
+        dims: Mapping[str, int] | None
+        specializations: str | os.PathLike[str] | None
+        shared_window_table: bool
+
 
 VERSION = "0.1.0"
 # The longest context (and so block, bucket) in tokens: QEfficient exports mark padding with the

@@ -152,17 +152,11 @@ def rewrite_command(
     model: Path,
     output: Path,
     kv_block_size: int,
-    ctx_len: int | None,
-    ctx_buckets: tuple[int, ...] | None,
-    prefill_lengths: tuple[int, ...] | None,
-    num_blocks: int | None,
-    dims: dict[str, int],
-    specializations: Path | None,
     custom_io: Path | None,
     copy_weights: bool,
     full_check: bool,
-    shared_window_table: bool,
     as_json: bool,
+    **plan: Any,  # the flags of plan_options, named as rewrite() names them
 ) -> None:
     """Rewrite MODEL into a paged-KV model, with its manifest and specializations beside it.
 
@@ -180,16 +174,10 @@ def rewrite_command(
         model,
         output,
         kv_block_size,
-        ctx_len=ctx_len,
-        num_blocks=num_blocks,
-        dims=dims,
-        copy_weights=copy_weights,
-        specializations=specializations,
         custom_io=custom_io,
+        copy_weights=copy_weights,
         full_check=full_check,
-        ctx_buckets=ctx_buckets,
-        shared_window_table=shared_window_table,
-        prefill_lengths=prefill_lengths,
+        **plan,
     )
     _output_landed()
     _emit(as_json, report.to_dict(), report.summary())
@@ -210,14 +198,8 @@ def rewrite_command(
 def inspect_command(
     model: Path,
     kv_block_size: int,
-    ctx_len: int | None,
-    ctx_buckets: tuple[int, ...] | None,
-    prefill_lengths: tuple[int, ...] | None,
-    num_blocks: int | None,
-    dims: dict[str, int],
-    specializations: Path | None,
-    shared_window_table: bool,
     as_json: bool,
+    **plan: Any,  # the flags of plan_options, named as rewrite() names them
 ) -> None:
     """List the cache sites of MODEL and what a rewrite with the same flags would do (and exit as
     it would); writes nothing. The flags mean what they mean for a rewrite.
@@ -230,17 +212,7 @@ def inspect_command(
 
     _take_interrupts()
 
-    found = inspect_model(
-        model,
-        kv_block_size,
-        ctx_len=ctx_len,
-        dims=dims,
-        ctx_buckets=ctx_buckets,
-        num_blocks=num_blocks,
-        specializations=specializations,
-        shared_window_table=shared_window_table,
-        prefill_lengths=prefill_lengths,
-    )
+    found = inspect_model(model, kv_block_size, **plan)
     _emit(as_json, found.to_dict(), found.summary())
     if found.plan_error is not None:  # the code a rewrite with these flags would exit with
         click.echo(f"paged-rewrite: {found.plan_error_kind}: {found.plan_error}", err=True)

@@ -18,7 +18,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def plan_options(fn: F) -> F:
     """The flags that shape a rewrite, shared by ``rewrite`` and ``inspect`` (whose plan must be
-    the rewrite's, exit code included)."""
+    the rewrite's, exit code included). Each reaches the command as the keyword ``rewrite()`` takes
+    (``api.PlanFlags``), so the commands pass them on as they are."""
     options = [
         click.option(
             "--ctx-len",

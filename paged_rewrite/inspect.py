@@ -4,9 +4,8 @@ computed on an in-memory copy; nothing is written."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paged_rewrite.api import rewrite
 from paged_rewrite.errors import PagedRewriteError
@@ -14,6 +13,11 @@ from paged_rewrite.model_io import load_model
 from paged_rewrite.passes.find_cache_sites import find_cache_sites
 from paged_rewrite.pipeline import run_pass
 from paged_rewrite.report import RewriteReport
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from paged_rewrite.api import PlanFlags
 
 
 @dataclass(frozen=True)
@@ -64,18 +68,9 @@ class Inspection:
         return "\n".join(lines)
 
 
-def inspect_model(
-    path: str | os.PathLike[str],
-    kv_block_size: int,
-    ctx_len: int | None = None,
-    dims: Mapping[str, int] | None = None,
-    ctx_buckets: Sequence[int] | None = None,
-    num_blocks: int | None = None,
-    specializations: str | os.PathLike[str] | None = None,
-    shared_window_table: bool = False,
-    prefill_lengths: Sequence[int] | None = None,
-) -> Inspection:
-    """Find the cache sites of ``path`` and plan a rewrite (dry run). A model whose sites cannot be
+def inspect_model(path: str | os.PathLike[str], kv_block_size: int, **plan: Unpack[PlanFlags]) -> Inspection:
+    """Find the cache sites of ``path`` and plan a rewrite with the flags ``plan`` (those of
+    ``rewrite``: ``ctx_len``, ``dims``, ...) as a dry run. A model whose sites cannot be
     listed raises (naming the file); a plan that fails is reported with the error a rewrite with
     the same flags would raise (``plan_error``, ``plan_error_kind``, ``plan_exit_code``)."""
     try:
@@ -100,19 +95,7 @@ def inspect_model(
             )
         )
     try:
-        plan = rewrite(
-            path,
-            None,
-            kv_block_size,
-            ctx_len=ctx_len,
-            dims=dims,
-            ctx_buckets=ctx_buckets,
-            num_blocks=num_blocks,
-            specializations=specializations,
-            shared_window_table=shared_window_table,
-            prefill_lengths=prefill_lengths,
-        )
-        return Inspection(str(path), infos, plan)
+        return Inspection(str(path), infos, rewrite(path, None, kv_block_size, **plan))
     except PagedRewriteError as error:  # e.g. a ring buffer whose length was not given
         named = _naming(path, error)
         return Inspection(str(path), infos, None, str(named), named.kind, named.exit_code)

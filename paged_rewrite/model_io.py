@@ -191,7 +191,7 @@ def save_model(
         if external and copy_weights:
             files.place(tmp_data, data_target)
         onnx.checker.check_model(tmp_model, full_check=full_check)
-        with _interrupts_deferred(after_success="ignore"):  # placing is quick; once done, it stays
+        with _interrupts_deferred(drop_if_done=True):  # placing is quick; once done, it stays
             for sidecar in sorted(staged_texts):
                 files.place(staged_texts[sidecar], sidecar)
             files.place(tmp_model, target)
@@ -276,10 +276,9 @@ class _FileSet:
 
 
 @contextlib.contextmanager
-def _interrupts_deferred(after_success: str = "deliver") -> Iterator[None]:
+def _interrupts_deferred(drop_if_done: bool = False) -> Iterator[None]:
     """Hold SIGINT until the block ends. Then a held interrupt is delivered to the handler in place,
-    unless the block completed and ``after_success`` is ``"ignore"`` (work that cannot be undone
-    and is done). Only on the main thread, where Python runs and sets signal handlers, and only
+    unless the block completed and ``drop_if_done`` (work that cannot be undone, and is done). Only on the main thread, where Python runs and sets signal handlers, and only
     when the current handler is Python's to restore."""
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or previous is None:
@@ -293,7 +292,7 @@ def _interrupts_deferred(after_success: str = "deliver") -> Iterator[None]:
         completed = True
     finally:
         signal.signal(signal.SIGINT, previous)
-        if received and not (completed and after_success == "ignore"):
+        if received and not (completed and drop_if_done):
             signal.raise_signal(signal.SIGINT)
 
 

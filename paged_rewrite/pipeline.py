@@ -84,10 +84,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
     )
     for paged_pass in paged_passes:
         dropped |= run_pass(paged_pass, sites, layout, shared).dropped
-    metadata = {
-        **_layout_metadata(layout, sites),
-        "paged_rewrite.prefill_lengths": json.dumps(prefill_lengths),
-    }
+    metadata = _layout_metadata(layout, sites, prefill_lengths)
     finalized = run_pass(finalize_model, sites, layout, dropped, metadata)
     dangling = sorted(undefined_ops(model) - undefined_before)
     if dangling:  # a bug of ours, caught before anything is written
@@ -187,13 +184,16 @@ def _other_retained_states(model: onnx.ModelProto, sites: CacheSites) -> list[st
     return [v.name for v in model.graph.input if f"{v.name}_RetainedState" in outputs and v.name not in paged]
 
 
-def _layout_metadata(layout: PagedLayout, sites: CacheSites) -> dict[str, str]:
+def _layout_metadata(
+    layout: PagedLayout, sites: CacheSites, prefill_lengths: tuple[int, ...]
+) -> dict[str, str]:
     """What a runtime needs to drive the paged model, stored in its metadata_props."""
     return {
         "paged_rewrite.kv_block_size": str(layout.kv_block_size),
         "paged_rewrite.num_kv_blocks": str(layout.num_kv_blocks),
         "paged_rewrite.null_block": "0",
         "paged_rewrite.ctx_buckets": json.dumps(list(layout.ctx_buckets)),
+        "paged_rewrite.prefill_lengths": json.dumps(list(prefill_lengths)),
         "paged_rewrite.dims": json.dumps(layout.bound_dims, sort_keys=True),
         "paged_rewrite.windows": json.dumps({str(d): n for d, n in layout.windows.items()}, sort_keys=True),
         "paged_rewrite.groups": json.dumps(_kv_groups(layout, sites), sort_keys=True),
