@@ -2,7 +2,8 @@
 
 The names below are imported on first use, not with the package: the command line imports the
 package before anything else, and a Ctrl-C while onnx loads (the slowest part of start-up) must
-reach its one-line handler (``cli.main``) rather than print a traceback.
+reach its one-line handler (``_entry.py``, then each command's: ``cli._take_interrupts``) rather
+than print a traceback.
 """
 
 from __future__ import annotations

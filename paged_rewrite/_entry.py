@@ -18,6 +18,10 @@ import sys
 
 
 def _interrupted_while_starting(signum: int, frame: object) -> None:
+    if "--json" in sys.argv[1:]:  # as cli_errors.fail reports it, for a pipeline reading stdout
+        os.write(
+            1, b'{"error": {"kind": "interrupted", "message": "nothing was written", "exit_code": 130}}\n'
+        )
     os.write(2, b"paged-rewrite: interrupted: nothing was written\n")
     # Exit at once, unwinding nothing: the interrupt may land inside a C extension's module init
     # (onnx, onnxruntime: pybind11), where a Python exception aborts the process (SIGABRT).

@@ -185,18 +185,37 @@ _entry.run()
 """
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.6, 0.9, 1.3])
+@pytest.mark.parametrize(
+    ("delay", "as_json"),
+    [
+        *((delay, False) for delay in (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.6, 0.9, 1.3)),
+        (0.0, True),
+        (0.2, True),
+    ],
+)
 def test_a_real_ctrl_c_at_any_moment_of_start_up_is_one_line(
-    model: Path, tmp_path: Path, delay: float
+    model: Path, tmp_path: Path, delay: float, as_json: bool
 ) -> None:
     """A SIGINT sent while the command loads (imports, click's decorators) or runs: one line and
-    130 with nothing written, or (if it came too late) a finished rewrite. Never a traceback."""
+    130 with nothing written (with ``--json``, the same error as JSON on stdout), or (if it came
+    too late) a finished rewrite. Never a traceback."""
     import signal
     import time
 
     out = tmp_path / "out" / "paged.onnx"
+    flags = ["--json"] if as_json else []
     process = subprocess.Popen(
-        [sys.executable, "-c", SIGNAL_AFTER_READY, str(model), "-o", str(out), "--kv-block-size", "16"],
+        [
+            sys.executable,
+            "-c",
+            SIGNAL_AFTER_READY,
+            str(model),
+            "-o",
+            str(out),
+            "--kv-block-size",
+            "16",
+            *flags,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -204,12 +223,14 @@ def test_a_real_ctrl_c_at_any_moment_of_start_up_is_one_line(
     assert process.stdout is not None and process.stdout.readline() == "ready\n"
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=600)
+    stdout, stderr = process.communicate(timeout=600)
     if process.returncode == 0:  # the rewrite had finished
         assert stderr == "" and out.exists()
     else:
         assert (process.returncode, stderr) == (130, "paged-rewrite: interrupted: nothing was written\n")
         assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+        error = {"error": {"kind": "interrupted", "message": "nothing was written", "exit_code": 130}}
+        assert (json.loads(stdout) == error) if as_json else stdout == ""
 
 
 @pytest.mark.parametrize("as_json", [False, True])

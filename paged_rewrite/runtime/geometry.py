@@ -101,6 +101,7 @@ class PagedGeometry:
         if not block_size or not vocab:
             raise UnsupportedPatternError(f"{paged_path}: needs a static kv_block_size and vocab size")
         ops = [node.op_type for node in _model_nodes(model)]
+        described = json.loads(metadata.get("paged_rewrite.groups", "[]"))
         groups = tuple(
             TableGroup(
                 g["table"],
@@ -109,8 +110,13 @@ class PagedGeometry:
                 g["num_kv_blocks"],
                 g.get("window_addressing") == "logical_positions",
             )
-            for g in json.loads(metadata.get("paged_rewrite.groups", "[]"))
+            for g in described
         )
+        pool_blocks = {
+            g["table"]: g["total_num_kv_blocks"] for g in described if g.get("total_num_kv_blocks")
+        }
+        if not described and pools and pools[0][0]:  # rewritten before the groups were recorded: one pool
+            pool_blocks = {"block_table": pools[0][0]}
         return cls(
             block_size,
             dims["block_table"][1] or None,
@@ -123,11 +129,7 @@ class PagedGeometry:
             ctx_buckets=tuple(json.loads(metadata.get("paged_rewrite.ctx_buckets", "[]"))),
             groups=groups,
             prefill_lengths=tuple(json.loads(metadata.get("paged_rewrite.prefill_lengths", "[]"))),
-            pool_blocks={
-                g.table: int(blocks)
-                for g in groups
-                if g.caches and (blocks := dims[g.caches[0]][0]) is not None
-            },
+            pool_blocks=pool_blocks,
         )
 
 

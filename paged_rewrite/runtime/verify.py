@@ -212,7 +212,7 @@ def compare(
         if static < 1 + needed:
             raise UsageError(
                 f"{paged}: its pool holds {static} blocks (--num-blocks); the scenario needs {1 + needed} "
-                "(its sequences' blocks and the null block): rewrite with more, or pass a shorter --ctx-len"
+                "(its sequences' blocks and the null block): rewrite with more, or pass fewer --decode-steps"
             )
         num_blocks = static
     order = shuffled_order(num_blocks, seed) if block_order == "shuffled" else None
