@@ -116,3 +116,56 @@ def paged_feature_fixture(tmp_path_factory: pytest.TempPathFactory):  # type: ig
         return cache[key]
 
     return make
+
+
+def cache_op_accounting(model_path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Where a model's nodes are once every local function is inlined (what the QAIC compiler
+    lowers), split by the KV-cache ops (``com.qualcomm.cloud`` functions named ``Ctx*`` or
+    ``Paged*``): ``(nodes outside them, {op: (calls, nodes in its body)})``. The registered
+    custom ops and the layer functions count as "outside": paging must not grow them."""
+    import onnx
+    import onnx.inliner
+
+    model = onnx.load(model_path, load_external_data=False)
+    cache_ops = {
+        (f.domain, f.name): len(f.node)
+        for f in model.functions
+        if f.domain == "com.qualcomm.cloud" and f.name.startswith(("Ctx", "Paged"))
+    }
+    inlined = onnx.inliner.inline_selected_functions(model, list(cache_ops), exclude=True)
+    calls: dict[str, tuple[int, int]] = {}
+    outside = 0
+    for node in inlined.graph.node:
+        size = cache_ops.get((node.domain, node.op_type))
+        if size is None:
+            outside += 1
+        else:
+            calls[node.op_type] = (calls.get(node.op_type, (0, size))[0] + 1, size)
+    return outside, calls
+
+
+PAGED_DATA_OPS = {"PagedCtxScatter", "PagedCtxGather"}
+PAGED_INDEX_OPS = {
+    "PagedWriteIndex",
+    "PagedReadIndex",
+    "PagedReadIndexCCL",
+    "PagedLogicalShape",
+    "PagedWindowShape",
+}
+
+
+def assert_paging_grows_only_its_index_ops(original_path: Path, paged_path: Path) -> None:
+    """The node budget of the rewrite, in the inlined graph: no node outside the cache ops is
+    added; each cache op becomes one data op whose body is smaller than any op it replaces; the
+    only other nodes are the index ops (once per call and address group, counted by the callers).
+    So the paged graph outgrows the original by at most the index ops' fixed cost."""
+    outside_before, before = cache_op_accounting(original_path)
+    outside_after, after = cache_op_accounting(paged_path)
+    assert outside_after <= outside_before, (outside_before, outside_after)
+    kept = {op for op in after if op.startswith("Ctx")}  # non-KV uses (LoRA adapters, sampler buffers)
+    assert {op: after[op] for op in kept} == {op: before[op] for op in kept}
+    assert set(after) <= kept | PAGED_DATA_OPS | PAGED_INDEX_OPS, set(after)
+    replaced = {op: calls_and_size for op, calls_and_size in before.items() if op not in kept}
+    data = {op: calls_and_size for op, calls_and_size in after.items() if op in PAGED_DATA_OPS}
+    assert sum(calls for calls, _ in data.values()) == sum(calls for calls, _ in replaced.values())
+    assert max(size for _, size in data.values()) < min(size for _, size in replaced.values())

@@ -14,8 +14,14 @@ import json
 from collections import Counter
 
 import onnx
+import onnx.inliner
 import pytest
-from conftest import FEATURE_FIXTURES, RUNNABLE_FEATURE_FIXTURES, feature_fixture_model
+from conftest import (
+    FEATURE_FIXTURES,
+    RUNNABLE_FEATURE_FIXTURES,
+    assert_paging_grows_only_its_index_ops,
+    feature_fixture_model,
+)
 
 from paged_rewrite import rewrite
 from paged_rewrite.errors import NotAModelError
@@ -142,6 +148,13 @@ def test_only_the_kv_caches_are_paged(tmp_path, name: str, kv_block_size: int) -
     for value in after.graph.output:
         if value.name not in retained.values() and value.name in outputs:
             assert value.SerializeToString() == outputs[value.name], value.name
+
+    # Inlined, what grows is the index ops alone (BENCHMARKS.md, "Graph size"): with one address
+    # group, at most 5% more nodes than the original.
+    assert_paging_grows_only_its_index_ops(source, paged)
+    if sum(n.op_type == "PagedWriteIndex" for n in after.graph.node) == 1:
+        inlined = [len(onnx.inliner.inline_local_functions(m).graph.node) for m in (before, after)]
+        assert inlined[1] <= 1.05 * inlined[0], inlined
 
 
 def test_lora_keeps_the_adapter_gathers_and_their_definition(tmp_path) -> None:

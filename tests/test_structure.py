@@ -8,7 +8,13 @@ from collections import Counter
 import onnx
 import onnx.inliner
 import pytest
-from conftest import ALL_FIXTURES, CONTIGUOUS_FIXTURES, CTX_LEN, NARROWING_INEXACT
+from conftest import (
+    ALL_FIXTURES,
+    CONTIGUOUS_FIXTURES,
+    CTX_LEN,
+    NARROWING_INEXACT,
+    assert_paging_grows_only_its_index_ops,
+)
 
 from paged_rewrite.runtime.verify import verify
 
@@ -164,6 +170,37 @@ def test_addresses_are_computed_once_per_call(paged_fixture, name: str) -> None:
     }
     if name in WITHIN_5_PERCENT:
         assert inlined["paged"] <= 1.05 * inlined["original"], inlined
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_paging_grows_only_its_index_ops(paged_fixture, name: str) -> None:
+    original_path, paged_path, _ = paged_fixture(name, 16)
+    assert_paging_grows_only_its_index_ops(original_path, paged_path)
+
+
+@pytest.mark.parametrize("kv_block_size", [16, 128])
+def test_two_address_groups_cost_less_per_layer_than_the_original(tmp_path, kv_block_size: int) -> None:
+    """A ring layer beside full layers (gpt_oss's two address groups): the index ops are paid once
+    per group, each layer costs fewer nodes paged than original, so from 8 layers (the builder's
+    models; gpt-oss-20b has 24) the paged graph is the smaller one. The 2-layer fixtures show the
+    fixed cost instead (BENCHMARKS.md, "Graph size")."""
+    from paged_rewrite import rewrite
+    from paged_rewrite.builder import ExportSpec, write_qeff_export
+
+    nodes: dict[tuple[str, int], int] = {}
+    for layers in (2, 8):
+        spec = ExportSpec(num_layers=layers, sliding_window=32, max_position=256)
+        source = write_qeff_export(tmp_path / f"l{layers}" / "model.onnx", spec, sparse_weights=True)
+        target = tmp_path / f"l{layers}" / "paged.onnx"
+        rewrite(source, target, kv_block_size, ctx_len=128, dims={"sliding_window": 32})
+        main = Counter(n.op_type for n in onnx.load(target, load_external_data=False).graph.node)
+        assert (main["PagedWriteIndex"], main["PagedReadIndexCCL"]) == (2, 2)  # one per group, any depth
+        for kind, path in (("original", source), ("paged", target)):
+            model = onnx.load(path, load_external_data=False)
+            nodes[kind, layers] = len(onnx.inliner.inline_local_functions(model).graph.node)
+    per_six_layers = {kind: nodes[kind, 8] - nodes[kind, 2] for kind in ("original", "paged")}
+    assert per_six_layers["paged"] < per_six_layers["original"], nodes
+    assert nodes["paged", 8] < nodes["original", 8], nodes
 
 
 def test_static_sizes_from_flags(tmp_path) -> None:
