@@ -17,6 +17,11 @@
    times) and are released for the next wave; the ring pool holds 4 rings (9 blocks), the
    single-table layout's ring layer a full pool (33). Both runs are compared with the original
    export step by step, and their pool bytes and step times are measured in the same run.
+3. Llama 4's chunked attention: the ``llama4_text`` feature fixture (three chunked layers per
+   global one, as Llama 4 interleaves them; chunk 32, a constant of its graph) rewritten for 64
+   rows at kv_block_size 16 with its chunked layers in a ring pool (the default) and in the one
+   table (``--shared-window-table``, the layout before they had a table of their own); pool bytes
+   as in 1, at contexts of 4, 16 and 64 chunks. Equal capacity checked as in 1.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "qeff" / "gpt_oss_swa_moe" / "model.onnx"
+LLAMA4 = REPO.parent / "shared" / "fixtures" / "qeff-features" / "llama4_text" / "model.onnx"
+CHUNK, CHUNK_BLOCK = 32, 16  # the fixture's attention_chunk_size (a constant of its graph)
 ROWS, BLOCK = 64, 128
 CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 SHAPES = {"gpt-oss (1:1, window 128)": (128, 1), "Gemma 3 (5:1, window 1024)": (1024, 5)}
@@ -160,6 +167,35 @@ def oversubscribed_run(folder: Path, waves: int = 3, rows: int = 4) -> None:
     )
 
 
+def chunked_table(folder: Path) -> None:
+    """Section 3 of the module doc."""
+    print(
+        f"\nLlama 4 fixture, 3 chunked : 1 global layer, chunk {CHUNK}, kv_block_size {CHUNK_BLOCK}, {ROWS} rows"
+    )
+    print(
+        "| context | chunk / context | KV bytes, ring pool for the chunks | KV bytes, single table | ratio |"
+    )
+    print("|---|---|---|---|---|")
+    for ctx in (4 * CHUNK, 16 * CHUNK, 64 * CHUNK):
+        sizes = {}
+        for shared in (False, True):
+            out = folder / f"llama4_c{ctx}_{'shared' if shared else 'groups'}" / "paged.onnx"
+            rewrite(LLAMA4, out, CHUNK_BLOCK, ctx_len=ctx, dims={"batch_size": ROWS}, ctx_buckets=[ctx],
+                    shared_window_table=shared)  # fmt: skip
+            sizes[shared] = pool_bytes(out)
+        grouped, single = sum(sizes[False].values()), sum(sizes[True].values())
+        per_block = sizes[True]["past_key.3"] // (ROWS * (ctx // CHUNK_BLOCK) + 1)  # one block, K or V
+        managers = [
+            BlockManager(sizes[False]["past_key.3"] // per_block, CHUNK_BLOCK),
+            BlockManager(sizes[False]["past_key.0"] // per_block, CHUNK_BLOCK, window=CHUNK),
+        ]
+        for row in range(ROWS):
+            for manager in managers:
+                manager.append(row, ctx)  # raises if the pools could not take every row to ctx
+        print(f"| {ctx} | 1/{ctx // CHUNK} | {grouped / 2**20:.2f} MiB | {single / 2**20:.2f} MiB | "
+              f"{grouped / single:.1%} |")  # fmt: skip
+
+
 def plot(ratios: dict[str, list[float]], png: Path) -> None:
     import matplotlib
 
@@ -189,6 +225,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         ratios = memory_table(Path(scratch))
         oversubscribed_run(Path(scratch))
+        chunked_table(Path(scratch))
     if args.png:
         plot(ratios, args.png)
 

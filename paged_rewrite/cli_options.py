@@ -66,8 +66,8 @@ def plan_options(fn: F) -> F:
         click.option(
             "--shared-window-table",
             is_flag=True,
-            help="Keep sliding-window rings in the first columns of the one block_table (every pool full "
-            "size) instead of a table and pool per window length.",
+            help="Keep sliding-window rings (and Llama 4's chunked layers) in the first columns of the one "
+            "block_table (every pool full size) instead of a table and pool per window length.",
         ),
     ]
     for option in reversed(options):

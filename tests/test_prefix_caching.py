@@ -140,7 +140,8 @@ def _serve(
 
 
 @pytest.mark.parametrize(
-    ("name", "corpus"), [("llama_default", "qeff"), ("llama_cb", "qeff"), ("qwen2_cb", "features")]
+    ("name", "corpus"),
+    [("llama_default", "qeff"), ("llama_cb", "qeff"), ("qwen2_cb", "features"), ("llama4_text", "features")],
 )
 def test_a_prefix_hit_gives_the_uncached_logits(
     paged_fixture, paged_feature_fixture, shared_prompts: dict[str, np.ndarray], name: str, corpus: str

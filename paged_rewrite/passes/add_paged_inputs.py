@@ -10,7 +10,9 @@ table ``block_table_w<W>`` of static width ``ceil(W / kv_block_size)`` and pool 
 so a window layer holds window-sized memory (as vLLM's hybrid KV cache manager and
 TensorRT-LLM give each attention-window group its own pool). A full-length cache read as a
 window over logical positions (``logical_windows.py``) gets a table ``block_table_w<W>`` as wide
-as ``block_table`` and a pool of its own: the runtime frees its blocks behind the window. With
+as ``block_table`` and a pool of its own: the runtime frees its blocks behind the window. A
+full-length cache written as a ring of ``C`` slots (Llama 4's chunked attention,
+``ring_writes.py``) joins the ring group of ``C``. With
 ``shared_window_table`` every window lives in the one ``block_table`` instead (every pool as
 large as a full-context pool)."""
 
@@ -26,6 +28,7 @@ from paged_rewrite.buckets import columns_for, resolve_buckets
 from paged_rewrite.errors import UnsupportedPatternError, UsageError
 from paged_rewrite.graph import Body
 from paged_rewrite.passes.logical_windows import logical_windows
+from paged_rewrite.passes.ring_writes import rings_in_full_caches
 from paged_rewrite.passes.sites import (
     BLOCK_TABLE,
     SLOT_ID,
@@ -52,8 +55,8 @@ def add_paged_inputs(
     shared_window_table: bool = False,
 ) -> PagedLayout:
     """Append ``block_table`` int64 ``[batch, num_kv_blocks]``, one ``block_table_w<W>`` int64
-    ``[batch, ceil(W / kv_block_size)]`` per ring length ``W`` (none with
-    ``shared_window_table``) and ``slot_id`` int64 ``[batch]``. Full-length caches read as a window
+    ``[batch, ceil(W / kv_block_size)]`` per ring length ``W`` (ring buffers, and full-length
+    caches written as a ring; none with ``shared_window_table``) and ``slot_id`` int64 ``[batch]``. Full-length caches read as a window
     ``W`` over logical positions (``logical_windows.py``) get a table ``block_table_w<W>`` of width
     ``num_kv_blocks`` per ``W`` (none with ``shared_window_table``).
 
@@ -96,7 +99,11 @@ def add_paged_inputs(
     )
     if not shared_window_table:
         layout.window_groups = _window_groups(windows, kv_block_size)
-        layout.logical_groups = _logical_groups(layout, logical_windows(sites, context_dim))
+        logical = logical_windows(sites, context_dim)
+        rings = {
+            c: w for c, w in rings_in_full_caches(sites, context_dim, context_len).items() if c not in logical
+        }
+        layout.cache_groups = _cache_groups(layout, logical, rings)
     for body in sites.bodies:
         _refuse_name_clash(body, [*layout.tables, SLOT_ID])
     int64 = onnx.TensorProto.INT64
@@ -116,31 +123,37 @@ def add_paged_inputs(
 
 def _window_groups(windows: Mapping[Dim, int], kv_block_size: int) -> dict[Dim, TableGroup]:
     """One group per distinct ring length: two ring dims bound to the same length share it."""
-    by_length = {
-        ring: TableGroup(
-            f"{BLOCK_TABLE}_w{ring}", columns_for(ring, kv_block_size), f"{TOTAL_NUM_KV_BLOCKS}_w{ring}", ring
-        )
-        for ring in sorted(set(windows.values()))
-    }
-    return {dim: by_length[ring] for dim, ring in windows.items()}
+    return {dim: _ring_group(ring, kv_block_size) for dim, ring in windows.items()}
 
 
-def _logical_groups(layout: PagedLayout, windows: Mapping[str, int]) -> dict[str, TableGroup]:
-    """One group per window length of the caches read over logical positions."""
-    rings = {group.window for group in layout.window_groups.values() if group.window is not None}
-    clash = sorted(rings & set(windows.values()))
+def _ring_group(ring: int, kv_block_size: int) -> TableGroup:
+    """The group of every ring of ``ring`` slots, in a cache of that length or a longer one."""
+    return TableGroup(
+        f"{BLOCK_TABLE}_w{ring}", columns_for(ring, kv_block_size), f"{TOTAL_NUM_KV_BLOCKS}_w{ring}", ring
+    )
+
+
+def _cache_groups(
+    layout: PagedLayout, logical: Mapping[str, int], rings: Mapping[str, int]
+) -> dict[str, TableGroup]:
+    """The groups found per cache: one per window length of the caches read over logical
+    positions, and the ring group of each full-length cache written as a ring (shared with the
+    ring buffers of that length)."""
+    ring_lengths = {group.window or 0 for group in layout.window_groups.values()} | set(rings.values())
+    clash = sorted(ring_lengths & set(logical.values()))
     if clash:
         raise UnsupportedPatternError(
             f"the model has a ring and a logical-position window both of length {clash[0]}: "
             "rewrite with --shared-window-table"
         )
-    by_length = {
-        window: TableGroup(
+    groups = {
+        cache: TableGroup(
             f"{BLOCK_TABLE}_w{window}", layout.num_kv_blocks, f"{TOTAL_NUM_KV_BLOCKS}_w{window}", window, True
         )
-        for window in sorted(set(windows.values()))
+        for cache, window in logical.items()
     }
-    return {cache: by_length[window] for cache, window in windows.items()}
+    groups.update({cache: _ring_group(ring, layout.kv_block_size) for cache, ring in rings.items()})
+    return groups
 
 
 def _table_of_function(sites: CacheSites, layout: PagedLayout, function: Body) -> str:

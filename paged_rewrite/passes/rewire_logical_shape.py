@@ -1,6 +1,7 @@
 """Rewire, don't patch: every ``Shape`` of a cache (input or written output, in the graph or in
 a function body) becomes the shape the contiguous cache had — ``PagedLogicalShape``
-(``[batch, heads, num_kv_blocks*kv_block_size, head_dim]``) for full-context caches,
+(``[batch, heads, num_kv_blocks*kv_block_size, head_dim]``, from ``block_table``) for full-length
+caches (whichever table addresses them: a logical-position window's, a ring's),
 ``PagedWindowShape`` (``[batch, heads, window, head_dim]``, through the ring's own table) for ring
 buffers. Masks, context
 lengths and batch sizes derived downstream then follow the logical view. Like the addresses, the
@@ -26,9 +27,10 @@ def rewire_logical_shape(sites: CacheSites, layout: PagedLayout, shared: SharedI
             window = (layout.windows[length_dim],)
             table = layout.group_of(site.cache).table  # its window table, or the one shared table
             (logical,) = shared.request(site, "PagedWindowShape", [POOL, table, window], ["window_shape"])
-        else:  # a logical-position window's table is as wide as block_table: the same logical shape
-            table = layout.group_of(site.cache).table
-            (logical,) = shared.request(site, "PagedLogicalShape", [POOL, table], ["logical_shape"])
+        else:  # a full-length cache, whatever table addresses it, spans the context of block_table
+            (logical,) = shared.request(
+                site, "PagedLogicalShape", [POOL, layout.block_table], ["logical_shape"]
+            )
         if start == 0 and end in (None, 4):
             become(node, "", "Identity", [logical])
             continue

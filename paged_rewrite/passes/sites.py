@@ -165,7 +165,9 @@ class PagedLayout:
     slot_id: str = SLOT_ID
     # length dim -> its table group; a dim absent here (the context dim) uses the full group
     window_groups: dict[Dim, TableGroup] = field(default_factory=dict)
-    logical_groups: dict[str, TableGroup] = field(default_factory=dict)  # cache name -> its group
+    # cache name -> its group, for groups found per cache rather than per length dim: full-length
+    # caches read as a logical-position window, or written as a ring (``ring_writes.py``)
+    cache_groups: dict[str, TableGroup] = field(default_factory=dict)
     shared_window_table: bool = False
     _names: Iterator[int] = field(default_factory=itertools.count)
 
@@ -178,8 +180,8 @@ class PagedLayout:
         return TableGroup(self.block_table, self.num_kv_blocks, self.total_num_kv_blocks)
 
     def group_of(self, tensor: CacheTensor) -> TableGroup:
-        """The table group of ``tensor``: its logical-position window, its ring, or the full one."""
-        found = self.logical_groups.get(tensor.name)
+        """The table group of ``tensor``: its own (``cache_groups``), its ring, or the full one."""
+        found = self.cache_groups.get(tensor.name)
         return found if found is not None else self.window_groups.get(tensor.length_dim, self.full_group)
 
     def pool_signature(self, tensor: CacheTensor) -> tuple[int, int, str]:
@@ -191,7 +193,7 @@ class PagedLayout:
     @property
     def groups(self) -> list[TableGroup]:
         """Every table group, the full one first, then the windows in ascending order."""
-        windows = {*self.window_groups.values(), *self.logical_groups.values()}
+        windows = {*self.window_groups.values(), *self.cache_groups.values()}
         return [self.full_group, *sorted(windows, key=lambda g: (g.window or 0, g.logical))]
 
     @property

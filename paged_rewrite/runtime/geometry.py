@@ -17,7 +17,8 @@ from paged_rewrite.domain import QEFF_DOMAIN
 from paged_rewrite.errors import UnsupportedPatternError
 
 PAGED_DOMAIN = QEFF_DOMAIN
-_WRITE_POSITIONS = 3  # PagedWriteIndex(pool, block_table, slot_id, position_ids, slot_period)
+# PagedWriteIndex(pool, block_table, slot_id, position_ids, slot_period)
+_WRITE_TABLE, _WRITE_POSITIONS = 1, 3
 _SEARCH_DEPTH = 4
 
 
@@ -144,10 +145,11 @@ def _model_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
 
 def position_rings(model: onnx.ModelProto) -> list[int]:
     """Ring lengths a model computes itself: a paged write whose positions come from
-    ``Mod(position_ids, C)`` with a constant ``C`` (Llama 4's chunked attention keeps each chunk
-    of ``attention_chunk_size`` tokens at slots ``p % C`` of a full-length cache). The rewrite
-    pages such a cache like any other, so position ``p`` is written at logical position
-    ``p % C``, in the first columns of the table: a runtime must know it as a ring."""
+    ``Mod(position_ids, C)`` with a constant ``C`` through ``block_table`` (Llama 4's chunked
+    attention keeps each chunk of ``attention_chunk_size`` tokens at slots ``p % C`` of a
+    full-length cache). With ``--shared-window-table``, and in models rewritten before such
+    caches got a ring table of their own, position ``p`` is written at logical position ``p % C``
+    in the first columns of ``block_table``: a runtime must know it as a ring."""
     producers = {out: node for node in model.graph.node for out in node.output}
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
@@ -156,6 +158,8 @@ def position_rings(model: onnx.ModelProto) -> list[int]:
     rings = set()
     for node in model.graph.node:
         if node.op_type != "PagedWriteIndex" or len(node.input) <= _WRITE_POSITIONS:
+            continue
+        if node.input[_WRITE_TABLE] != "block_table":  # a ring of its own table is its group's
             continue
         queue = deque([(node.input[_WRITE_POSITIONS], 0)])
         while queue:

@@ -296,7 +296,8 @@ class PagedRunner(StepRunner):
         """``seq``'s caches read back through its table: ``[1, heads, length, head_dim]`` each, the
         logical view (logical position ``p`` at index ``p``; a ring's slot ``p % window`` at index
         ``p % window``, with ``lengths[cache] = window``). ``lengths`` default to the table's
-        context. Unallocated columns read as zeros."""
+        context. Unallocated columns, and columns beyond a ring's table (a full-length cache
+        written as a ring), read as zeros, as the model reads them."""
         size = self.manager.kv_block_size
         views = {}
         for c in self.caches:
@@ -304,9 +305,10 @@ class PagedRunner(StepRunner):
             row = group.block_table([seq], group.max_blocks_per_sequence or self.num_kv_blocks)[0]
             length = (lengths or {}).get(c.input, self.context_len)
             pool = self.pools[c.input]
+            columns = [*row, *[UNALLOCATED] * max(0, -(-length // size) - len(row))]
             blocks = [
                 pool[b] if b != UNALLOCATED else np.zeros_like(pool[NULL_BLOCK])
-                for b in row[: -(-length // size)]
+                for b in columns[: -(-length // size)]
             ]
             views[c.input] = np.concatenate(blocks, axis=1)[None, :, :length]
         return views

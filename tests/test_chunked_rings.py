@@ -1,0 +1,199 @@
+"""Llama 4's chunked attention: a full-length cache written as a ring (``ring_writes.py``).
+
+The ``llama4_text`` feature export has three chunked layers (0-2) and one global layer (3). A
+chunked layer writes position ``p`` at slot ``p % 32`` of a cache as long as the context and reads
+only the slots its chunk has filled, so it needs a ring of 32 slots, not the context: the rewrite
+gives those caches the ring group ``block_table_w32`` (``ceil(32 / kv_block_size)`` columns, pool
+dim ``total_num_kv_blocks_w32``) while the graph keeps seeing a cache as long as the context.
+Expected layouts below are worked out by hand from that rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import FEATURE_FIXTURES, feature_fixture_model, fixture_model
+from contract import contract_writes, zero_rows_are_zero
+
+from paged_rewrite import rewrite
+from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
+from paged_rewrite.runtime.driver import drive, random_scenario
+from paged_rewrite.runtime.geometry import PagedGeometry
+from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, unexpected_writes
+from paged_rewrite.runtime.verify import verify
+
+LLAMA4 = "llama4_text"
+CHUNK, CTX_LEN = 32, 128
+CHUNKED = ["past_key.0", "past_value.0", "past_key.1", "past_value.1", "past_key.2", "past_value.2"]
+GLOBAL = ["past_key.3", "past_value.3"]
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[str | int]]:
+    return {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*model.graph.input, *model.graph.output]
+    }
+
+
+@pytest.mark.parametrize(("kv_block_size", "ring_columns"), [(16, 2), (32, 1), (128, 1)])
+def test_chunked_layers_get_a_ring_table_and_pool(
+    tmp_path: Path, kv_block_size: int, ring_columns: int
+) -> None:
+    out = tmp_path / "paged.onnx"
+    rewrite(feature_fixture_model(LLAMA4), out, kv_block_size, ctx_len=CTX_LEN, dims={"batch_size": 4})
+    model = onnx.load(out)
+    shapes = _shapes(model)
+    assert shapes["block_table"] == ["batch_size", "num_kv_blocks"] or kv_block_size == CTX_LEN
+    assert shapes["block_table_w32"] == ["batch_size", ring_columns]
+    for name in CHUNKED:
+        assert shapes[name] == ["total_num_kv_blocks_w32", 2, kv_block_size, 16], name
+    for name in GLOBAL:
+        assert shapes[name] == ["total_num_kv_blocks", 2, kv_block_size, 16], name
+    groups = json.loads(out.with_name("paged.onnx.json").read_text())["groups"]
+    assert [(g["table"], g["window"], g["window_addressing"], g["caches"]) for g in groups] == [
+        ("block_table", None, None, GLOBAL),
+        ("block_table_w32", CHUNK, "ring", CHUNKED),
+    ]
+    # The chunked layers address their ring, but every Shape of their caches still sees the
+    # context: the logical shape of block_table, as the original's cache length was ctx_len.
+    operands = {(n.op_type, n.input[1]) for n in model.graph.node if n.op_type.startswith("Paged")}
+    assert ("PagedWriteIndex", "block_table_w32") in operands
+    assert ("PagedReadIndexCCL", "block_table_w32") in operands
+    assert {table for op, table in operands if op == "PagedLogicalShape"} == {"block_table"}
+    assert not [op for op, _ in operands if op == "PagedWindowShape"]
+    # 4 rows: the global layer a full context each (4 * 128 / bs + 1), the chunks a ring each.
+    for entry in json.loads(out.with_name("paged.specializations.json").read_text())["specializations"]:
+        assert entry["symbols"]["total_num_kv_blocks"] == str(4 * CTX_LEN // kv_block_size + 1)
+        assert entry["symbols"]["total_num_kv_blocks_w32"] == str(4 * ring_columns + 1)
+    # A runtime knows the ring by its group: none is left in block_table.
+    assert PagedGeometry.of(out).ring_lengths == []
+    report = verify(feature_fixture_model(LLAMA4), out)
+    assert report.ok and report.bit_exact, report.summary()
+
+
+def test_shared_window_table_keeps_chunked_layers_in_block_table(tmp_path: Path) -> None:
+    """The layout before chunked layers had a ring of their own, still available: every cache
+    in the one table and pool dim, the chunks wrapping in its first columns (a ring of
+    block_table a runtime must know), and bit-exact."""
+    out = tmp_path / "paged.onnx"
+    rewrite(feature_fixture_model(LLAMA4), out, 16, ctx_len=CTX_LEN, shared_window_table=True)
+    shapes = _shapes(onnx.load(out))
+    assert not any(name.startswith("block_table_w") for name in shapes)
+    assert {tuple(shapes[name]) for name in CHUNKED + GLOBAL} == {("total_num_kv_blocks", 2, 16, 16)}
+    assert PagedGeometry.of(out).ring_lengths == [CHUNK]
+    report = verify(feature_fixture_model(LLAMA4), out)
+    assert report.ok and report.bit_exact and report.window_num_blocks == {}, report.summary()
+
+
+def test_oversubscribed_chunk_pool_matches_the_original(tmp_path: Path) -> None:
+    """Three waves of two sequences (prompts of 31 and 20 tokens, 40 decode steps: up to position
+    70, so the 32-slot ring turns twice) through one runner whose chunk pool holds two rings:
+    1 + 2 * 2 = 5 blocks, where the single-table layout gives each chunked layer the full pool of
+    1 + 2 * ceil(71 / 16) = 11. Logits equal the original's bit for bit, wave after wave."""
+    out = tmp_path / "paged.onnx"
+    original = feature_fixture_model(LLAMA4)
+    rewrite(original, out, 16, ctx_len=CTX_LEN)
+    rings = BlockManager(5, 16, shuffled_order(5, 1), window=CHUNK)
+    full = BlockManager(11, 16, shuffled_order(11, 2))
+    paged = PagedRunner(out, full, 8, window_managers={"block_table_w32": rings})
+    reference = ContiguousRunner(original, {"ctx_len": CTX_LEN})
+    peak = 0
+    for wave in range(3):
+        scenario = random_scenario(256, [31, 20], num_decode=40, chunk_len=16, seed=wave)
+        for step in drive([reference, paged], scenario):
+            assert np.array_equal(step.logits[0], step.logits[1]), (wave, step.index)
+        peak = max(peak, rings.num_used_blocks)
+        for name in ("A", "B"):
+            paged.release(name)
+            reference.release(name)
+    assert peak == 4 and rings.num_free_blocks == 4
+    assert all(not record.foreign_blocks_changed for record in paged.isolation)
+
+
+def test_adversarial_tables_on_the_chunk_ring_stay_harmless(tmp_path: Path) -> None:
+    """Garbage on both tables (-1, the null block, duplicates, entries past the ring pool but
+    inside the full one, past both), wrong slot_ids, padding and out-of-range positions, NaN in
+    every null block: a chunked layer writes only block 0 and ring slot ``p % 32`` of its own
+    ring table row, the global layer only its own positions; the zero rows stay zeros; the
+    well-formed row keeps finite logits."""
+    out = tmp_path / "paged.onnx"
+    rewrite(feature_fixture_model(LLAMA4), out, 16, ctx_len=CTX_LEN)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(31)
+    full_pool, ring_pool, bs = 24, 9, 16
+    for _ in range(30):
+        batch, seq = int(rng.integers(2, 5)), int(rng.choice([1, 7, 16]))
+        pools = {
+            name: rng.standard_normal((ring_pool if name in CHUNKED else full_pool, 2, bs, 16)).astype(
+                np.float32
+            )
+            for name in CHUNKED + GLOBAL
+        }
+        for pool in pools.values():
+            pool[0] = np.nan
+        start = int(rng.integers(0, CTX_LEN - seq))
+        full = rng.choice([-1, 0, *range(9, full_pool), full_pool + 2], size=(batch, 8)).astype(np.int64)
+        ring = rng.choice([-1, 0, *range(3, 24), 40], size=(batch, 2)).astype(np.int64)
+        full[0] = -1
+        used = (start + seq - 1) // bs + 1
+        full[0, :used] = rng.permutation(np.arange(1, 9))[:used]
+        ring[0] = [1, 2]  # the well-formed row's ring
+        positions = rng.choice([-1, 255, 130, *range(CTX_LEN)], size=(batch, seq)).astype(np.int64)
+        positions[0] = np.arange(start, start + seq)
+        if batch > 2:
+            positions[-1] = -1
+        slot_id = rng.integers(-1, bs + 1, batch).astype(np.int64)
+        slot_id[0] = start % bs
+        feeds = {
+            "input_ids": rng.integers(0, 256, (batch, seq)).astype(np.int64),
+            "position_ids": positions,
+            "block_table": full,
+            "block_table_w32": ring,
+            "slot_id": slot_id,
+            **pools,
+        }
+        got = dict(zip(names, session.run(None, feeds), strict=True))
+        ring_slots = np.where(positions >= 0, positions % CHUNK, -1)
+        allowed = {
+            "chunked": contract_writes(ring, ring_slots, slot_id, bs, ring_pool),
+            "global": contract_writes(full, positions, slot_id, bs, full_pool),
+        }
+        for name, before in pools.items():
+            after = got[f"{name}_RetainedState"]
+            kind = "chunked" if name in CHUNKED else "global"
+            assert unexpected_writes(before, after, allowed[kind]) == [], name
+            assert zero_rows_are_zero(after), name
+        assert np.isfinite(got["logits"][0]).all(), "NaN leaked into the valid row"
+
+
+@pytest.mark.parametrize(
+    ("name", "corpus", "dims"),
+    [
+        ("gpt_oss_swa_moe", "qeff", {"sliding_window": 32}),
+        ("llama_default", "qeff", {}),
+        ("llama_subfunctions", "qeff", {}),
+        ("gemma2_ctx256", "features", {}),
+        ("ort_failing/gpt_oss_decode_retain_full_kv", "features", {}),
+        ("qwen2_cb", "features", {}),
+    ],
+)
+def test_only_caches_written_modulo_a_constant_become_rings(
+    name: str, corpus: str, dims: dict[str, int]
+) -> None:
+    """A ring group holds only caches that are rings in the original: gpt_oss's sliding layer
+    (a cache of the window's length) and nothing else in these exports (their full-length caches
+    are written at the position itself, or read as a logical-position window)."""
+    source = feature_fixture_model(name) if corpus == "features" else fixture_model(name)
+    ctx_len = (
+        json.loads((FEATURE_FIXTURES / name / "manifest.json").read_text())["scenario"]["ctx_len"]
+        if (corpus == "features")
+        else CTX_LEN
+    )
+    report = rewrite(source, None, 16, ctx_len=ctx_len, dims=dims)
+    rings = [cache for g in report.kv_groups if g["window_addressing"] == "ring" for cache in g["caches"]]
+    assert rings == (["past_key.0", "past_value.0"] if name == "gpt_oss_swa_moe" else [])
