@@ -42,6 +42,15 @@ FEATURE_EXPORTS = [
 ]
 
 
+# The exports above 5% more nodes (see the test below), and their bound: gpt_oss's ring layer and
+# full layer form two address groups in two layers.
+NODE_BOUND = {
+    "gpt_oss_kv_prefix": 1.16,
+    "gpt_oss_prefill_only": 1.10,
+    "ort_failing/gpt_oss_decode_retain_full_kv": 1.15,
+}
+
+
 def rewrite_options(name: str) -> dict[str, object]:
     """ctx_len and the ring length from the fixture's own scenario."""
     scenario = json.loads((FEATURE_FIXTURES / name / "manifest.json").read_text())["scenario"]
@@ -149,12 +158,11 @@ def test_only_the_kv_caches_are_paged(tmp_path, name: str, kv_block_size: int) -
         if value.name not in retained.values() and value.name in outputs:
             assert value.SerializeToString() == outputs[value.name], value.name
 
-    # Inlined, what grows is the index ops alone (BENCHMARKS.md, "Graph size"): with one address
-    # group, at most 5% more nodes than the original.
-    assert_paging_grows_only_its_index_ops(source, paged)
-    if sum(n.op_type == "PagedWriteIndex" for n in after.graph.node) == 1:
-        inlined = [len(onnx.inliner.inline_local_functions(m).graph.node) for m in (before, after)]
-        assert inlined[1] <= 1.05 * inlined[0], inlined
+    # Inlined, what grows is the index ops alone, and by at most 5% (BENCHMARKS.md, "Graph size"),
+    # but for gpt_oss's two address groups in two layers (bounded by what they cost today).
+    assert_paging_grows_only_its_index_ops(source, paged, Counter(op["op"] for op in kv_calls))
+    inlined = [len(onnx.inliner.inline_local_functions(m).graph.node) for m in (before, after)]
+    assert inlined[1] <= NODE_BOUND.get(name, 1.05) * inlined[0], inlined
 
 
 def test_lora_keeps_the_adapter_gathers_and_their_definition(tmp_path) -> None:

@@ -140,24 +140,16 @@ INDEX_OPS = {
         "PagedWindowShape": 1,
     },
 }
-# One address group (one table, one kind of positions): at most 5% more nodes once inlined. The
-# gpt_oss exports have two groups in two layers, each paying its index ops once (BENCHMARKS.md).
-WITHIN_5_PERCENT = {
-    "llama_default",
-    "gemma2_default",
-    "llama_cb",
-    "mistral_default",
-    "qwen2_default",
-    "gpt2_default",
-    "llama_subfunctions",
-    "llama_blockedkv",
-}
+# Inlined nodes, paged over original, at most. One address group (one table, one kind of
+# positions): the issue's 5%. gpt_oss has two groups in two layers, each paying its index ops once
+# (BENCHMARKS.md, "Graph size"): its bound is what they cost today (1.157), so they cannot grow.
+NODE_BOUND = {name: 1.05 for name in INDEX_OPS} | {"gpt_oss_swa_moe": 1.16}
 
 
 @pytest.mark.parametrize("name", list(INDEX_OPS))
 def test_addresses_are_computed_once_per_call(paged_fixture, name: str) -> None:
     """The index ops sit in the main graph, once per call; each cache keeps only its data op; and
-    the inlined paged graph is at most 5% larger than the original's."""
+    the inlined paged graph is at most 5% larger than the original's (one address group)."""
     original_path, paged_path, _ = paged_fixture(name, 16)
     original, paged = onnx.load(original_path), onnx.load(paged_path)
     main = Counter(n.op_type for n in paged.graph.node if n.op_type in INDEX_OPS[name])
@@ -168,8 +160,7 @@ def test_addresses_are_computed_once_per_call(paged_fixture, name: str) -> None:
         "original": len(onnx.inliner.inline_local_functions(original).graph.node),
         "paged": len(onnx.inliner.inline_local_functions(paged).graph.node),
     }
-    if name in WITHIN_5_PERCENT:
-        assert inlined["paged"] <= 1.05 * inlined["original"], inlined
+    assert inlined["paged"] <= NODE_BOUND[name] * inlined["original"], inlined
 
 
 @pytest.mark.parametrize("name", ALL_FIXTURES)
