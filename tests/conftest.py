@@ -172,8 +172,14 @@ def assert_paging_grows_only_its_index_ops(
     grown = outside_after - outside_before
     shapes_gone = outside_before["Shape"] - outside_after["Shape"]
     assert set(grown) <= {"Identity", "Slice", "Constant"}, grown
-    assert grown["Identity"] + grown["Slice"] <= shapes_gone and grown["Constant"] <= 2 * grown["Slice"], grown
-    kv = dict(kv_calls) if kv_calls is not None else {op: n for op, (n, _) in before.items() if op.startswith("Ctx")}
+    assert grown["Identity"] + grown["Slice"] <= shapes_gone and grown["Constant"] <= 2 * grown["Slice"], (
+        grown
+    )
+    kv = (
+        dict(kv_calls)
+        if kv_calls is not None
+        else {op: n for op, (n, _) in before.items() if op.startswith("Ctx")}
+    )
     for op, (calls, _) in before.items():
         assert after.get(op, (0, 0))[0] == calls - kv.get(op, 0), op  # a non-KV Ctx op stays
     assert set(after) <= set(before) | set(PAGED_DATA_OPS) | PAGED_INDEX_OPS, set(after)
