@@ -196,6 +196,10 @@ def _layout_metadata(
         "paged_rewrite.prefill_lengths": json.dumps(list(prefill_lengths)),
         "paged_rewrite.dims": json.dumps(layout.bound_dims, sort_keys=True),
         "paged_rewrite.windows": json.dumps({str(d): n for d, n in layout.windows.items()}, sort_keys=True),
+        "paged_rewrite.position_rings": json.dumps(
+            {cache: {"modulus": w.modulus, "ring": w.ring} for cache, w in layout.position_rings.items()},
+            sort_keys=True,
+        ),
         "paged_rewrite.groups": json.dumps(_kv_groups(layout, sites), sort_keys=True),
     }
 

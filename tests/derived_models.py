@@ -251,3 +251,68 @@ def read_before_write(source: Path, path: Path, cache: str) -> Path:
     reads[0].input[0] = cache
     onnx.save(model, path)
     return path
+
+
+def writes_in_a_function(source: Path, path: Path, layers: list[int]) -> Path:
+    """``source`` with the two cache writes (``CtxScatter`` of ``past_key.{i}`` and
+    ``past_value.{i}``) of each layer ``i`` in ``layers`` moved into one model-local function,
+    ``ChunkWrites(past_key, past_value, positions, key, value)``, called once per layer with that
+    layer's operands: a layer body shared by several layers, as in a subfunction export, with the
+    reads left in the main graph."""
+    model = onnx.load(source)
+    body = [
+        helper.make_node("CtxScatter", ["past_key", "positions", "key"], ["key_out"], domain=QEFF),
+        helper.make_node("CtxScatter", ["past_value", "positions", "value"], ["value_out"], domain=QEFF),
+    ]
+    imports = [helper.make_opsetid("", 17), helper.make_opsetid(QEFF, 1)]
+    inputs = ["past_key", "past_value", "positions", "key", "value"]
+    model.functions.append(
+        helper.make_function("derived", "ChunkWrites", inputs, ["key_out", "value_out"], body, imports)
+    )
+    model.opset_import.append(helper.make_opsetid("derived", 1))
+    nodes = list(model.graph.node)
+    for layer in layers:
+        key = next(n for n in nodes if n.op_type == "CtxScatter" and n.input[0] == f"past_key.{layer}")
+        value = next(n for n in nodes if n.op_type == "CtxScatter" and n.input[0] == f"past_value.{layer}")
+        assert key.input[1] == value.input[1]
+        call = helper.make_node(
+            "ChunkWrites",
+            [key.input[0], value.input[0], key.input[1], key.input[2], value.input[2]],
+            [key.output[0], value.output[0]],
+            name=f"/model/layers.{layer}/ChunkWrites",
+            domain="derived",
+        )
+        nodes[nodes.index(key)] = call
+        nodes.remove(value)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, path)
+    return path
+
+
+def chunk_writes_bounded(source: Path, path: Path, bound: int = 64) -> Path:
+    """``source`` (Llama 4) whose chunked layers write ``p % 32`` only below position ``bound``
+    and ``p`` itself from there on: ``Where(Not(Equal(p, -1)) and p < bound, Mod(p, 32), p)``. Not
+    a ring: positions past ``bound`` land past the first 32 slots."""
+    model = onnx.load(source)
+    nodes = list(model.graph.node)
+    producers = {out: n for n in nodes for out in n.output}
+    scatters = [n for n in nodes if n.op_type == "CtxScatter"]
+    writes = {
+        producers[n.input[1]].output[0]: producers[n.input[1]] for n in scatters if n.input[1] in producers
+    }
+    for where in writes.values():  # the global layer writes at position_ids itself
+        bound_value = helper.make_node(
+            "Constant",
+            [],
+            [f"{where.name}.bound"],
+            value=helper.make_tensor("b", TensorProto.INT64, [], [bound]),
+        )
+        below = helper.make_node("Less", ["position_ids", f"{where.name}.bound"], [f"{where.name}.below"])
+        both = helper.make_node("And", [where.input[0], f"{where.name}.below"], [f"{where.name}.both"])
+        nodes[nodes.index(where) : nodes.index(where)] = [bound_value, below, both]
+        where.input[0] = f"{where.name}.both"
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, path)
+    return path

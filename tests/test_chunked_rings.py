@@ -18,8 +18,10 @@ import onnxruntime as ort
 import pytest
 from conftest import FEATURE_FIXTURES, feature_fixture_model, fixture_model
 from contract import contract_writes, zero_rows_are_zero
+from derived_models import chunk_writes_bounded, writes_in_a_function
 
 from paged_rewrite import rewrite
+from paged_rewrite.errors import UnsupportedPatternError
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
 from paged_rewrite.runtime.driver import drive, random_scenario
 from paged_rewrite.runtime.geometry import PagedGeometry
@@ -39,7 +41,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[str | int]]:
     }
 
 
-@pytest.mark.parametrize(("kv_block_size", "ring_columns"), [(16, 2), (32, 1), (128, 1)])
+@pytest.mark.parametrize(("kv_block_size", "ring_columns"), [(16, 2), (32, 1), (8, 4)])
 def test_chunked_layers_get_a_ring_table_and_pool(
     tmp_path: Path, kv_block_size: int, ring_columns: int
 ) -> None:
@@ -47,7 +49,7 @@ def test_chunked_layers_get_a_ring_table_and_pool(
     rewrite(feature_fixture_model(LLAMA4), out, kv_block_size, ctx_len=CTX_LEN, dims={"batch_size": 4})
     model = onnx.load(out)
     shapes = _shapes(model)
-    assert shapes["block_table"] == ["batch_size", "num_kv_blocks"] or kv_block_size == CTX_LEN
+    assert shapes["block_table"] == ["batch_size", "num_kv_blocks"]
     assert shapes["block_table_w32"] == ["batch_size", ring_columns]
     for name in CHUNKED:
         assert shapes[name] == ["total_num_kv_blocks_w32", 2, kv_block_size, 16], name
@@ -73,6 +75,21 @@ def test_chunked_layers_get_a_ring_table_and_pool(
     assert PagedGeometry.of(out).ring_lengths == []
     report = verify(feature_fixture_model(LLAMA4), out)
     assert report.ok and report.bit_exact, report.summary()
+
+
+def test_a_block_size_that_does_not_divide_the_chunk_keeps_full_caches(tmp_path: Path) -> None:
+    """At kv_block_size 128 a ring table would end at slot 128, past the chunk's 32: slots no write
+    ever fills. The chunked layers stay in block_table, recorded as wrapping at 32 (their caches
+    named), and verify compares only the slots they write: 83 decode steps reach position 127,
+    whose slot holds the original's padding, and still nothing differs."""
+    out = tmp_path / "paged.onnx"
+    report = rewrite(feature_fixture_model(LLAMA4), out, 128, ctx_len=CTX_LEN)
+    assert [g["table"] for g in report.kv_groups] == ["block_table"]
+    geometry = PagedGeometry.of(out)
+    assert geometry.ring_lengths == [CHUNK]
+    assert geometry.cache_rings == dict.fromkeys(CHUNKED, CHUNK)
+    result = verify(feature_fixture_model(LLAMA4), out, num_decode=83)
+    assert result.ok and result.bit_exact and result.kv_max_abs_diff == 0.0, result.summary()
 
 
 def test_shared_window_table_keeps_chunked_layers_in_block_table(tmp_path: Path) -> None:
@@ -197,3 +214,42 @@ def test_only_caches_written_modulo_a_constant_become_rings(
     report = rewrite(source, None, 16, ctx_len=ctx_len, dims=dims)
     rings = [cache for g in report.kv_groups if g["window_addressing"] == "ring" for cache in g["caches"]]
     assert rings == (["past_key.0", "past_value.0"] if name == "gpt_oss_swa_moe" else [])
+
+
+def test_a_write_that_wraps_only_sometimes_is_no_ring(tmp_path: Path) -> None:
+    """Chunked layers whose write is ``p % 32`` below position 64 and ``p`` from there on (a
+    derived export): not a ring, so no ring table; the loose modulus still makes a runtime treat
+    the first columns as a ring (the metadata says 32, not that the caches write slots below 32
+    only), and the model stays bit-exact."""
+    source = chunk_writes_bounded(feature_fixture_model(LLAMA4), tmp_path / "bounded.onnx")
+    out = tmp_path / "paged.onnx"
+    report = rewrite(source, out, 16, ctx_len=CTX_LEN)
+    assert [g["table"] for g in report.kv_groups] == ["block_table"]
+    geometry = PagedGeometry.of(out)
+    assert geometry.ring_lengths == [CHUNK] and geometry.cache_rings == {}
+    result = verify(source, out, num_decode=60)
+    assert result.ok and result.bit_exact, result.summary()
+
+
+@pytest.mark.parametrize("kv_block_size", [16, 128])
+def test_writes_in_a_layer_function(tmp_path: Path, kv_block_size: int) -> None:
+    """The writes moved into one function per kind of use (a derived export): a function serving
+    the chunked layers only is followed out to its calls' positions and its caches get the ring;
+    one serving all four layers cannot take two tables, so every cache stays in block_table,
+    recorded as wrapping, with the slot guard's period the chunk's for every call (at 128 a period
+    from the global layer's call would drop the chunked layers' writes). Both bit-exact."""
+    source = feature_fixture_model(LLAMA4)
+    chunked_only = writes_in_a_function(source, tmp_path / "chunked_only.onnx", [0, 1, 2])
+    shared = writes_in_a_function(source, tmp_path / "shared.onnx", [0, 1, 2, 3])
+    rings = {16: [CHUNKED], 128: []}[kv_block_size]  # 128 does not divide the chunk: no ring table
+    for derived, expected in ((chunked_only, rings), (shared, [])):
+        out = derived.with_name(f"{derived.stem}_paged.onnx")
+        report = rewrite(derived, out, kv_block_size, ctx_len=CTX_LEN)
+        assert report.functions == ["ChunkWrites"]
+        assert [g["caches"] for g in report.kv_groups if g["window"]] == expected
+        geometry = PagedGeometry.of(out)
+        assert geometry.cache_rings == ({} if expected else dict.fromkeys(CHUNKED, CHUNK))
+        result = verify(derived, out, num_decode=40)
+        assert result.ok and result.bit_exact, result.summary()
+    with pytest.raises(UnsupportedPatternError, match="ring"):
+        PagedRunner(out, BlockManager(20, kv_block_size, prefix_caching=True), CTX_LEN // kv_block_size)

@@ -28,7 +28,7 @@ from paged_rewrite.buckets import columns_for, resolve_buckets
 from paged_rewrite.errors import UnsupportedPatternError, UsageError
 from paged_rewrite.graph import Body
 from paged_rewrite.passes.logical_windows import logical_windows
-from paged_rewrite.passes.ring_writes import rings_in_full_caches
+from paged_rewrite.passes.ring_writes import rings_in_full_caches, write_moduli
 from paged_rewrite.passes.sites import (
     BLOCK_TABLE,
     SLOT_ID,
@@ -36,6 +36,7 @@ from paged_rewrite.passes.sites import (
     Dim,
     PagedLayout,
     TableGroup,
+    WriteModulus,
     where,
 )
 
@@ -100,10 +101,11 @@ def add_paged_inputs(
     if not shared_window_table:
         layout.window_groups = _window_groups(windows, kv_block_size)
         logical = logical_windows(sites, context_dim)
-        rings = {
-            c: w for c, w in rings_in_full_caches(sites, context_dim, context_len).items() if c not in logical
-        }
+        found = rings_in_full_caches(sites, context_dim, context_len, kv_block_size)
+        # a ring of a logical window's length would need that window's table name: it stays full
+        rings = {c: w for c, w in found.items() if c not in logical and w not in logical.values()}
         layout.cache_groups = _cache_groups(layout, logical, rings)
+    layout.position_rings = _position_rings(sites, layout)
     for body in sites.bodies:
         _refuse_name_clash(body, [*layout.tables, SLOT_ID])
     int64 = onnx.TensorProto.INT64
@@ -154,6 +156,19 @@ def _cache_groups(
     }
     groups.update({cache: _ring_group(ring, layout.kv_block_size) for cache, ring in rings.items()})
     return groups
+
+
+def _position_rings(sites: CacheSites, layout: PagedLayout) -> dict[str, WriteModulus]:
+    """The caches written through ``block_table`` at ``p % C`` (``ring_writes.py``): a cache
+    left full (``--shared-window-table``, a block size that does not divide ``C``, a layer
+    function serving other caches too) wraps in the table's first columns, which a runtime must
+    know (the metadata records it, and whether the slots are exactly ``p % C``)."""
+    moduli = write_moduli(sites)
+    return {
+        t.name: moduli[t.name]
+        for t in sites.tensors
+        if layout.group_of(t).window is None and moduli[t.name].modulus is not None
+    }
 
 
 def _table_of_function(sites: CacheSites, layout: PagedLayout, function: Body) -> str:

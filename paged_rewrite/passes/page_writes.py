@@ -23,12 +23,11 @@ def page_writes(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> 
     moduli = write_moduli(sites)
     result = PassResult(changed=len(sites.writes))
     for site in sites.writes:
-        tensor = site.cache
-        assert tensor is not None
-        period = _slot_period(tensor.length_dim, layout)
-        modulus = moduli[tensor.name]
-        if modulus is not None:
-            period = math.gcd(period, modulus)
+        assert site.cache is not None
+        period = _slot_period(site.cache.length_dim, layout)
+        # A write in a layer function serves every layer calling it: one period for all of them.
+        for tensor in (t for t in sites.tensors if t.write.node is site.node):
+            period = math.gcd(period, moduli[tensor.name].modulus or period)
         result.dropped |= replace_by_rule(site, layout, shared, {"slot_period": period})
     return result
 

@@ -1,18 +1,28 @@
 """Find the writes that wrap: a cache written at ``position % C`` for a constant ``C``.
 
 Llama 4's chunked-attention layers keep each chunk of ``attention_chunk_size`` tokens at slots
-``p % C`` of a cache as long as the context, and read only the slots the chunk has filled (its
-read positions beyond the largest written slot are the ``INT32_MAX`` "don't care" sentinel). Such
-a cache never holds anything outside its first ``C`` slots: the rest stays as the runtime
-initialized it (zeros). So it is a ring of ``C`` slots, paged like a sliding-window ring (its own
-table ``block_table_w<C>`` of ``ceil(C / kv_block_size)`` columns and its own pool,
-``add_paged_inputs``), with one difference: the graph still sees a cache as long as the context
-(``rewire_logical_shape`` gives it the full table's logical shape), and its reads beyond the ring
-gather the zero row, which is what the original read there.
+``p % C`` of a cache as long as the context (``Where(p == -1, p, Mod(p, C))``: padding stays
+``-1``), and read only the slots their chunk has filled: a read position past the largest slot
+written is the ``INT32_MAX`` "don't care" sentinel, and the mask hides it. Such a cache is a ring
+of ``C`` slots, and is paged as one: its own table ``block_table_w<C>`` of ``C / kv_block_size``
+columns and its own pool (``add_paged_inputs``), as a sliding-window ring is, while the graph
+still sees a cache as long as the context (``rewire_logical_shape`` gives it the full table's
+logical shape).
 
-Found by structure: the write's positions come from ``Mod(x, C)`` through ``Where``/``Cast``/
-``Identity`` (``-1`` padding kept by a ``Where``), following a layer function's input out to the
-call's operand. ``page_writes`` uses the same ``C`` for the slot guard's period.
+Whatever its reads, nothing the original holds is lost: the original writes only slots below
+``C`` (and its padding into its last slot, which the paged model never does, as for every
+export), and a read past the ring gathers the zero row where the original held the zeros a cache
+starts with. That needs ``C`` to be a multiple of ``kv_block_size``, so that the ring table ends
+at slot ``C`` exactly: otherwise its last block would have slots past ``C`` that no write ever
+fills, so a cache whose ``C`` the block size does not divide stays a full-context cache.
+
+A ring is found by structure, strictly: from the write's positions, through ``Cast`` and
+``Identity``, ``Where``s that only let padding through (a condition ``Equal(v, -1)``, its
+``Not``, or ``Less(v, 0)``, the padding branch ``v`` itself or ``-1``) to ``Mod(v, C)`` (integer
+``Mod``, ``C`` a positive constant), following a layer function's input out to its call's
+operand. ``write_moduli`` also reports the looser modulus ``page_writes`` uses for the slot
+guard's period (any ``Mod`` by a constant a few producers up): a smaller period only ever
+accepts more ``slot_id`` values that are consistent anyway.
 """
 
 from __future__ import annotations
@@ -21,27 +31,37 @@ import onnx
 
 from paged_rewrite.graph import int_constant
 from paged_rewrite.passes.cache_op_rules import rule_for
-from paged_rewrite.passes.sites import CacheSites, Site
+from paged_rewrite.passes.sites import CacheSites, CacheTensor, WriteModulus
 
 _PASS_THROUGH = frozenset({"Where", "Cast", "Identity"})  # ops a ring slot flows through unchanged
 _SEARCH_DEPTH = 4
 
 
-def rings_in_full_caches(sites: CacheSites, context_dim: object, context_len: int | None) -> dict[str, int]:
-    """``{cache name: C}`` for the caches of length ``context_dim`` written at ``position % C``,
-    ``C`` shorter than the context. A layer function's caches are all rings of one ``C`` or
-    none (one body takes one table)."""
-    moduli = write_moduli(sites)
+def write_moduli(sites: CacheSites) -> dict[str, WriteModulus]:
+    """The ``WriteModulus`` of every cache, by name."""
+    producers = _Producers(sites)
+    return {
+        tensor.name: WriteModulus(producers.loose_modulus(tensor), producers.ring_modulus(tensor) is not None)
+        for tensor in sites.tensors
+    }
+
+
+def rings_in_full_caches(
+    sites: CacheSites, context_dim: object, context_len: int | None, kv_block_size: int
+) -> dict[str, int]:
+    """``{cache name: C}`` for the caches of length ``context_dim`` written as a ring of ``C``
+    slots, ``C`` a multiple of ``kv_block_size`` shorter than the context. A layer function's
+    caches are all rings of one ``C`` or none (one body takes one table)."""
+    producers = _Producers(sites)
     found: dict[str, int | None] = {}
     for tensor in sites.tensors:
-        modulus = moduli[tensor.name]
-        shorter = modulus is not None and (context_len is None or modulus < context_len)
-        found[tensor.name] = modulus if tensor.length_dim == context_dim and shorter else None
+        ring = producers.ring_modulus(tensor)
+        fits = ring is not None and ring % kv_block_size == 0 and (context_len is None or ring < context_len)
+        found[tensor.name] = ring if fits and tensor.length_dim == context_dim else None
     by_function: dict[tuple[str, str], set[int | None]] = {}
     for tensor in sites.tensors:
         if tensor.call is not None:
-            key = (tensor.call.domain, tensor.call.op_type)
-            by_function.setdefault(key, set()).add(found[tensor.name])
+            by_function.setdefault((tensor.call.domain, tensor.call.op_type), set()).add(found[tensor.name])
     rings = {}
     for tensor in sites.tensors:
         ring = found[tensor.name]
@@ -51,51 +71,120 @@ def rings_in_full_caches(sites: CacheSites, context_dim: object, context_len: in
     return rings
 
 
-def write_moduli(sites: CacheSites) -> dict[str, int | None]:
-    """``{cache name: C}``: the constant ``C`` its write's positions are taken modulo, or None."""
-    producers = _Producers(sites)
-    return {tensor.name: producers.constant_modulus(tensor.write, tensor.call) for tensor in sites.tensors}
-
-
 class _Producers:
     """Who computes a value, in the main graph and in the function bodies holding writes, and
-    which values are int constants; built once, on first use."""
+    which values are int constants."""
 
     def __init__(self, sites: CacheSites) -> None:
         self._sites = sites
         self._bodies = {id(body.proto): body for body in sites.bodies}
         self._initializers = {t.name: t for t in sites.model.graph.initializer}
 
-    def constant_modulus(self, site: Site, call: onnx.NodeProto | None) -> int | None:
-        """``C`` when the write's positions are ``Mod(x, C)`` for a constant ``C`` (through
-        ``Where``/``Cast``), following a function input out to the call's operand."""
-        rule = rule_for(site.node.domain, site.node.op_type, len(site.node.input))
-        assert rule is not None
-        positions = site.node.input[rule.operand("positions")]
-        frontier = [(positions, site.body.proto, call, 0)]
+    def loose_modulus(self, tensor: CacheTensor) -> int | None:
+        """``C`` when the write's positions come, a few producers up through ``Where``/``Cast``/
+        ``Identity``, from ``Mod(x, C)`` for a constant ``C``."""
+        frontier = [(self._positions(tensor), self._body(tensor), tensor.call, 0)]
         while frontier:
             name, body, via, depth = frontier.pop()
-            node = self._producers(body).get(name)
-            if (
-                node is None
-                and via is not None
-                and isinstance(body, onnx.FunctionProto)
-                and name in body.input
-            ):
-                index = list(body.input).index(name)
-                if index < len(via.input):
-                    frontier.append((via.input[index], self._sites.model.graph, None, depth))
+            node = self._producer(name, body)
+            if node is None:
+                outer = self._outside(name, body, via)
+                if outer is not None:
+                    frontier.append((outer, self._sites.model.graph, None, depth))
                 continue
-            if node is None or depth >= _SEARCH_DEPTH:
+            if depth >= _SEARCH_DEPTH:
                 continue
-            if node.op_type == "Mod" and len(node.input) == 2:
-                initializers = self._initializers if isinstance(body, onnx.GraphProto) else {}
-                value = int_constant(node.input[1], self._producers(body), initializers)
-                if value is not None and value > 0:
-                    return value
+            modulus = self._mod_divisor(node, body)
+            if modulus is not None:
+                return modulus
             if node.op_type in _PASS_THROUGH:
                 frontier += [(x, body, via, depth + 1) for x in node.input[-2:] if x]
         return None
 
-    def _producers(self, body: onnx.GraphProto | onnx.FunctionProto) -> dict[str, onnx.NodeProto]:
-        return self._bodies[id(body)].producers()
+    def ring_modulus(self, tensor: CacheTensor) -> int | None:
+        """``C`` when the write's positions are exactly ``p % C`` with padding kept (module doc)."""
+        name, body, via = self._positions(tensor), self._body(tensor), tensor.call
+        for _ in range(2 * _SEARCH_DEPTH):
+            node = self._producer(name, body)
+            if node is None:
+                outer = self._outside(name, body, via)
+                if outer is None:
+                    return None
+                name, body, via = outer, self._sites.model.graph, None
+                continue
+            modulus = self._mod_divisor(node, body)
+            if modulus is not None:
+                return modulus
+            if node.op_type in ("Cast", "Identity"):
+                name = node.input[0]
+            elif node.op_type == "Where" and len(node.input) == 3:
+                branch = self._slot_branch(node, body)
+                if branch is None:
+                    return None
+                name = branch
+            else:
+                return None
+        return None
+
+    def _slot_branch(self, where: onnx.NodeProto, body: onnx.GraphProto | onnx.FunctionProto) -> str | None:
+        """The branch of a padding ``Where`` that carries the ring slots: the ``Mod`` side of
+        ``Where(padding(v), v or -1, Mod(v, C))`` or of ``Where(Not(padding(v)), Mod(v, C), v or -1)``;
+        None for any other ``Where``."""
+        condition, if_true, if_false = where.input
+        padding, negated = self._padding_test(condition, body)
+        if padding is None:
+            return None
+        kept, slots = (if_false, if_true) if negated else (if_true, if_false)
+        mod = self._producer(slots, body)
+        divides_v = mod is not None and mod.op_type == "Mod" and mod.input[0] == padding
+        keeps_padding = kept == padding or self._int(kept, body) == -1
+        return slots if divides_v and keeps_padding else None
+
+    def _padding_test(
+        self, condition: str, body: onnx.GraphProto | onnx.FunctionProto
+    ) -> tuple[str | None, bool]:
+        """``(v, negated)`` when ``condition`` is ``Equal(v, -1)``, ``Less(v, 0)`` or the ``Not``
+        of one; ``(None, False)`` otherwise."""
+        node = self._producer(condition, body)
+        negated = node is not None and node.op_type == "Not"
+        if node is not None and negated:
+            node = self._producer(node.input[0], body)
+        if node is None or len(node.input) != 2:
+            return None, False
+        if (node.op_type, self._int(node.input[1], body)) in (("Equal", -1), ("Less", 0)):
+            return node.input[0], negated
+        return None, False
+
+    def _mod_divisor(self, node: onnx.NodeProto, body: onnx.GraphProto | onnx.FunctionProto) -> int | None:
+        """``C`` when ``node`` is an integer ``Mod(x, C)`` (``fmod`` 0: a result in ``[0, C)``)."""
+        fmod = next((a.i for a in node.attribute if a.name == "fmod"), 0)
+        if node.op_type != "Mod" or len(node.input) != 2 or fmod:
+            return None
+        value = self._int(node.input[1], body)
+        return value if value is not None and value > 0 else None
+
+    def _int(self, name: str, body: onnx.GraphProto | onnx.FunctionProto) -> int | None:
+        initializers = self._initializers if isinstance(body, onnx.GraphProto) else {}
+        return int_constant(name, self._bodies[id(body)].producers(), initializers)
+
+    def _producer(self, name: str, body: onnx.GraphProto | onnx.FunctionProto) -> onnx.NodeProto | None:
+        return self._bodies[id(body)].producers().get(name)
+
+    def _outside(
+        self, name: str, body: onnx.GraphProto | onnx.FunctionProto, via: onnx.NodeProto | None
+    ) -> str | None:
+        """The call's operand for a function input ``name``, else None."""
+        if via is None or not isinstance(body, onnx.FunctionProto) or name not in body.input:
+            return None
+        index = list(body.input).index(name)
+        return via.input[index] if index < len(via.input) else None
+
+    def _positions(self, tensor: CacheTensor) -> str:
+        node = tensor.write.node
+        rule = rule_for(node.domain, node.op_type, len(node.input))
+        assert rule is not None
+        return str(node.input[rule.operand("positions")])
+
+    @staticmethod
+    def _body(tensor: CacheTensor) -> onnx.GraphProto | onnx.FunctionProto:
+        return tensor.write.body.proto

@@ -127,6 +127,16 @@ SLOT_ID = "slot_id"
 
 
 @dataclass(frozen=True)
+class WriteModulus:
+    """What a cache's write positions are taken modulo: ``modulus`` (loose: any ``Mod`` by a
+    constant a few producers up), and whether the positions are exactly ring slots ``p % C``
+    with padding kept (``ring``, the strict structure of ``ring_writes.py``)."""
+
+    modulus: int | None
+    ring: bool
+
+
+@dataclass(frozen=True)
 class TableGroup:
     """The caches addressed through one block table: its name, its width (static columns, or the
     symbolic ``num_kv_blocks``), the dim their pools share, and their ring length (None: full
@@ -169,6 +179,8 @@ class PagedLayout:
     # caches read as a logical-position window, or written as a ring (``ring_writes.py``)
     cache_groups: dict[str, TableGroup] = field(default_factory=dict)
     shared_window_table: bool = False
+    # the caches written through block_table at p % C, and how (ring_writes.py)
+    position_rings: dict[str, WriteModulus] = field(default_factory=dict)
     _names: Iterator[int] = field(default_factory=itertools.count)
 
     def fresh_name(self, what: str) -> str:

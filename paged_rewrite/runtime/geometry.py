@@ -55,6 +55,15 @@ class PagedGeometry:
     groups: tuple[TableGroup, ...] = ()
     prefill_lengths: tuple[int, ...] = ()  # the seq_len values prefill is specialized for
     pool_blocks: dict[str, int] = field(default_factory=dict)  # table -> its pools' static block count
+    # cache -> C: written through block_table at exactly p % C (so only slots below C)
+    cache_rings: dict[str, int] = field(default_factory=dict)
+
+    def written_length(self, cache: str, length: int) -> int:
+        """How many slots of ``cache`` a sequence writes, ``length`` being the original cache's:
+        ``C`` for a cache written at ``p % C`` (its ring group's window, or recorded for
+        ``block_table``), else ``length``."""
+        ring = next((g.window for g in self.window_groups if cache in g.caches and not g.logical), None)
+        return min(length, ring or self.cache_rings.get(cache) or length)
 
     @property
     def window_groups(self) -> list[TableGroup]:
@@ -116,6 +125,13 @@ class PagedGeometry:
         pool_blocks = {
             g["table"]: g["total_num_kv_blocks"] for g in described if g.get("total_num_kv_blocks")
         }
+        # the caches written through block_table at p % C (and whether exactly); searched for in
+        # models rewritten before the metadata recorded them (which then say the lengths only)
+        recorded = (
+            json.loads(metadata["paged_rewrite.position_rings"])
+            if "paged_rewrite.position_rings" in metadata
+            else None
+        )
         if not described and pools and pools[0][0]:  # rewritten before the groups were recorded: one pool
             pool_blocks = {"block_table": pools[0][0]}
         return cls(
@@ -124,13 +140,16 @@ class PagedGeometry:
             vocab,
             json.loads(metadata.get("paged_rewrite.dims", "{}")),
             json.loads(metadata.get("paged_rewrite.windows", "{}")),
-            tuple(position_rings(model)),
+            tuple(sorted({r["modulus"] for r in recorded.values()}))
+            if recorded is not None
+            else tuple(position_rings(model)),
             write_only=not any(op.startswith("PagedCtxGather") for op in ops),
             inputs=tuple(v.name for v in graph.input),
             ctx_buckets=tuple(json.loads(metadata.get("paged_rewrite.ctx_buckets", "[]"))),
             groups=groups,
             prefill_lengths=tuple(json.loads(metadata.get("paged_rewrite.prefill_lengths", "[]"))),
             pool_blocks=pool_blocks,
+            cache_rings={cache: r["modulus"] for cache, r in (recorded or {}).items() if r["ring"]},
         )
 
 
@@ -144,12 +163,12 @@ def _model_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
 
 
 def position_rings(model: onnx.ModelProto) -> list[int]:
-    """Ring lengths a model computes itself: a paged write whose positions come from
-    ``Mod(position_ids, C)`` with a constant ``C`` through ``block_table`` (Llama 4's chunked
-    attention keeps each chunk of ``attention_chunk_size`` tokens at slots ``p % C`` of a
-    full-length cache). With ``--shared-window-table``, and in models rewritten before such
-    caches got a ring table of their own, position ``p`` is written at logical position ``p % C``
-    in the first columns of ``block_table``: a runtime must know it as a ring."""
+    """Ring lengths a model computes itself, for models rewritten before the metadata recorded
+    them (``paged_rewrite.position_rings``, which also sees writes inside layer functions): a
+    paged write through ``block_table`` whose positions come from ``Mod(position_ids, C)`` with a
+    constant ``C`` (Llama 4's chunked attention keeps each chunk at slots ``p % C`` of a
+    full-length cache). Position ``p`` is then written at logical position ``p % C``, in the
+    first columns of the table: a runtime must know it as a ring."""
     producers = {out: node for node in model.graph.node for out in node.output}
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:

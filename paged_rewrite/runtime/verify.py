@@ -151,10 +151,10 @@ def _abs_diff(want: np.ndarray, got: np.ndarray) -> float:
 def final_kv_diff(original: ContiguousRunner, paged: PagedRunner, scenario: Scenario) -> float:
     """Max abs difference between each sequence's caches in the original and its paged caches
     read back through the block table, over the slots the sequence wrote: ``p % length`` for
-    its positions ``p`` (``length`` the original's cache length: a ring's window, or the
-    context), except those a logical-position window freed (behind the window, never read again).
-    Other slots may differ by design: the original writes padding into its last slot, the paged
-    model into the null block."""
+    its positions ``p`` (``length`` the ring's length for a ring, a ring buffer's or one written
+    in a full-length cache; else the context), except those a logical-position window freed
+    (behind the window, never read again). Other slots may differ by design: the original writes
+    padding into its last slot, the paged model into the null block."""
     worst = 0.0
     for script in scenario.sequences:
         want = original.kv_view(script.name)
@@ -165,7 +165,8 @@ def final_kv_diff(original: ContiguousRunner, paged: PagedRunner, scenario: Scen
             freed = {
                 p for p in range(script.length) if p // size < len(held) and held[p // size] == UNALLOCATED
             }
-            slots = sorted({p % view.shape[2] for p in range(script.length)} - freed)
+            written = paged.geometry.written_length(name, view.shape[2])
+            slots = sorted({p % written for p in range(script.length)} - freed)
             worst = max(worst, _abs_diff(view[:, :, slots], got[name][:, :, slots]))
     return worst
 
