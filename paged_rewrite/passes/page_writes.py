@@ -21,13 +21,15 @@ from paged_rewrite.passes.sites import CacheSites, Dim, PagedLayout, PassResult
 def page_writes(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> PassResult:
     """Replace every cache write (once per node, shared function bodies included)."""
     moduli = write_moduli(sites)
+    served: dict[int, list[str]] = {}  # a write in a layer function serves every layer calling it
+    for tensor in sites.tensors:
+        served.setdefault(id(tensor.write.node), []).append(tensor.name)
     result = PassResult(changed=len(sites.writes))
     for site in sites.writes:
         assert site.cache is not None
         period = _slot_period(site.cache.length_dim, layout)
-        # A write in a layer function serves every layer calling it: one period for all of them.
-        for tensor in (t for t in sites.tensors if t.write.node is site.node):
-            period = math.gcd(period, moduli[tensor.name].modulus or period)
+        for name in served.get(id(site.node), [site.cache.name]):  # one period for all of them
+            period = math.gcd(period, moduli[name].modulus or period)
         result.dropped |= replace_by_rule(site, layout, shared, {"slot_period": period})
     return result
 
