@@ -106,6 +106,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         windows={str(dim): ring for dim, ring in layout.windows.items()},
         added_inputs=[*layout.tables, layout.slot_id],
         kv_groups=_kv_groups(layout, sites),
+        position_rings=_position_rings(layout),
         removed_inputs=finalized.removed_inputs,
         kept_inputs=finalized.kept_inputs,
         paged_op_nodes=finalized.paged_op_nodes,
@@ -196,11 +197,15 @@ def _layout_metadata(
         "paged_rewrite.prefill_lengths": json.dumps(list(prefill_lengths)),
         "paged_rewrite.dims": json.dumps(layout.bound_dims, sort_keys=True),
         "paged_rewrite.windows": json.dumps({str(d): n for d, n in layout.windows.items()}, sort_keys=True),
-        "paged_rewrite.position_rings": json.dumps(
-            {cache: {"modulus": w.modulus, "ring": w.ring} for cache, w in layout.position_rings.items()},
-            sort_keys=True,
-        ),
+        "paged_rewrite.position_rings": json.dumps(_position_rings(layout), sort_keys=True),
         "paged_rewrite.groups": json.dumps(_kv_groups(layout, sites), sort_keys=True),
+    }
+
+
+def _position_rings(layout: PagedLayout) -> dict[str, dict[str, Any]]:
+    """The caches of ``block_table`` written at ``p % C``: ``{"modulus": C, "ring": exactly}``."""
+    return {
+        cache: {"modulus": w.modulus, "ring": w.ring} for cache, w in sorted(layout.position_rings.items())
     }
 
 

@@ -98,6 +98,8 @@ class RewriteReport:
     windows: dict[str, int] = field(default_factory=dict)
     # per block table: its caches, width, pool dim and window (pipeline._kv_groups)
     kv_groups: list[dict[str, Any]] = field(default_factory=list)
+    # the caches of block_table written at p % C: {"modulus": C, "ring": exactly p % C}
+    position_rings: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # sidecar files written beside the output
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
@@ -132,16 +134,22 @@ class RewriteReport:
             )
         windowed = [g for g in self.kv_groups if g["window"] is not None]
         for group in windowed:
-            kind, width = "ring-buffer caches", f"{group['num_kv_blocks']} columns"
+            kind, width = f"ring caches (slot p % {group['window']})", f"{group['num_kv_blocks']} columns"
             if group["window_addressing"] == "logical_positions":
                 kind, width = "full-length caches read over logical positions", "as wide as block_table"
             lines.append(
-                f"{kind} of window {group['window']} in their own pools "
+                f"{kind}, window {group['window']}, in their own pools "
                 f"[{group['pool_dim'] or group['total_num_kv_blocks']}, ...] "
                 f"addressed by {group['table']} ({width}): {', '.join(group['caches'])}"
             )
         if self.windows and not windowed:
             lines.append(f"ring-buffer caches paged onto the first table columns: {self.windows}")
+        for modulus in sorted({r["modulus"] for r in self.position_rings.values()}):
+            wrapping = [cache for cache, r in self.position_rings.items() if r["modulus"] == modulus]
+            lines.append(
+                f"caches written at p % {modulus} through block_table, wrapping in its first columns "
+                f"(a runtime must treat them as a ring; README): {', '.join(wrapping)}"
+            )
         if self.removed_inputs:
             lines.append(f"removed inputs (no longer used): {', '.join(self.removed_inputs)}")
         if self.custom_io_dropped:

@@ -316,3 +316,27 @@ def chunk_writes_bounded(source: Path, path: Path, bound: int = 64) -> Path:
     model.graph.node.extend(nodes)
     onnx.save(model, path)
     return path
+
+
+def chunk_writes_reshaped(source: Path, path: Path) -> Path:
+    """``source`` (Llama 4) whose chunked layers' write positions pass through an ``Unsqueeze``
+    and a ``Squeeze`` after the ``Where``: the same values, in a form the strict ring structure
+    does not accept, so the caches stay in ``block_table``, wrapping."""
+    model = onnx.load(source)
+    nodes = list(model.graph.node)
+    producers = {out: n for n in nodes for out in n.output}
+    for scatter in [n for n in nodes if n.op_type == "CtxScatter" and n.input[1] in producers]:
+        positions = scatter.input[1]
+        axes = helper.make_node(
+            "Constant", [], [f"{positions}.axes"], value=helper.make_tensor("a", TensorProto.INT64, [1], [0])
+        )
+        up = helper.make_node("Unsqueeze", [positions, f"{positions}.axes"], [f"{positions}.up"])
+        down = helper.make_node("Squeeze", [f"{positions}.up", f"{positions}.axes"], [f"{positions}.down"])
+        if f"{positions}.down" not in producers:
+            nodes[nodes.index(scatter) : nodes.index(scatter)] = [axes, up, down]
+            producers[f"{positions}.down"] = down
+        scatter.input[1] = f"{positions}.down"
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, path)
+    return path

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from conftest import FEATURE_FIXTURES, feature_fixture_model, fixture_model
 from contract import contract_writes, zero_rows_are_zero
-from derived_models import chunk_writes_bounded, writes_in_a_function
+from derived_models import chunk_writes_bounded, chunk_writes_reshaped, writes_in_a_function
 
 from paged_rewrite import rewrite
 from paged_rewrite.errors import UnsupportedPatternError
@@ -90,6 +90,18 @@ def test_a_block_size_that_does_not_divide_the_chunk_keeps_full_caches(tmp_path:
     assert geometry.cache_rings == dict.fromkeys(CHUNKED, CHUNK)
     result = verify(feature_fixture_model(LLAMA4), out, num_decode=83)
     assert result.ok and result.bit_exact and result.kv_max_abs_diff == 0.0, result.summary()
+    # The runtime's other sources say so too: the manifest, the report, and (for a model rewritten
+    # before the metadata recorded it) the graph itself.
+    manifest = json.loads(out.with_name("paged.onnx.json").read_text())
+    assert manifest["position_rings"] == {cache: {"modulus": CHUNK, "ring": True} for cache in CHUNKED}
+    assert f"written at p % {CHUNK} through block_table" in report.summary()
+    model = onnx.load(out)
+    kept = [p for p in model.metadata_props if p.key != "paged_rewrite.position_rings"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, tmp_path / "older.onnx")
+    older = PagedGeometry.of(tmp_path / "older.onnx")
+    assert older.ring_lengths == [CHUNK] and older.cache_rings == {} and older.wrapping_caches is None
 
 
 def test_shared_window_table_keeps_chunked_layers_in_block_table(tmp_path: Path) -> None:
@@ -251,5 +263,22 @@ def test_writes_in_a_layer_function(tmp_path: Path, kv_block_size: int) -> None:
         assert geometry.cache_rings == ({} if expected else dict.fromkeys(CHUNKED, CHUNK))
         result = verify(derived, out, num_decode=40)
         assert result.ok and result.bit_exact, result.summary()
+    with pytest.raises(UnsupportedPatternError, match="ring"):
+        PagedRunner(out, BlockManager(20, kv_block_size, prefix_caching=True), CTX_LEN // kv_block_size)
+
+
+@pytest.mark.parametrize("kv_block_size", [16, 128])
+def test_a_wrapping_write_in_another_form_is_still_known_to_wrap(tmp_path: Path, kv_block_size: int) -> None:
+    """Positions through an ``Unsqueeze``/``Squeeze`` after the ``Where`` (a derived export): no
+    ring table (the strict structure does not take it), but recorded as wrapping at 32, so a
+    runtime copies the first columns on write and refuses prefix caching; bit-exact."""
+    source = chunk_writes_reshaped(feature_fixture_model(LLAMA4), tmp_path / "reshaped.onnx")
+    out = tmp_path / "paged.onnx"
+    report = rewrite(source, out, kv_block_size, ctx_len=CTX_LEN)
+    assert [g["table"] for g in report.kv_groups] == ["block_table"]
+    assert report.position_rings == {cache: {"modulus": CHUNK, "ring": False} for cache in CHUNKED}
+    assert PagedGeometry.of(out).ring_lengths == [CHUNK]
+    result = verify(source, out, num_decode=83)
+    assert result.ok and result.bit_exact, result.summary()
     with pytest.raises(UnsupportedPatternError, match="ring"):
         PagedRunner(out, BlockManager(20, kv_block_size, prefix_caching=True), CTX_LEN // kv_block_size)

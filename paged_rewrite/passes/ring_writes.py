@@ -17,12 +17,14 @@ at slot ``C`` exactly: otherwise its last block would have slots past ``C`` that
 fills, so a cache whose ``C`` the block size does not divide stays a full-context cache.
 
 A ring is found by structure, strictly: from the write's positions, through ``Cast`` and
-``Identity``, ``Where``s that only let padding through (a condition ``Equal(v, -1)``, its
-``Not``, or ``Less(v, 0)``, the padding branch ``v`` itself or ``-1``) to ``Mod(v, C)`` (integer
-``Mod``, ``C`` a positive constant), following a layer function's input out to its call's
-operand. ``write_moduli`` also reports the looser modulus ``page_writes`` uses for the slot
-guard's period (any ``Mod`` by a constant a few producers up): a smaller period only ever
-accepts more ``slot_id`` values that are consistent anyway.
+``Identity``, to a ``Where`` that only lets padding through (a condition ``Equal(v, -1)``, its
+``Not``, or ``Less(v, 0)``; the padding branch ``v`` itself or ``-1``; negative positions other
+than ``-1`` are invalid writes either way) whose other branch is ``Mod(v, C)`` itself, ``C`` a
+positive integer constant, following a layer function's input out to its call's operand.
+``write_moduli`` also reports a looser modulus: any ``Mod`` by a constant a few producers up,
+through any op. ``page_writes`` takes the slot guard's period from it (a smaller period only
+accepts more ``slot_id`` values, all consistent ones), and the metadata records it for every cache
+that stays in ``block_table``, whose first columns a runtime then treats as a ring.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from paged_rewrite.graph import int_constant
 from paged_rewrite.passes.cache_op_rules import rule_for
 from paged_rewrite.passes.sites import CacheSites, CacheTensor, WriteModulus
 
-_PASS_THROUGH = frozenset({"Where", "Cast", "Identity"})  # ops a ring slot flows through unchanged
 _SEARCH_DEPTH = 4
 
 
@@ -81,8 +82,9 @@ class _Producers:
         self._initializers = {t.name: t for t in sites.model.graph.initializer}
 
     def loose_modulus(self, tensor: CacheTensor) -> int | None:
-        """``C`` when the write's positions come, a few producers up through ``Where``/``Cast``/
-        ``Identity``, from ``Mod(x, C)`` for a constant ``C``."""
+        """``C`` when the write's positions come, through any ops a few producers up, from
+        ``Mod(x, C)`` for a constant ``C`` (either ``fmod``): where a write might wrap, a runtime
+        had better treat it as a ring."""
         frontier = [(self._positions(tensor), self._body(tensor), tensor.call, 0)]
         while frontier:
             name, body, via, depth = frontier.pop()
@@ -97,8 +99,7 @@ class _Producers:
             modulus = self._mod_divisor(node, body)
             if modulus is not None:
                 return modulus
-            if node.op_type in _PASS_THROUGH:
-                frontier += [(x, body, via, depth + 1) for x in node.input[-2:] if x]
+            frontier += [(x, body, via, depth + 1) for x in node.input if x]
         return None
 
     def ring_modulus(self, tensor: CacheTensor) -> int | None:
@@ -156,9 +157,9 @@ class _Producers:
         return None, False
 
     def _mod_divisor(self, node: onnx.NodeProto, body: onnx.GraphProto | onnx.FunctionProto) -> int | None:
-        """``C`` when ``node`` is an integer ``Mod(x, C)`` (``fmod`` 0: a result in ``[0, C)``)."""
-        fmod = next((a.i for a in node.attribute if a.name == "fmod"), 0)
-        if node.op_type != "Mod" or len(node.input) != 2 or fmod:
+        """``C`` when ``node`` is ``Mod(x, C)``, ``C`` a positive integer constant. Either ``fmod``:
+        the two agree for ``x >= 0``, and a negative result is an invalid write (the null block)."""
+        if node.op_type != "Mod" or len(node.input) != 2:
             return None
         value = self._int(node.input[1], body)
         return value if value is not None and value > 0 else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import onnx
@@ -57,13 +57,26 @@ class PagedGeometry:
     pool_blocks: dict[str, int] = field(default_factory=dict)  # table -> its pools' static block count
     # cache -> C: written through block_table at exactly p % C (so only slots below C)
     cache_rings: dict[str, int] = field(default_factory=dict)
+    # the caches of block_table whose writes may wrap; None: not recorded (an older rewrite)
+    wrapping_caches: frozenset[str] | None = frozenset()
 
-    def written_length(self, cache: str, length: int) -> int:
-        """How many slots of ``cache`` a sequence writes, ``length`` being the original cache's:
-        ``C`` for a cache written at ``p % C`` (its ring group's window, or recorded for
-        ``block_table``), else ``length``."""
+    def written_slots(self, cache: str, length: int, positions: Iterable[int]) -> list[int]:
+        """The slots of the original's ``cache`` (``length`` long) that positions ``positions``
+        write: ``p % C`` for a ring of ``C`` (a ring group's, or recorded for ``block_table``),
+        else ``p % length`` — less the original's last slot, where it writes its padding, for a
+        cache whose writes may wrap in a way not recorded exactly (that slot may then hold
+        padding where the paged model holds a token, or nothing)."""
         ring = next((g.window for g in self.window_groups if cache in g.caches and not g.logical), None)
-        return min(length, ring or self.cache_rings.get(cache) or length)
+        ring = ring or self.cache_rings.get(cache)
+        if ring:
+            return sorted({p % min(ring, length) for p in positions})
+        slots = {p % length for p in positions}
+        unknown = (
+            self.wrapping_caches is None and self.position_rings and self.table_of(cache) == "block_table"
+        )
+        if unknown or cache in (self.wrapping_caches or ()):
+            slots.discard(length - 1)
+        return sorted(slots)
 
     @property
     def window_groups(self) -> list[TableGroup]:
@@ -125,8 +138,8 @@ class PagedGeometry:
         pool_blocks = {
             g["table"]: g["total_num_kv_blocks"] for g in described if g.get("total_num_kv_blocks")
         }
-        # the caches written through block_table at p % C (and whether exactly); searched for in
-        # models rewritten before the metadata recorded them (which then say the lengths only)
+        # the caches written through block_table at p % C, and whether exactly (models rewritten
+        # before the record have none: their ring lengths come from the graph alone)
         recorded = (
             json.loads(metadata["paged_rewrite.position_rings"])
             if "paged_rewrite.position_rings" in metadata
@@ -140,9 +153,7 @@ class PagedGeometry:
             vocab,
             json.loads(metadata.get("paged_rewrite.dims", "{}")),
             json.loads(metadata.get("paged_rewrite.windows", "{}")),
-            tuple(sorted({r["modulus"] for r in recorded.values()}))
-            if recorded is not None
-            else tuple(position_rings(model)),
+            tuple(sorted({*(r["modulus"] for r in (recorded or {}).values()), *position_rings(model)})),
             write_only=not any(op.startswith("PagedCtxGather") for op in ops),
             inputs=tuple(v.name for v in graph.input),
             ctx_buckets=tuple(json.loads(metadata.get("paged_rewrite.ctx_buckets", "[]"))),
@@ -150,6 +161,7 @@ class PagedGeometry:
             prefill_lengths=tuple(json.loads(metadata.get("paged_rewrite.prefill_lengths", "[]"))),
             pool_blocks=pool_blocks,
             cache_rings={cache: r["modulus"] for cache, r in (recorded or {}).items() if r["ring"]},
+            wrapping_caches=frozenset(recorded) if recorded is not None else None,
         )
 
 
@@ -163,31 +175,33 @@ def _model_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
 
 
 def position_rings(model: onnx.ModelProto) -> list[int]:
-    """Ring lengths a model computes itself, for models rewritten before the metadata recorded
-    them (``paged_rewrite.position_rings``, which also sees writes inside layer functions): a
-    paged write through ``block_table`` whose positions come from ``Mod(position_ids, C)`` with a
-    constant ``C`` (Llama 4's chunked attention keeps each chunk at slots ``p % C`` of a
-    full-length cache). Position ``p`` is then written at logical position ``p % C``, in the
-    first columns of the table: a runtime must know it as a ring."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    """Ring lengths a model computes itself, searched for in the graph: a paged write through
+    ``block_table`` whose positions come, a few producers up, from ``Mod(x, C)`` with a constant
+    ``C`` (Llama 4's chunked attention keeps each chunk at slots ``p % C`` of a full-length
+    cache), in the main graph or a layer function. Position ``p`` is then written at logical
+    position ``p % C``, in the first columns of the table: a runtime must know it as a ring. The
+    rewrite records the same (``paged_rewrite.position_rings``, following layer inputs out to
+    their calls); a runtime takes both, so a model rewritten before the record is still known."""
     rings = set()
-    for node in model.graph.node:
-        if node.op_type != "PagedWriteIndex" or len(node.input) <= _WRITE_POSITIONS:
-            continue
-        if node.input[_WRITE_TABLE] != "block_table":  # a ring of its own table is its group's
-            continue
-        queue = deque([(node.input[_WRITE_POSITIONS], 0)])
-        while queue:
-            name, depth = queue.popleft()
-            producer = producers.get(name)
-            if producer is None or depth > _SEARCH_DEPTH:
+    for body in [model.graph, *(f for f in model.functions if f.domain != PAGED_DOMAIN)]:
+        producers = {out: node for node in body.node for out in node.output}
+        constants = {t.name: numpy_helper.to_array(t) for t in getattr(body, "initializer", [])}
+        for node in body.node:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        for node in body.node:
+            if node.op_type != "PagedWriteIndex" or len(node.input) <= _WRITE_POSITIONS:
                 continue
-            divisor = constants.get(producer.input[1]) if producer.op_type == "Mod" else None
-            if divisor is not None and divisor.size == 1 and int(divisor.reshape(())) > 0:
-                rings.add(int(divisor.reshape(())))
-            queue.extend((source, depth + 1) for source in producer.input)
+            if node.input[_WRITE_TABLE] != "block_table":  # a ring of its own table is its group's
+                continue
+            queue = deque([(node.input[_WRITE_POSITIONS], 0)])
+            while queue:
+                name, depth = queue.popleft()
+                producer = producers.get(name)
+                if producer is None or depth > _SEARCH_DEPTH:
+                    continue
+                divisor = constants.get(producer.input[1]) if producer.op_type == "Mod" else None
+                if divisor is not None and divisor.size == 1 and int(divisor.reshape(())) > 0:
+                    rings.add(int(divisor.reshape(())))
+                queue.extend((source, depth + 1) for source in producer.input)
     return sorted(rings)

@@ -165,8 +165,8 @@ def final_kv_diff(original: ContiguousRunner, paged: PagedRunner, scenario: Scen
             freed = {
                 p for p in range(script.length) if p // size < len(held) and held[p // size] == UNALLOCATED
             }
-            written = paged.geometry.written_length(name, view.shape[2])
-            slots = sorted({p % written for p in range(script.length)} - freed)
+            written = paged.geometry.written_slots(name, view.shape[2], range(script.length))
+            slots = sorted(set(written) - freed)
             worst = max(worst, _abs_diff(view[:, :, slots], got[name][:, :, slots]))
     return worst
 
