@@ -65,7 +65,10 @@ def test_chunked_layers_get_a_ring_table_and_pool(
     operands = {(n.op_type, n.input[1]) for n in model.graph.node if n.op_type.startswith("Paged")}
     assert ("PagedWriteIndex", "block_table_w32") in operands
     assert ("PagedReadIndexCCL", "block_table_w32") in operands
-    assert {table for op, table in operands if op == "PagedLogicalShape"} == {"block_table"}
+    # one logical shape for both groups (it reads heads, head_dim and block_table's width only),
+    # on a pool of block_table's own group
+    logical = [(n.input[0], n.input[1]) for n in model.graph.node if n.op_type == "PagedLogicalShape"]
+    assert logical == [("past_key.3", "block_table")]
     assert not [op for op, _ in operands if op == "PagedWindowShape"]
     # 4 rows: the global layer a full context each (4 * 128 / bs + 1), the chunks a ring each.
     for entry in json.loads(out.with_name("paged.specializations.json").read_text())["specializations"]:

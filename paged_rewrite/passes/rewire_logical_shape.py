@@ -29,7 +29,7 @@ def rewire_logical_shape(sites: CacheSites, layout: PagedLayout, shared: SharedI
             (logical,) = shared.request(site, "PagedWindowShape", [POOL, table, window], ["window_shape"])
         else:  # a full-length cache, whatever table addresses it, spans the context of block_table
             (logical,) = shared.request(
-                site, "PagedLogicalShape", [POOL, layout.block_table], ["logical_shape"]
+                site, "PagedLogicalShape", [POOL, layout.block_table], ["logical_shape"], shape_only=True
             )
         if start == 0 and end in (None, 4):
             become(node, "", "Identity", [logical])

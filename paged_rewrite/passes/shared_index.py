@@ -88,12 +88,24 @@ class SharedIndex:
         self.dropped: set[str] = set()  # values of layer functions moved to the main graph
 
     def request(
-        self, site: Site, op_type: str, operands: Sequence[Operand], outputs: Sequence[str]
+        self,
+        site: Site,
+        op_type: str,
+        operands: Sequence[Operand],
+        outputs: Sequence[str],
+        shape_only: bool = False,
     ) -> list[str]:
         """The names, in ``site``'s body, of the outputs of ``op_type(operands)`` for the cache
-        ``site`` touches; ``outputs`` names them for reading (``"rows"``, ``"row_shape"``)."""
+        ``site`` touches; ``outputs`` names them for reading (``"rows"``, ``"row_shape"``).
+        ``shape_only``: the op reads only the pool's heads and head_dim and the table it is given
+        (a logical shape), so one op serves the caches of every group; its pool is one of that
+        table's group where the group has one of those heads and head_dim."""
         assert site.cache is not None
         signature = self._layout.pool_signature(site.cache)
+        if shape_only:
+            table = operands[1]
+            assert isinstance(table, str)
+            signature = (*site.cache.pool_signature, table)
         hoisted = self._in_main_graph(site, operands) if site.body.is_function else None
         body = self._sites.main if hoisted is not None or not site.body.is_function else site.body
         resolved = hoisted if hoisted is not None else list(operands)
@@ -293,9 +305,11 @@ class SharedIndex:
         return {*self._layout.tables, self._layout.slot_id}
 
     def _main_pool(self, signature: tuple[int, int, str]) -> str:
-        """A pool of the requesting cache's heads, head_dim and table group (see the module doc)."""
+        """A pool of the requesting cache's heads, head_dim and table group (see the module doc);
+        for a ``shape_only`` request whose table's group has none, one of another group."""
         signature_of = self._layout.pool_signature
-        first: CacheTensor = next(t for t in self._sites.tensors if signature_of(t) == signature)
+        pools = [t for t in self._sites.tensors if signature_of(t)[:2] == signature[:2]]
+        first: CacheTensor = next((t for t in pools if signature_of(t) == signature), pools[0])
         return first.name
 
     def _thread(self, function: Body, calls: list[onnx.NodeProto], names: Sequence[str]) -> None:
