@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import FEATURE_FIXTURES, feature_fixture_model, fixture_model
-from contract import contract_writes, zero_rows_are_zero
+from contract import adversarial_ring_call, contract_writes, zero_rows_are_zero
 from derived_models import chunk_writes_bounded, chunk_writes_reshaped, writes_in_a_function
 
 from paged_rewrite import rewrite
@@ -159,7 +159,7 @@ def test_adversarial_tables_on_the_chunk_ring_stay_harmless(tmp_path: Path) -> N
     rng = np.random.default_rng(31)
     full_pool, ring_pool, bs = 24, 9, 16
     for _ in range(30):
-        batch, seq = int(rng.integers(2, 5)), int(rng.choice([1, 7, 16]))
+        call = adversarial_ring_call(rng, bs, full_pool, CTX_LEN)
         pools = {
             name: rng.standard_normal((ring_pool if name in CHUNKED else full_pool, 2, bs, 16)).astype(
                 np.float32
@@ -168,27 +168,9 @@ def test_adversarial_tables_on_the_chunk_ring_stay_harmless(tmp_path: Path) -> N
         }
         for pool in pools.values():
             pool[0] = np.nan
-        start = int(rng.integers(0, CTX_LEN - seq))
-        full = rng.choice([-1, 0, *range(9, full_pool), full_pool + 2], size=(batch, 8)).astype(np.int64)
-        ring = rng.choice([-1, 0, *range(3, 24), 40], size=(batch, 2)).astype(np.int64)
-        full[0] = -1
-        used = (start + seq - 1) // bs + 1
-        full[0, :used] = rng.permutation(np.arange(1, 9))[:used]
-        ring[0] = [1, 2]  # the well-formed row's ring
-        positions = rng.choice([-1, 255, 130, *range(CTX_LEN)], size=(batch, seq)).astype(np.int64)
-        positions[0] = np.arange(start, start + seq)
-        if batch > 2:
-            positions[-1] = -1
-        slot_id = rng.integers(-1, bs + 1, batch).astype(np.int64)
-        slot_id[0] = start % bs
-        feeds = {
-            "input_ids": rng.integers(0, 256, (batch, seq)).astype(np.int64),
-            "position_ids": positions,
-            "block_table": full,
-            "block_table_w32": ring,
-            "slot_id": slot_id,
-            **pools,
-        }
+        positions, slot_id = call["position_ids"], call["slot_id"]
+        ring, full = call["block_table_w32"], call["block_table"]
+        feeds = {**call, **pools}
         got = dict(zip(names, session.run(None, feeds), strict=True))
         ring_slots = np.where(positions >= 0, positions % CHUNK, -1)
         allowed = {

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import feature_fixture_model, feature_manifest, fixture_model
-from contract import contract_writes, zero_rows_are_zero
+from contract import adversarial_ring_call, contract_writes, zero_rows_are_zero
 
 from paged_rewrite import rewrite
 from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
@@ -195,32 +195,13 @@ def test_adversarial_tables_on_every_group_stay_harmless(tmp_path: Path) -> None
     rng = np.random.default_rng(12)
     full_pool, window_pool, bs = 24, 9, 16
     for _ in range(40):
-        batch, seq = int(rng.integers(2, 5)), int(rng.choice([1, 7, 16]))
+        call = adversarial_ring_call(rng, bs, full_pool, CTX_LEN)
         pools = _random_pools(rng, window_pool, full_pool, bs)
         for pool in pools.values():
             pool[0] = np.nan
-        start = int(rng.integers(0, CTX_LEN - seq))
-        full = rng.choice([-1, 0, *range(9, full_pool), full_pool + 2], size=(batch, 8)).astype(np.int64)
-        ring = rng.choice([-1, 0, *range(3, 24), 40], size=(batch, 2)).astype(np.int64)
-        full[0] = -1
-        full[0, : (start + seq - 1) // bs + 1] = rng.permutation(np.arange(1, 9))[
-            : (start + seq - 1) // bs + 1
-        ]
-        ring[0] = [1, 2]  # the well-formed row's ring
-        positions = rng.choice([-1, 255, 130, *range(CTX_LEN)], size=(batch, seq)).astype(np.int64)
-        positions[0] = np.arange(start, start + seq)
-        if batch > 2:
-            positions[-1] = -1
-        slot_id = rng.integers(-1, bs + 1, batch).astype(np.int64)
-        slot_id[0] = start % bs
-        feeds = {
-            "input_ids": rng.integers(0, 256, (batch, seq)).astype(np.int64),
-            "position_ids": positions,
-            "block_table": full,
-            "block_table_w32": ring,
-            "slot_id": slot_id,
-            **pools,
-        }
+        positions, slot_id = call["position_ids"], call["slot_id"]
+        ring, full = call["block_table_w32"], call["block_table"]
+        feeds = {**call, **pools}
         got = dict(zip(names, session.run(None, feeds), strict=True))
         allowed = {
             # ring slot p % 32 through the row's own ring table, as the contract says for p
