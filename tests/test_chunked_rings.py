@@ -5,7 +5,8 @@ chunked layer writes position ``p`` at slot ``p % 32`` of a cache as long as the
 only the slots its chunk has filled, so it needs a ring of 32 slots, not the context: the rewrite
 gives those caches the ring group ``block_table_w32`` (``ceil(32 / kv_block_size)`` columns, pool
 dim ``total_num_kv_blocks_w32``) while the graph keeps seeing a cache as long as the context.
-Expected layouts below are worked out by hand from that rule."""
+Expected layouts below are worked out by hand from that rule. (An oversubscribed ring pool:
+``test_window_groups.py``; a prefix hit: ``test_prefix_caching.py``.)"""
 
 from __future__ import annotations
 
@@ -16,16 +17,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import FEATURE_FIXTURES, feature_fixture_model, fixture_model
+from conftest import feature_fixture_model
 from contract import adversarial_ring_call, contract_writes, zero_rows_are_zero
 from derived_models import chunk_writes_bounded, chunk_writes_reshaped, writes_in_a_function
 
 from paged_rewrite import rewrite
 from paged_rewrite.errors import UnsupportedPatternError
-from paged_rewrite.runtime.block_manager import BlockManager, shuffled_order
-from paged_rewrite.runtime.driver import drive, random_scenario
+from paged_rewrite.runtime.block_manager import BlockManager
 from paged_rewrite.runtime.geometry import PagedGeometry
-from paged_rewrite.runtime.runners import ContiguousRunner, PagedRunner, unexpected_writes
+from paged_rewrite.runtime.runners import PagedRunner, unexpected_writes
 from paged_rewrite.runtime.verify import verify
 
 LLAMA4 = "llama4_text"
@@ -121,31 +121,6 @@ def test_shared_window_table_keeps_chunked_layers_in_block_table(tmp_path: Path)
     assert report.ok and report.bit_exact and report.window_num_blocks == {}, report.summary()
 
 
-def test_oversubscribed_chunk_pool_matches_the_original(tmp_path: Path) -> None:
-    """Three waves of two sequences (prompts of 31 and 20 tokens, 40 decode steps: up to position
-    70, so the 32-slot ring turns twice) through one runner whose chunk pool holds two rings:
-    1 + 2 * 2 = 5 blocks, where the single-table layout gives each chunked layer the full pool of
-    1 + 2 * ceil(71 / 16) = 11. Logits equal the original's bit for bit, wave after wave."""
-    out = tmp_path / "paged.onnx"
-    original = feature_fixture_model(LLAMA4)
-    rewrite(original, out, 16, ctx_len=CTX_LEN)
-    rings = BlockManager(5, 16, shuffled_order(5, 1), window=CHUNK)
-    full = BlockManager(11, 16, shuffled_order(11, 2))
-    paged = PagedRunner(out, full, 8, window_managers={"block_table_w32": rings})
-    reference = ContiguousRunner(original, {"ctx_len": CTX_LEN})
-    peak = 0
-    for wave in range(3):
-        scenario = random_scenario(256, [31, 20], num_decode=40, chunk_len=16, seed=wave)
-        for step in drive([reference, paged], scenario):
-            assert np.array_equal(step.logits[0], step.logits[1]), (wave, step.index)
-        peak = max(peak, rings.num_used_blocks)
-        for name in ("A", "B"):
-            paged.release(name)
-            reference.release(name)
-    assert peak == 4 and rings.num_free_blocks == 4
-    assert all(not record.foreign_blocks_changed for record in paged.isolation)
-
-
 def test_adversarial_tables_on_the_chunk_ring_stay_harmless(tmp_path: Path) -> None:
     """Garbage on both tables (-1, the null block, duplicates, entries past the ring pool but
     inside the full one, past both), wrong slot_ids, padding and out-of-range positions, NaN in
@@ -183,34 +158,6 @@ def test_adversarial_tables_on_the_chunk_ring_stay_harmless(tmp_path: Path) -> N
             assert unexpected_writes(before, after, allowed[kind]) == [], name
             assert zero_rows_are_zero(after), name
         assert np.isfinite(got["logits"][0]).all(), "NaN leaked into the valid row"
-
-
-@pytest.mark.parametrize(
-    ("name", "corpus", "dims"),
-    [
-        ("gpt_oss_swa_moe", "qeff", {"sliding_window": 32}),
-        ("llama_default", "qeff", {}),
-        ("llama_subfunctions", "qeff", {}),
-        ("gemma2_ctx256", "features", {}),
-        ("ort_failing/gpt_oss_decode_retain_full_kv", "features", {}),
-        ("qwen2_cb", "features", {}),
-    ],
-)
-def test_only_caches_written_modulo_a_constant_become_rings(
-    name: str, corpus: str, dims: dict[str, int]
-) -> None:
-    """A ring group holds only caches that are rings in the original: gpt_oss's sliding layer
-    (a cache of the window's length) and nothing else in these exports (their full-length caches
-    are written at the position itself, or read as a logical-position window)."""
-    source = feature_fixture_model(name) if corpus == "features" else fixture_model(name)
-    ctx_len = (
-        json.loads((FEATURE_FIXTURES / name / "manifest.json").read_text())["scenario"]["ctx_len"]
-        if (corpus == "features")
-        else CTX_LEN
-    )
-    report = rewrite(source, None, 16, ctx_len=ctx_len, dims=dims)
-    rings = [cache for g in report.kv_groups if g["window_addressing"] == "ring" for cache in g["caches"]]
-    assert rings == (["past_key.0", "past_value.0"] if name == "gpt_oss_swa_moe" else [])
 
 
 def test_a_write_that_wraps_only_sometimes_is_no_ring(tmp_path: Path) -> None:

@@ -250,19 +250,23 @@ def test_runner_flags_a_write_into_another_rows_ring_slot(tmp_path: Path) -> Non
         assert paged.isolation[-1].foreign_blocks_changed == flagged, changed
 
 
-def test_oversubscribed_window_pool_matches_the_original(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "dims"), [("gpt_oss_swa_moe", DIMS), ("llama4_text", {})])
+def test_oversubscribed_window_pool_matches_the_original(
+    tmp_path: Path, name: str, dims: dict[str, int]
+) -> None:
     """Three waves of two sequences (prompts of 31 and 20 tokens, 40 decode steps: the 32-slot
     ring turns twice) through one runner whose ring pool holds two rings only: 1 + 2 * 2 = 5
     blocks, where the single-table layout needs the full pool of 1 + 2 * ceil(71 / 16) = 11 in
     every layer. The six sequences' histories would take 2 * (5 + 4) * 3 = 54 ring-layer blocks;
-    the rings reuse 4. Logits equal the original's bit for bit, wave after wave."""
+    the rings reuse 4. Logits equal the original's bit for bit, wave after wave: for gpt_oss's
+    sliding layer and for Llama 4's chunked layers (test_chunked_rings.py)."""
     out = tmp_path / "paged.onnx"
-    original = fixture_model("gpt_oss_swa_moe")
-    rewrite(original, out, 16, ctx_len=CTX_LEN, dims=DIMS)
+    original = fixture_model(name) if name == "gpt_oss_swa_moe" else feature_fixture_model(name)
+    rewrite(original, out, 16, ctx_len=CTX_LEN, dims=dims)
     rings = BlockManager(5, 16, shuffled_order(5, 1), window=WINDOW)
     full = BlockManager(11, 16, shuffled_order(11, 2))
-    paged = PagedRunner(out, full, 8, DIMS, window_managers={"block_table_w32": rings})
-    reference = ContiguousRunner(original, {"ctx_len": CTX_LEN, **DIMS})
+    paged = PagedRunner(out, full, 8, dims, window_managers={"block_table_w32": rings})
+    reference = ContiguousRunner(original, {"ctx_len": CTX_LEN, **dims})
     peak = 0
     for wave in range(3):
         scenario = random_scenario(256, [31, 20], num_decode=40, chunk_len=16, seed=wave)
@@ -270,9 +274,9 @@ def test_oversubscribed_window_pool_matches_the_original(tmp_path: Path) -> None
         for step in steps:
             assert np.array_equal(step.logits[0], step.logits[1]), (wave, step.index)
         peak = max(peak, rings.num_used_blocks)
-        for name in ("A", "B"):
-            paged.release(name)
-            reference.release(name)
+        for sequence in ("A", "B"):
+            paged.release(sequence)
+            reference.release(sequence)
     assert peak == 4 and rings.num_free_blocks == 4
     assert all(not record.foreign_blocks_changed for record in paged.isolation)
 
@@ -302,14 +306,16 @@ def _runnable_retain(tmp_path: Path) -> Path:
         ("gemma2_ctx256", "features", {}),
         ("ort_failing/qwen3_moe_prefill_chunked", "features", {}),
         ("llama_default", "qeff", {}),
+        ("llama_subfunctions", "qeff", {}),
+        ("qwen2_cb", "features", {}),
     ],
 )
 def test_logical_position_windows_are_found_by_structure(
     name: str, corpus: str, dims: dict[str, int]
 ) -> None:
     """Only the retain_full_kv export reads a window of logical positions (its layer 0, window
-    32); the ring of gpt_oss_swa_moe stays a ring, Llama 4's chunks (p % 32 into a full cache),
-    Gemma 2 (the whole cache) and the rest have none."""
+    32); the ring of gpt_oss_swa_moe stays a ring, Llama 4's chunks (p % 32 into a full cache)
+    are rings, Gemma 2 (the whole cache) and the rest have neither."""
     source = feature_fixture_model(name) if corpus == "features" else fixture_model(name)
     ctx_len = 256 if name == "gemma2_ctx256" else CTX_LEN
     report = rewrite(source, None, 16, ctx_len=ctx_len, dims=dims)
@@ -328,6 +334,11 @@ def test_logical_position_windows_are_found_by_structure(
         ]
     else:
         assert logical == []
+    # Rings are what the original writes as rings: gpt_oss's sliding layer (a cache of the
+    # window's length) and Llama 4's chunked layers (p % 32 into a full cache; test_chunked_rings.py).
+    rings = [cache for g in report.kv_groups if g["window_addressing"] == "ring" for cache in g["caches"]]
+    chunked = [f"past_{kind}.{layer}" for layer in range(3) for kind in ("key", "value")]
+    assert rings == {"gpt_oss_swa_moe": ["past_key.0", "past_value.0"], "llama4_text": chunked}.get(name, [])
 
 
 def test_logical_window_blocks_behind_the_window_are_freed() -> None:
