@@ -257,33 +257,36 @@ def writes_in_a_function(source: Path, path: Path, layers: list[int]) -> Path:
     """``source`` with the two cache writes (``CtxScatter`` of ``past_key.{i}`` and
     ``past_value.{i}``) of each layer ``i`` in ``layers`` moved into one model-local function,
     ``ChunkWrites(past_key, past_value, positions, key, value)``, called once per layer with that
-    layer's operands: a layer body shared by several layers, as in a subfunction export, with the
-    reads left in the main graph."""
+    layer's operands: a layer body shared by several layers, as in a subfunction export. The
+    layer's ``Shape`` of its written key cache moves in too (a third output); the reads stay in the
+    main graph."""
     model = onnx.load(source)
     body = [
         helper.make_node("CtxScatter", ["past_key", "positions", "key"], ["key_out"], domain=QEFF),
         helper.make_node("CtxScatter", ["past_value", "positions", "value"], ["value_out"], domain=QEFF),
+        helper.make_node("Shape", ["key_out"], ["key_shape"]),
     ]
     imports = [helper.make_opsetid("", 17), helper.make_opsetid(QEFF, 1)]
     inputs = ["past_key", "past_value", "positions", "key", "value"]
-    model.functions.append(
-        helper.make_function("derived", "ChunkWrites", inputs, ["key_out", "value_out"], body, imports)
-    )
+    outputs = ["key_out", "value_out", "key_shape"]
+    model.functions.append(helper.make_function("derived", "ChunkWrites", inputs, outputs, body, imports))
     model.opset_import.append(helper.make_opsetid("derived", 1))
     nodes = list(model.graph.node)
     for layer in layers:
         key = next(n for n in nodes if n.op_type == "CtxScatter" and n.input[0] == f"past_key.{layer}")
         value = next(n for n in nodes if n.op_type == "CtxScatter" and n.input[0] == f"past_value.{layer}")
+        shape = next(n for n in nodes if n.op_type == "Shape" and n.input[0] == key.output[0])
         assert key.input[1] == value.input[1]
         call = helper.make_node(
             "ChunkWrites",
             [key.input[0], value.input[0], key.input[1], key.input[2], value.input[2]],
-            [key.output[0], value.output[0]],
+            [key.output[0], value.output[0], shape.output[0]],
             name=f"/model/layers.{layer}/ChunkWrites",
             domain="derived",
         )
         nodes[nodes.index(key)] = call
         nodes.remove(value)
+        nodes.remove(shape)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     onnx.save(model, path)
