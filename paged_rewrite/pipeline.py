@@ -159,22 +159,45 @@ def _rewrite_plan(sites: CacheSites) -> dict[str, int]:
 
 
 def _warnings(rewritten: Mapping[str, int], layout: PagedLayout) -> list[str]:
-    """A context the block size does not divide is read as ``num_kv_blocks * kv_block_size``
-    positions (the extra ones masked, so logits are unchanged); but a BlockedKV export splits the
-    context it reads into its KV blocks, so the split moves and the sums are taken in another
-    order: equal within float rounding, not bit for bit."""
+    """What is right but not what one might assume: a BlockedKV context the block size does not
+    divide (below), and rings in full-length caches kept at full context (``_full_rings``)."""
     context = layout.context_dim if isinstance(layout.context_dim, int) else None
     if isinstance(layout.context_dim, str):
         context = layout.bound_dims.get(layout.context_dim)
+    warnings = _full_rings(layout, context)
     blocked = any(plan.startswith("CtxGatherBlockedKV") for plan in rewritten)
     if not blocked or context is None or context % layout.kv_block_size == 0:
-        return []
+        return warnings
+    # The context is read as num_kv_blocks * kv_block_size positions (the extra ones masked, so
+    # logits are unchanged); but a BlockedKV export splits the context it reads into its KV blocks,
+    # so the split moves and the sums are taken in another order.
     logical = -(-context // layout.kv_block_size) * layout.kv_block_size
     return [
+        *warnings,
         f"BlockedKV export: the context of {context} tokens is not a multiple of --kv-block-size "
         f"{layout.kv_block_size}, so the paged model reads {logical} positions and its KV blocks split "
-        f"them differently from the original: logits agree within float rounding, not bit for bit"
+        f"them differently from the original: logits agree within float rounding, not bit for bit",
     ]
+
+
+def _full_rings(layout: PagedLayout, context: int | None) -> list[str]:
+    """Caches written as a ring in a full-length cache that keep full-context memory (no ring
+    table; ``ring_writes.py``), and why, unless ``--shared-window-table`` asked for it."""
+    if layout.shared_window_table:
+        return []
+    warnings = []
+    for ring in sorted({w.modulus for w in layout.position_rings.values() if w.ring and w.modulus}):
+        caches = [c for c, w in layout.position_rings.items() if w.ring and w.modulus == ring]
+        if ring % layout.kv_block_size:
+            why = f"--kv-block-size {layout.kv_block_size} does not divide {ring}, and a ring table must end at slot {ring}"
+        elif context is not None and ring >= context:
+            why = f"the context of {context} is no longer than the ring"
+        else:
+            why = "a layer function serves other caches too, or a logical-position window has that length"
+        warnings.append(
+            f"{', '.join(caches)}: written as a ring of {ring} slots but kept at full-context memory ({why})"
+        )
+    return warnings
 
 
 def _other_retained_states(model: onnx.ModelProto, sites: CacheSites) -> list[str]:

@@ -88,6 +88,9 @@ def test_a_block_size_that_does_not_divide_the_chunk_keeps_full_caches(tmp_path:
     out = tmp_path / "paged.onnx"
     report = rewrite(feature_fixture_model(LLAMA4), out, 128, ctx_len=CTX_LEN)
     assert [g["table"] for g in report.kv_groups] == ["block_table"]
+    (warning,) = report.warnings  # the user hears that this layout saves no memory, and why
+    assert "kept at full-context memory" in warning and "does not divide 32" in warning
+    assert all(cache in warning for cache in CHUNKED)
     geometry = PagedGeometry.of(out)
     assert geometry.ring_lengths == [CHUNK]
     assert geometry.cache_rings == dict.fromkeys(CHUNKED, CHUNK)
@@ -191,6 +194,13 @@ def test_writes_in_a_layer_function(tmp_path: Path, kv_block_size: int) -> None:
         report = rewrite(derived, out, kv_block_size, ctx_len=CTX_LEN)
         assert report.functions == ["ChunkWrites"]
         assert [g["caches"] for g in report.kv_groups if g["window"]] == expected
+        # kept at full context, the user is told why: the block size first, else the shared body
+        full_memory = [w for w in report.warnings if "full-context memory" in w]
+        if expected:
+            assert full_memory == []
+        else:
+            (warning,) = full_memory
+            assert ("does not divide" if kv_block_size == 128 else "layer function") in warning
         geometry = PagedGeometry.of(out)
         assert geometry.cache_rings == ({} if expected else dict.fromkeys(CHUNKED, CHUNK))
         result = verify(derived, out, num_decode=40)
