@@ -75,12 +75,14 @@ def layer_bytes(window: int, ctx: int, shared: bool, folder: Path) -> tuple[int,
     return sizes["past_key.0"] + sizes["past_value.0"], sizes["past_key.1"] + sizes["past_value.1"]
 
 
-def holds_everyone(ctx: int, window: int, full_blocks: int, ring_blocks: int | None) -> bool:
+def holds_everyone(
+    ctx: int, window: int, full_blocks: int, ring_blocks: int | None, block: int = BLOCK
+) -> bool:
     """Whether the block managers of a layout take ROWS sequences to ``ctx`` tokens: one free
     list for every layer (``ring_blocks`` None), or the full one and a ring group's."""
-    managers = [BlockManager(full_blocks, BLOCK)]
+    managers = [BlockManager(full_blocks, block)]
     if ring_blocks is not None:
-        managers.append(BlockManager(ring_blocks, BLOCK, window=window))
+        managers.append(BlockManager(ring_blocks, block, window=window))
     try:
         for row in range(ROWS):
             for manager in managers:
@@ -185,13 +187,9 @@ def chunked_table(folder: Path) -> None:
             sizes[shared] = pool_bytes(out)
         grouped, single = sum(sizes[False].values()), sum(sizes[True].values())
         per_block = sizes[True]["past_key.3"] // (ROWS * (ctx // CHUNK_BLOCK) + 1)  # one block, K or V
-        managers = [
-            BlockManager(sizes[False]["past_key.3"] // per_block, CHUNK_BLOCK),
-            BlockManager(sizes[False]["past_key.0"] // per_block, CHUNK_BLOCK, window=CHUNK),
-        ]
-        for row in range(ROWS):
-            for manager in managers:
-                manager.append(row, ctx)  # raises if the pools could not take every row to ctx
+        full, ring = sizes[False]["past_key.3"] // per_block, sizes[False]["past_key.0"] // per_block
+        assert holds_everyone(ctx, CHUNK, full, ring, CHUNK_BLOCK)
+        assert holds_everyone(ctx, CHUNK, sizes[True]["past_key.0"] // per_block, None, CHUNK_BLOCK)
         print(f"| {ctx} | 1/{ctx // CHUNK} | {grouped / 2**20:.2f} MiB | {single / 2**20:.2f} MiB | "
               f"{grouped / single:.1%} |")  # fmt: skip
 

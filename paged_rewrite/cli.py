@@ -277,9 +277,11 @@ def verify_command(
     mismatch = None
     if not report.ok:
         breaches = sum(bool(step.foreign_blocks_changed) for step in report.steps)
+        cut = sum(bool(step.rows_cut) for step in report.steps)
         mismatch = VerificationError(
             f"{paged} does not match {original} (max abs logit diff {report.max_abs_diff:.3g}, "
-            f"final KV {report.kv_max_abs_diff:.3g}, isolation breaches {breaches})"
+            f"final KV {report.kv_max_abs_diff:.3g}, isolation breaches {breaches}, steps with a row "
+            f"cut by a narrow table {cut})"
         )
     _emit(as_json, _with_error(report.to_dict(), mismatch), report.summary())
     if mismatch is not None:

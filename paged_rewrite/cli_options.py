@@ -67,7 +67,8 @@ def plan_options(fn: F) -> F:
             "--shared-window-table",
             is_flag=True,
             help="Keep sliding-window rings (and Llama 4's chunked layers) in the first columns of the one "
-            "block_table (every pool full size) instead of a table and pool per window length.",
+            "block_table, and logical-position windows in it too (every pool full size), instead of a "
+            "table and pool per window length.",
         ),
     ]
     for option in reversed(options):

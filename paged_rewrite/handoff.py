@@ -306,7 +306,7 @@ def paged_custom_io(custom: CustomIO, report: RewriteReport, path: str | os.Path
 
 # 2: num_kv_blocks / total_num_kv_blocks are int or null; flags recorded. 3: "groups", a block
 # table and pool dim per window length. 4: each group's pool as "pool_dim" (a name or null) and
-# "total_num_kv_blocks" (an int or null), one type per field. 5: "position_rings", the caches of
+# "total_num_kv_blocks" (an int or null), one type per field. 5: "wrapping_caches", the caches of
 # block_table written at p % C.
 MANIFEST_FORMAT = 5
 
@@ -317,7 +317,7 @@ def manifest(report: RewriteReport, source: Path, version: str, flags: Mapping[s
     static table width and pool size, or null where the dim stays symbolic (its name is in the
     ``block_table`` / cache input shapes). ``groups`` lists every block table with its caches,
     width, pool dim and window (null: full context), the full-context ``block_table`` first;
-    ``position_rings`` the caches of ``block_table`` written at ``p % C`` (``{"modulus": C,
+    ``wrapping_caches`` the caches of ``block_table`` written at ``p % C`` (``{"modulus": C,
     "ring": bool}``, ``ring`` when exactly), whose first columns a runtime treats as a ring."""
     return {
         "tool": {"name": TOOL_NAME, "version": version},
@@ -338,7 +338,7 @@ def manifest(report: RewriteReport, source: Path, version: str, flags: Mapping[s
         "null_block": report.null_block,
         "windows": report.windows,
         "groups": report.kv_groups,
-        "position_rings": report.position_rings,
+        "wrapping_caches": report.wrapping_caches,
         "inputs": [vars(spec) for spec in report.inputs],
         "outputs": [vars(spec) for spec in report.outputs],
         "removed_inputs": report.removed_inputs,

@@ -106,7 +106,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         windows={str(dim): ring for dim, ring in layout.windows.items()},
         added_inputs=[*layout.tables, layout.slot_id],
         kv_groups=_kv_groups(layout, sites),
-        position_rings=_position_rings(layout),
+        wrapping_caches=_wrapping_caches(layout),
         removed_inputs=finalized.removed_inputs,
         kept_inputs=finalized.kept_inputs,
         paged_op_nodes=finalized.paged_op_nodes,
@@ -186,12 +186,12 @@ def _full_rings(layout: PagedLayout, context: int | None) -> list[str]:
     if layout.shared_window_table:
         return []
     warnings = []
-    for ring in sorted({w.modulus for w in layout.position_rings.values() if w.ring and w.modulus}):
-        caches = [c for c, w in layout.position_rings.items() if w.ring and w.modulus == ring]
+    for ring in sorted({w.modulus for w in layout.wrapping_caches.values() if w.ring and w.modulus}):
+        caches = [c for c, w in layout.wrapping_caches.items() if w.ring and w.modulus == ring]
+        if context is not None and ring >= context:
+            continue  # the context is no longer than the ring: nothing to save
         if ring % layout.kv_block_size:
             why = f"--kv-block-size {layout.kv_block_size} does not divide {ring}, and a ring table must end at slot {ring}"
-        elif context is not None and ring >= context:
-            why = f"the context of {context} is no longer than the ring"
         else:
             why = "a layer function serves other caches too, or a logical-position window has that length"
         warnings.append(
@@ -220,15 +220,15 @@ def _layout_metadata(
         "paged_rewrite.prefill_lengths": json.dumps(list(prefill_lengths)),
         "paged_rewrite.dims": json.dumps(layout.bound_dims, sort_keys=True),
         "paged_rewrite.windows": json.dumps({str(d): n for d, n in layout.windows.items()}, sort_keys=True),
-        "paged_rewrite.position_rings": json.dumps(_position_rings(layout), sort_keys=True),
+        "paged_rewrite.wrapping_caches": json.dumps(_wrapping_caches(layout), sort_keys=True),
         "paged_rewrite.groups": json.dumps(_kv_groups(layout, sites), sort_keys=True),
     }
 
 
-def _position_rings(layout: PagedLayout) -> dict[str, dict[str, Any]]:
+def _wrapping_caches(layout: PagedLayout) -> dict[str, dict[str, Any]]:
     """The caches of ``block_table`` written at ``p % C``: ``{"modulus": C, "ring": exactly}``."""
     return {
-        cache: {"modulus": w.modulus, "ring": w.ring} for cache, w in sorted(layout.position_rings.items())
+        cache: {"modulus": w.modulus, "ring": w.ring} for cache, w in sorted(layout.wrapping_caches.items())
     }
 
 

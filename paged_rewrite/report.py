@@ -99,7 +99,7 @@ class RewriteReport:
     # per block table: its caches, width, pool dim and window (pipeline._kv_groups)
     kv_groups: list[dict[str, Any]] = field(default_factory=list)
     # the caches of block_table written at p % C: {"modulus": C, "ring": exactly p % C}
-    position_rings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    wrapping_caches: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # sidecar files written beside the output
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
@@ -144,8 +144,8 @@ class RewriteReport:
             )
         if self.windows and not windowed:
             lines.append(f"ring-buffer caches paged onto the first table columns: {self.windows}")
-        for modulus in sorted({r["modulus"] for r in self.position_rings.values()}):
-            wrapping = [cache for cache, r in self.position_rings.items() if r["modulus"] == modulus]
+        for modulus in sorted({r["modulus"] for r in self.wrapping_caches.values()}):
+            wrapping = [cache for cache, r in self.wrapping_caches.items() if r["modulus"] == modulus]
             lines.append(
                 f"caches written at p % {modulus} through block_table, wrapping in its first columns "
                 f"(a runtime must treat them as a ring; README): {', '.join(wrapping)}"

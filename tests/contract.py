@@ -33,8 +33,8 @@ def zero_rows_are_zero(pool_after: np.ndarray) -> bool:
 def adversarial_ring_call(
     rng: np.random.Generator, bs: int, full_pool: int, ctx_len: int, vocab: int = 256
 ) -> dict[str, np.ndarray]:
-    """One call's inputs for a model with a 32-slot ring table beside ``block_table`` (8
-    columns), garbage everywhere but row 0: ``-1``, the null block, duplicates, entries past a
+    """One call's inputs for a model with a 32-slot ring table ``block_table_w32`` (2 columns)
+    beside an 8-column ``block_table`` (a context of 128 at block 16), garbage everywhere but row 0: ``-1``, the null block, duplicates, entries past a
     9-block ring pool but inside the full pool, entries past both; wrong ``slot_id``s, padding and
     out-of-range positions, an all-padding last row. Row 0 is well formed: consecutive positions,
     its own blocks, its ring at blocks 1 and 2, a consistent ``slot_id``. Pools are the caller's."""

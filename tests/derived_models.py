@@ -343,3 +343,16 @@ def chunk_writes_reshaped(source: Path, path: Path) -> Path:
     model.graph.node.extend(nodes)
     onnx.save(model, path)
     return path
+
+
+def chunk_writes_without_padding_test(source: Path, path: Path) -> Path:
+    """``source`` (Llama 4) whose chunked layers write at ``Mod(p, 32)`` itself, the padding
+    ``Where`` bypassed: padding ``-1`` then writes slot ``-1 % 32 = 31``, as the original does."""
+    model = onnx.load(source)
+    producers = {out: n for n in model.graph.node for out in n.output}
+    for scatter in [n for n in model.graph.node if n.op_type == "CtxScatter" and n.input[1] in producers]:
+        where = producers[scatter.input[1]]
+        mod = next(producers[x] for x in where.input[1:] if x in producers and producers[x].op_type == "Mod")
+        scatter.input[1] = mod.output[0]
+    onnx.save(model, path)
+    return path

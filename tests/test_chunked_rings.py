@@ -11,6 +11,7 @@ Expected layouts below are worked out by hand from that rule. (An oversubscribed
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,12 @@ import onnxruntime as ort
 import pytest
 from conftest import feature_fixture_model
 from contract import adversarial_ring_call, contract_writes, zero_rows_are_zero
-from derived_models import chunk_writes_bounded, chunk_writes_reshaped, writes_in_a_function
+from derived_models import (
+    chunk_writes_bounded,
+    chunk_writes_reshaped,
+    chunk_writes_without_padding_test,
+    writes_in_a_function,
+)
 
 from paged_rewrite import rewrite
 from paged_rewrite.errors import UnsupportedPatternError
@@ -93,21 +99,21 @@ def test_a_block_size_that_does_not_divide_the_chunk_keeps_full_caches(tmp_path:
     assert all(cache in warning for cache in CHUNKED)
     geometry = PagedGeometry.of(out)
     assert geometry.ring_lengths == [CHUNK]
-    assert geometry.cache_rings == dict.fromkeys(CHUNKED, CHUNK)
+    assert geometry.exact_rings == dict.fromkeys(CHUNKED, CHUNK)
     result = verify(feature_fixture_model(LLAMA4), out, num_decode=83)
     assert result.ok and result.bit_exact and result.kv_max_abs_diff == 0.0, result.summary()
     # The runtime's other sources say so too: the manifest, the report, and (for a model rewritten
     # before the metadata recorded it) the graph itself.
     manifest = json.loads(out.with_name("paged.onnx.json").read_text())
-    assert manifest["position_rings"] == {cache: {"modulus": CHUNK, "ring": True} for cache in CHUNKED}
+    assert manifest["wrapping_caches"] == {cache: {"modulus": CHUNK, "ring": True} for cache in CHUNKED}
     assert f"written at p % {CHUNK} through block_table" in report.summary()
     model = onnx.load(out)
-    kept = [p for p in model.metadata_props if p.key != "paged_rewrite.position_rings"]
+    kept = [p for p in model.metadata_props if p.key != "paged_rewrite.wrapping_caches"]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     onnx.save(model, tmp_path / "older.onnx")
     older = PagedGeometry.of(tmp_path / "older.onnx")
-    assert older.ring_lengths == [CHUNK] and older.cache_rings == {} and older.wrapping_caches is None
+    assert older.ring_lengths == [CHUNK] and older.exact_rings == {} and older.wrapping_caches is None
 
 
 def test_shared_window_table_keeps_chunked_layers_in_block_table(tmp_path: Path) -> None:
@@ -163,17 +169,22 @@ def test_adversarial_tables_on_the_chunk_ring_stay_harmless(tmp_path: Path) -> N
         assert np.isfinite(got["logits"][0]).all(), "NaN leaked into the valid row"
 
 
-def test_a_write_that_wraps_only_sometimes_is_no_ring(tmp_path: Path) -> None:
-    """Chunked layers whose write is ``p % 32`` below position 64 and ``p`` from there on (a
-    derived export): not a ring, so no ring table; the loose modulus still makes a runtime treat
-    the first columns as a ring (the metadata says 32, not that the caches write slots below 32
-    only), and the model stays bit-exact."""
-    source = chunk_writes_bounded(feature_fixture_model(LLAMA4), tmp_path / "bounded.onnx")
+@pytest.mark.parametrize("derive", [chunk_writes_bounded, chunk_writes_without_padding_test])
+def test_a_write_that_is_not_exactly_a_ring_keeps_full_caches(
+    tmp_path: Path, derive: Callable[..., Path]
+) -> None:
+    """Chunked layers whose write is ``p % 32`` below position 64 and ``p`` from there on, or
+    ``Mod(p, 32)`` with no padding test (padding then writes slot 31, as in the original): derived
+    exports, no ring, so no ring table; the loose modulus still makes a runtime treat the first
+    columns as a ring (recorded as wrapping at 32, not as exactly a ring), and the model stays
+    bit-exact."""
+    source = derive(feature_fixture_model(LLAMA4), tmp_path / "derived.onnx")
     out = tmp_path / "paged.onnx"
     report = rewrite(source, out, 16, ctx_len=CTX_LEN)
     assert [g["table"] for g in report.kv_groups] == ["block_table"]
+    assert report.wrapping_caches == {cache: {"modulus": CHUNK, "ring": False} for cache in CHUNKED}
     geometry = PagedGeometry.of(out)
-    assert geometry.ring_lengths == [CHUNK] and geometry.cache_rings == {}
+    assert geometry.ring_lengths == [CHUNK] and geometry.exact_rings == {}
     result = verify(source, out, num_decode=60)
     assert result.ok and result.bit_exact, result.summary()
 
@@ -202,11 +213,14 @@ def test_writes_in_a_layer_function(tmp_path: Path, kv_block_size: int) -> None:
             (warning,) = full_memory
             assert ("does not divide" if kv_block_size == 128 else "layer function") in warning
         geometry = PagedGeometry.of(out)
-        assert geometry.cache_rings == ({} if expected else dict.fromkeys(CHUNKED, CHUNK))
+        assert geometry.exact_rings == ({} if expected else dict.fromkeys(CHUNKED, CHUNK))
         result = verify(derived, out, num_decode=40)
         assert result.ok and result.bit_exact, result.summary()
-    with pytest.raises(UnsupportedPatternError, match="ring"):
-        PagedRunner(out, BlockManager(20, kv_block_size, prefix_caching=True), CTX_LEN // kv_block_size)
+        if not expected:  # wrapping in block_table: blocks are no function of their tokens
+            with pytest.raises(UnsupportedPatternError, match="ring"):
+                PagedRunner(
+                    out, BlockManager(20, kv_block_size, prefix_caching=True), CTX_LEN // kv_block_size
+                )
 
 
 @pytest.mark.parametrize("kv_block_size", [16, 128])
@@ -218,9 +232,17 @@ def test_a_wrapping_write_in_another_form_is_still_known_to_wrap(tmp_path: Path,
     out = tmp_path / "paged.onnx"
     report = rewrite(source, out, kv_block_size, ctx_len=CTX_LEN)
     assert [g["table"] for g in report.kv_groups] == ["block_table"]
-    assert report.position_rings == {cache: {"modulus": CHUNK, "ring": False} for cache in CHUNKED}
+    assert report.wrapping_caches == {cache: {"modulus": CHUNK, "ring": False} for cache in CHUNKED}
     assert PagedGeometry.of(out).ring_lengths == [CHUNK]
     result = verify(source, out, num_decode=83)
     assert result.ok and result.bit_exact, result.summary()
     with pytest.raises(UnsupportedPatternError, match="ring"):
         PagedRunner(out, BlockManager(20, kv_block_size, prefix_caching=True), CTX_LEN // kv_block_size)
+
+
+def test_a_context_no_longer_than_the_chunk_needs_no_ring() -> None:
+    """At a context of 32 the chunked layers cannot wrap: full caches, and no warning (nothing
+    is lost)."""
+    report = rewrite(feature_fixture_model(LLAMA4), None, 16, ctx_len=CHUNK)
+    assert [g["table"] for g in report.kv_groups] == ["block_table"]
+    assert report.warnings == []

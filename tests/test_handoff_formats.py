@@ -114,7 +114,7 @@ def test_manifest_records_the_flags_and_one_type_per_field(tmp_path: Path) -> No
     # the table width: symbolic with two buckets (null), static with one (an int), never a string
     assert ladder["num_kv_blocks"] is None and one["num_kv_blocks"] == 8
     assert ladder["total_num_kv_blocks"] == 33 and one["total_num_kv_blocks"] is None
-    assert ladder["format"] == one["format"] == 5  # 5: position_rings
+    assert ladder["format"] == one["format"] == 5  # 5: wrapping_caches
     # every group field keeps one type: a pool dim is a name or null, its size an int or null
     for document in (ladder, one):
         for group in document["groups"]:

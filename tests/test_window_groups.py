@@ -310,9 +310,7 @@ def _runnable_retain(tmp_path: Path) -> Path:
         ("qwen2_cb", "features", {}),
     ],
 )
-def test_logical_position_windows_are_found_by_structure(
-    name: str, corpus: str, dims: dict[str, int]
-) -> None:
+def test_windows_and_rings_are_found_by_structure(name: str, corpus: str, dims: dict[str, int]) -> None:
     """Only the retain_full_kv export reads a window of logical positions (its layer 0, window
     32); the ring of gpt_oss_swa_moe stays a ring, Llama 4's chunks (p % 32 into a full cache)
     are rings, Gemma 2 (the whole cache) and the rest have neither."""

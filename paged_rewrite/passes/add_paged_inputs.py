@@ -105,7 +105,7 @@ def add_paged_inputs(
         # a ring of a logical window's length would need that window's table name: it stays full
         rings = {c: w for c, w in found.items() if c not in logical and w not in logical.values()}
         layout.cache_groups = _cache_groups(layout, logical, rings)
-    layout.position_rings = _position_rings(sites, layout)
+    layout.wrapping_caches = _wrapping_caches(sites, layout)
     for body in sites.bodies:
         _refuse_name_clash(body, [*layout.tables, SLOT_ID])
     int64 = onnx.TensorProto.INT64
@@ -158,7 +158,7 @@ def _cache_groups(
     return groups
 
 
-def _position_rings(sites: CacheSites, layout: PagedLayout) -> dict[str, WriteModulus]:
+def _wrapping_caches(sites: CacheSites, layout: PagedLayout) -> dict[str, WriteModulus]:
     """The caches written through ``block_table`` at ``p % C`` (``ring_writes.py``): a cache
     left full (``--shared-window-table``, a block size that does not divide ``C``, a layer
     function serving other caches too) wraps in the table's first columns, which a runtime must

@@ -33,7 +33,7 @@ import onnx
 
 from paged_rewrite.graph import int_constant
 from paged_rewrite.passes.cache_op_rules import rule_for
-from paged_rewrite.passes.sites import CacheSites, CacheTensor, WriteModulus
+from paged_rewrite.passes.sites import CacheSites, CacheTensor, Dim, WriteModulus
 
 _SEARCH_DEPTH = 4
 
@@ -48,7 +48,7 @@ def write_moduli(sites: CacheSites) -> dict[str, WriteModulus]:
 
 
 def rings_in_full_caches(
-    sites: CacheSites, context_dim: object, context_len: int | None, kv_block_size: int
+    sites: CacheSites, context_dim: Dim, context_len: int | None, kv_block_size: int
 ) -> dict[str, int]:
     """``{cache name: C}`` for the caches of length ``context_dim`` written as a ring of ``C``
     slots, ``C`` a multiple of ``kv_block_size`` shorter than the context. A layer function's
@@ -103,7 +103,8 @@ class _Producers:
         return None
 
     def ring_modulus(self, tensor: CacheTensor) -> int | None:
-        """``C`` when the write's positions are exactly ``p % C`` with padding kept (module doc)."""
+        """``C`` when the write's positions are exactly ``p % C`` with padding kept (module doc):
+        a bare ``Mod`` is no ring, since it would write padding (``-1 % C``) into the ring."""
         name, body, via = self._positions(tensor), self._body(tensor), tensor.call
         for _ in range(2 * _SEARCH_DEPTH):
             node = self._producer(name, body)
@@ -113,16 +114,12 @@ class _Producers:
                     return None
                 name, body, via = outer, self._sites.model.graph, None
                 continue
-            modulus = self._mod_divisor(node, body)
-            if modulus is not None:
-                return modulus
             if node.op_type in ("Cast", "Identity"):
                 name = node.input[0]
             elif node.op_type == "Where" and len(node.input) == 3:
-                branch = self._slot_branch(node, body)
-                if branch is None:
-                    return None
-                name = branch
+                slots = self._slot_branch(node, body)
+                mod = self._producer(slots, body) if slots is not None else None
+                return self._mod_divisor(mod, body) if mod is not None else None
             else:
                 return None
         return None

@@ -24,7 +24,9 @@ reads only the shape of the pool it is given, and the pool's number of blocks bo
 entries it accepts: any pool of the same heads, head_dim and table group will do (the pools of one
 group share their number of blocks; a window group's pool is smaller than the full one), so the
 signature a request is keyed by names the group's table, and the representative pool of a
-main-graph op is one of that group.
+main-graph op is one of that group. A logical shape reads no block count, only heads, head_dim and
+the table it is given (``block_table`` for every full-length cache, whatever group addresses it):
+one serves every group, on a pool of ``block_table``'s group where there is one (``shape_only``).
 """
 
 from __future__ import annotations

@@ -179,8 +179,8 @@ class PagedLayout:
     # caches read as a logical-position window, or written as a ring (``ring_writes.py``)
     cache_groups: dict[str, TableGroup] = field(default_factory=dict)
     shared_window_table: bool = False
-    # the caches written through block_table at p % C, and how (ring_writes.py)
-    position_rings: dict[str, WriteModulus] = field(default_factory=dict)
+    # the caches of block_table written at p % C, and how (ring_writes.py)
+    wrapping_caches: dict[str, WriteModulus] = field(default_factory=dict)
     _names: Iterator[int] = field(default_factory=itertools.count)
 
     def fresh_name(self, what: str) -> str:

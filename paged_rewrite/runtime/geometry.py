@@ -56,7 +56,7 @@ class PagedGeometry:
     prefill_lengths: tuple[int, ...] = ()  # the seq_len values prefill is specialized for
     pool_blocks: dict[str, int] = field(default_factory=dict)  # table -> its pools' static block count
     # cache -> C: written through block_table at exactly p % C (so only slots below C)
-    cache_rings: dict[str, int] = field(default_factory=dict)
+    exact_rings: dict[str, int] = field(default_factory=dict)
     # the caches of block_table whose writes may wrap; None: not recorded (an older rewrite)
     wrapping_caches: frozenset[str] | None = frozenset()
 
@@ -67,7 +67,7 @@ class PagedGeometry:
         cache whose writes may wrap in a way not recorded exactly (that slot may then hold
         padding where the paged model holds a token, or nothing)."""
         ring = next((g.window for g in self.window_groups if cache in g.caches and not g.logical), None)
-        ring = ring or self.cache_rings.get(cache)
+        ring = ring or self.exact_rings.get(cache)
         if ring:
             return sorted({p % min(ring, length) for p in positions})
         slots = {p % length for p in positions}
@@ -141,8 +141,8 @@ class PagedGeometry:
         # the caches written through block_table at p % C, and whether exactly (models rewritten
         # before the record have none: their ring lengths come from the graph alone)
         recorded = (
-            json.loads(metadata["paged_rewrite.position_rings"])
-            if "paged_rewrite.position_rings" in metadata
+            json.loads(metadata["paged_rewrite.wrapping_caches"])
+            if "paged_rewrite.wrapping_caches" in metadata
             else None
         )
         if not described and pools and pools[0][0]:  # rewritten before the groups were recorded: one pool
@@ -160,7 +160,7 @@ class PagedGeometry:
             groups=groups,
             prefill_lengths=tuple(json.loads(metadata.get("paged_rewrite.prefill_lengths", "[]"))),
             pool_blocks=pool_blocks,
-            cache_rings={cache: r["modulus"] for cache, r in (recorded or {}).items() if r["ring"]},
+            exact_rings={cache: r["modulus"] for cache, r in (recorded or {}).items() if r["ring"]},
             wrapping_caches=frozenset(recorded) if recorded is not None else None,
         )
 
@@ -180,7 +180,7 @@ def position_rings(model: onnx.ModelProto) -> list[int]:
     ``C`` (Llama 4's chunked attention keeps each chunk at slots ``p % C`` of a full-length
     cache), in the main graph or a layer function. Position ``p`` is then written at logical
     position ``p % C``, in the first columns of the table: a runtime must know it as a ring. The
-    rewrite records the same (``paged_rewrite.position_rings``, following layer inputs out to
+    rewrite records the same (``paged_rewrite.wrapping_caches``, following layer inputs out to
     their calls); a runtime takes both, so a model rewritten before the record is still known."""
     rings = set()
     for body in [model.graph, *(f for f in model.functions if f.domain != PAGED_DOMAIN)]:
