@@ -356,3 +356,15 @@ def chunk_writes_without_padding_test(source: Path, path: Path) -> Path:
         scatter.input[1] = mod.output[0]
     onnx.save(model, path)
     return path
+
+
+def layer_writes_at_positions(source: Path, path: Path, layer: int) -> Path:
+    """``source`` whose layer ``layer`` writes its K and V at ``position_ids`` itself (a Llama 4
+    chunked layer made to write like a global one; it still reads as before): a model whose first
+    layer is not a ring while later ones are."""
+    model = onnx.load(source)
+    for node in model.graph.node:
+        if node.op_type == "CtxScatter" and node.input[0] in (f"past_key.{layer}", f"past_value.{layer}"):
+            node.input[1] = "position_ids"
+    onnx.save(model, path)
+    return path
