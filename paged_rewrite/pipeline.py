@@ -186,8 +186,8 @@ def _full_rings(layout: PagedLayout, context: int | None) -> list[str]:
     if layout.shared_window_table:
         return []
     warnings = []
-    for ring in sorted({w.modulus for w in layout.wrapping_caches.values() if w.ring and w.modulus}):
-        caches = [c for c, w in layout.wrapping_caches.items() if w.ring and w.modulus == ring]
+    for ring in sorted({w.ring for w in layout.wrapping_caches.values() if w.ring}):
+        caches = [c for c, w in layout.wrapping_caches.items() if w.ring == ring]
         if context is not None and ring >= context:
             continue  # the context is no longer than the ring: nothing to save
         if ring % layout.kv_block_size:
@@ -228,7 +228,8 @@ def _layout_metadata(
 def _wrapping_caches(layout: PagedLayout) -> dict[str, dict[str, Any]]:
     """The caches of ``block_table`` written at ``p % C``: ``{"modulus": C, "ring": exactly}``."""
     return {
-        cache: {"modulus": w.modulus, "ring": w.ring} for cache, w in sorted(layout.wrapping_caches.items())
+        cache: {"modulus": w.wraps_at, "ring": w.ring is not None}
+        for cache, w in sorted(layout.wrapping_caches.items())
     }
 
 

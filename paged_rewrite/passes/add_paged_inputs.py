@@ -98,10 +98,11 @@ def add_paged_inputs(
         ctx_buckets=buckets,
         shared_window_table=shared_window_table,
     )
+    layout.write_moduli = write_moduli(sites)
     if not shared_window_table:
         layout.window_groups = _window_groups(windows, kv_block_size)
         logical = logical_windows(sites, context_dim)
-        found = rings_in_full_caches(sites, context_dim, context_len, kv_block_size)
+        found = rings_in_full_caches(sites, layout.write_moduli, context_dim, context_len, kv_block_size)
         # a ring of a logical window's length would need that window's table name: it stays full
         rings = {c: w for c, w in found.items() if c not in logical and w not in logical.values()}
         layout.cache_groups = _cache_groups(layout, logical, rings)
@@ -163,11 +164,10 @@ def _wrapping_caches(sites: CacheSites, layout: PagedLayout) -> dict[str, WriteM
     left full (``--shared-window-table``, a block size that does not divide ``C``, a layer
     function serving other caches too) wraps in the table's first columns, which a runtime must
     know (the metadata records it, and whether the slots are exactly ``p % C``)."""
-    moduli = write_moduli(sites)
     return {
-        t.name: moduli[t.name]
+        t.name: layout.write_moduli[t.name]
         for t in sites.tensors
-        if layout.group_of(t).window is None and moduli[t.name].modulus is not None
+        if layout.group_of(t).window is None and layout.write_moduli[t.name].modulus is not None
     }
 
 

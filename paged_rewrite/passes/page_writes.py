@@ -13,14 +13,12 @@ from __future__ import annotations
 import math
 
 from paged_rewrite.passes._edit import replace_by_rule
-from paged_rewrite.passes.ring_writes import write_moduli
 from paged_rewrite.passes.shared_index import SharedIndex
 from paged_rewrite.passes.sites import CacheSites, Dim, PagedLayout, PassResult
 
 
 def page_writes(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> PassResult:
     """Replace every cache write (once per node, shared function bodies included)."""
-    moduli = write_moduli(sites)
     served: dict[int, list[str]] = {}  # a write in a layer function serves every layer calling it
     for tensor in sites.tensors:
         served.setdefault(id(tensor.write.node), []).append(tensor.name)
@@ -29,7 +27,7 @@ def page_writes(sites: CacheSites, layout: PagedLayout, shared: SharedIndex) -> 
         assert site.cache is not None
         period = _slot_period(site.cache.length_dim, layout)
         for name in served.get(id(site.node), [site.cache.name]):  # one period for all of them
-            period = math.gcd(period, moduli[name].modulus or period)
+            period = math.gcd(period, layout.write_moduli[name].modulus or period)
         result.dropped |= replace_by_rule(site, layout, shared, {"slot_period": period})
     return result
 

@@ -42,21 +42,25 @@ def write_moduli(sites: CacheSites) -> dict[str, WriteModulus]:
     """The ``WriteModulus`` of every cache, by name."""
     producers = _Producers(sites)
     return {
-        tensor.name: WriteModulus(producers.loose_modulus(tensor), producers.ring_modulus(tensor) is not None)
+        tensor.name: WriteModulus(producers.loose_modulus(tensor), producers.ring_modulus(tensor))
         for tensor in sites.tensors
     }
 
 
 def rings_in_full_caches(
-    sites: CacheSites, context_dim: Dim, context_len: int | None, kv_block_size: int
+    sites: CacheSites,
+    moduli: dict[str, WriteModulus],
+    context_dim: Dim,
+    context_len: int | None,
+    kv_block_size: int,
 ) -> dict[str, int]:
     """``{cache name: C}`` for the caches of length ``context_dim`` written as a ring of ``C``
-    slots, ``C`` a multiple of ``kv_block_size`` shorter than the context. A layer function's
-    caches are all rings of one ``C`` or none (one body takes one table)."""
-    producers = _Producers(sites)
+    slots (``moduli``: ``write_moduli``), ``C`` a multiple of ``kv_block_size`` shorter than the
+    context. A layer function's caches are all rings of one ``C`` or none (one body takes one
+    table)."""
     found: dict[str, int | None] = {}
     for tensor in sites.tensors:
-        ring = producers.ring_modulus(tensor)
+        ring = moduli[tensor.name].ring
         fits = ring is not None and ring % kv_block_size == 0 and (context_len is None or ring < context_len)
         found[tensor.name] = ring if fits and tensor.length_dim == context_dim else None
     by_function: dict[tuple[str, str], set[int | None]] = {}

@@ -129,11 +129,16 @@ SLOT_ID = "slot_id"
 @dataclass(frozen=True)
 class WriteModulus:
     """What a cache's write positions are taken modulo: ``modulus`` (loose: any ``Mod`` by a
-    constant a few producers up), and whether the positions are exactly ring slots ``p % C``
-    with padding kept (``ring``, the strict structure of ``ring_writes.py``)."""
+    constant a few producers up), and ``ring``, the ``C`` when the positions are exactly ring
+    slots ``p % C`` with padding kept (the strict structure of ``ring_writes.py``), else None."""
 
     modulus: int | None
-    ring: bool
+    ring: int | None
+
+    @property
+    def wraps_at(self) -> int | None:
+        """The length the writes wrap at: the ring's where exact, else the loose modulus."""
+        return self.ring or self.modulus
 
 
 @dataclass(frozen=True)
@@ -179,7 +184,9 @@ class PagedLayout:
     # caches read as a logical-position window, or written as a ring (``ring_writes.py``)
     cache_groups: dict[str, TableGroup] = field(default_factory=dict)
     shared_window_table: bool = False
-    # the caches of block_table written at p % C, and how (ring_writes.py)
+    # every cache's write modulus (ring_writes.py), found once for every pass that needs it, and
+    # those of the caches of block_table whose writes wrap
+    write_moduli: dict[str, WriteModulus] = field(default_factory=dict)
     wrapping_caches: dict[str, WriteModulus] = field(default_factory=dict)
     _names: Iterator[int] = field(default_factory=itertools.count)
 
