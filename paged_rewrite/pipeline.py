@@ -106,7 +106,7 @@ def rewrite_model(model: onnx.ModelProto, options: RewriteOptions) -> RewriteRep
         windows={str(dim): ring for dim, ring in layout.windows.items()},
         added_inputs=[*layout.tables, layout.slot_id],
         kv_groups=_kv_groups(layout, sites),
-        wrapping_caches=_wrapping_caches(layout),
+        wrapping_caches=_wrapping_record(layout),
         removed_inputs=finalized.removed_inputs,
         kept_inputs=finalized.kept_inputs,
         paged_op_nodes=finalized.paged_op_nodes,
@@ -220,12 +220,12 @@ def _layout_metadata(
         "paged_rewrite.prefill_lengths": json.dumps(list(prefill_lengths)),
         "paged_rewrite.dims": json.dumps(layout.bound_dims, sort_keys=True),
         "paged_rewrite.windows": json.dumps({str(d): n for d, n in layout.windows.items()}, sort_keys=True),
-        "paged_rewrite.wrapping_caches": json.dumps(_wrapping_caches(layout), sort_keys=True),
+        "paged_rewrite.wrapping_caches": json.dumps(_wrapping_record(layout), sort_keys=True),
         "paged_rewrite.groups": json.dumps(_kv_groups(layout, sites), sort_keys=True),
     }
 
 
-def _wrapping_caches(layout: PagedLayout) -> dict[str, dict[str, Any]]:
+def _wrapping_record(layout: PagedLayout) -> dict[str, dict[str, Any]]:
     """The caches of ``block_table`` written at ``p % C``: ``{"modulus": C, "ring": exactly}``."""
     return {
         cache: {"modulus": w.wraps_at, "ring": w.ring is not None}

@@ -60,7 +60,7 @@ class PagedGeometry:
     # the caches of block_table whose writes may wrap; None: not recorded (an older rewrite)
     wrapping_caches: frozenset[str] | None = frozenset()
 
-    def written_slots(self, cache: str, length: int, positions: Iterable[int]) -> list[int]:
+    def written_slots(self, cache: str, length: int, positions: Iterable[int]) -> set[int]:
         """The slots of the original's ``cache`` (``length`` long) that positions ``positions``
         write: ``p % C`` for a ring of ``C`` (a ring group's, or recorded for ``block_table``),
         else ``p % length`` — less the original's last slot, where it writes its padding, for a
@@ -69,14 +69,14 @@ class PagedGeometry:
         ring = next((g.window for g in self.window_groups if cache in g.caches and not g.logical), None)
         ring = ring or self.exact_rings.get(cache)
         if ring:
-            return sorted({p % min(ring, length) for p in positions})
+            return {p % min(ring, length) for p in positions}
         slots = {p % length for p in positions}
         unknown = (
             self.wrapping_caches is None and self.position_rings and self.table_of(cache) == "block_table"
         )
         if unknown or cache in (self.wrapping_caches or ()):
             slots.discard(length - 1)
-        return sorted(slots)
+        return slots
 
     @property
     def window_groups(self) -> list[TableGroup]:

@@ -165,8 +165,7 @@ def final_kv_diff(original: ContiguousRunner, paged: PagedRunner, scenario: Scen
             freed = {
                 p for p in range(script.length) if p // size < len(held) and held[p // size] == UNALLOCATED
             }
-            written = paged.geometry.written_slots(name, view.shape[2], range(script.length))
-            slots = sorted(set(written) - freed)
+            slots = sorted(paged.geometry.written_slots(name, view.shape[2], range(script.length)) - freed)
             worst = max(worst, _abs_diff(view[:, :, slots], got[name][:, :, slots]))
     return worst
 
